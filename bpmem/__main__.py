@@ -1,0 +1,7 @@
+"""``python -m bpmem`` is the ``bpmem`` command."""
+
+import sys
+
+from bpmem.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""``bpmem measure``: run real steps and read every figure off the probes.
+
+Order of work, each on a fresh step of the same model so that probes never watch each other:
+1. a warm-up step, so the optimizer state exists (DESIGN §1's steady state);
+2. a step under ``SavedTensorProbe``: saved activation bytes, per layer;
+3. a step under ``LiveTensorProbe``: the training peak and its timeline;
+4. a forward under ``inference_mode`` and ``LiveTensorProbe``: the inference peak;
+5. on CUDA, a step under ``CudaProbe``; with ``rss=True``, a step under ``RssProbe``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
+from bpmem.spec import MLPSpec, StepSpec, build, make_batch
+from bpmem.step import inference_step, make_optimizer, train_step
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor in the optimizer's per-parameter state (momentum, exp_avg, step, ...)."""
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    params = list(model.parameters())
+    return {
+        "params_bytes": distinct_storage_bytes(params),
+        "grads_bytes": distinct_storage_bytes(p.grad for p in params),
+        "optimizer_bytes": distinct_storage_bytes(optimizer_state_tensors(optimizer)),
+    }
+
+
+def measure_inference_peak(model: nn.Module, x: torch.Tensor) -> LiveTensorProbe:
+    """Peak of one inference forward; live at the start are the parameters and the batch."""
+    probe = LiveTensorProbe({"params": model.parameters(), "inputs": [x]})
+    with probe:
+        inference_step(model, x, probe.phase)
+    return probe
+
+
+def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
+                          x: torch.Tensor, y: torch.Tensor) -> LiveTensorProbe:
+    """Peak of one steady-state training step, starting from what the previous step left."""
+    params = list(model.parameters())
+    probe = LiveTensorProbe({
+        "params": params,
+        "grads": [p.grad for p in params],
+        "optimizer": optimizer_state_tensors(optimizer),
+        "inputs": [x, y],
+    })
+    with probe:
+        train_step(spec, model, optimizer, x, y, phase=probe.phase)
+    return probe
+
+
+def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
+            rss: bool = False) -> dict[str, Any]:
+    """Measure one configuration; returns the DESIGN §1 figures that apply, plus per_layer."""
+    model = build(spec, device, seed=seed)
+    x, y = make_batch(spec, step.batch_size, device, seed=seed)
+    result: dict[str, Any] = {}
+    inference = measure_inference_peak(model, x)
+    result["inference_peak_bytes"] = inference.peak_bytes
+    if step.mode == "inference":
+        result.update(params_bytes=distinct_storage_bytes(model.parameters()), grads_bytes=0,
+                      optimizer_bytes=0, saved_activation_bytes=0, peak_bytes=inference.peak_bytes,
+                      per_layer=[], timeline=inference.timeline)
+        return result
+
+    optimizer = make_optimizer(step, model)
+    train_step(spec, model, optimizer, x, y)  # warm-up: optimizer state now exists
+    saved = SavedTensorProbe(model)
+    with saved:
+        result["loss"] = train_step(spec, model, optimizer, x, y, scope=saved.scope)
+    live = measure_training_peak(spec, model, optimizer, x, y)
+    result.update(_state_bytes(model, optimizer))
+    result["saved_activation_bytes"] = saved.saved_activation_bytes
+    result["per_layer"] = saved.per_layer()
+    result["peak_bytes"] = live.peak_bytes
+    result["peak_phase"] = live.peak_phase
+    result["peak_by_category"] = live.peak_by_category
+    result["timeline"] = live.timeline
+    if torch.device(device).type == "cuda":
+        with CudaProbe(device) as cuda:
+            train_step(spec, model, optimizer, x, y)
+        result.update(cuda.result())
+    if rss:
+        with RssProbe() as rss_probe:
+            train_step(spec, model, optimizer, x, y)
+        result.update(rss_probe.result())
+    return result

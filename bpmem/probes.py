@@ -1,0 +1,475 @@
+"""Probes: four ways to watch one step's memory, behind one small protocol.
+
+Every probe is a context manager. Enter it around the work, then read ``result()``, a
+dict of integer byte figures named as in DESIGN §1. Each probe says what it cannot see.
+
+- ``SavedTensorProbe``: what autograd keeps for backward (``saved_tensors_hooks``).
+- ``LiveTensorProbe``: every tensor storage an aten op creates, until it dies (a
+  ``TorchDispatchMode`` plus ``weakref.finalize``); gives the peak and a timeline.
+- ``CudaProbe``: the CUDA caching allocator's own peak counters.
+- ``RssProbe``: the process's resident set, sampled by psutil in a thread.
+
+The first two are exact and deterministic on CPU (and work on CUDA and meta alike), which
+is why bpmem's predictions are checked against them to the byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = [
+    "Probe",
+    "SavedTensorProbe",
+    "LiveTensorProbe",
+    "TimelineEvent",
+    "CudaProbe",
+    "RssProbe",
+    "storage_key",
+    "distinct_storage_bytes",
+]
+
+
+class Probe(Protocol):
+    """What every probe offers: enter, exit, then ``result()`` as named integer figures."""
+
+    def __enter__(self) -> Probe: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """Identity of the storage behind ``tensor``: views of one buffer share it.
+
+    ``_cdata`` is the address of the C++ StorageImpl. It is unique while the storage lives,
+    and unlike ``data_ptr()`` it is also distinct for meta tensors (whose data_ptr is 0).
+    """
+    return tensor.untyped_storage()._cdata
+
+
+def distinct_storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (None entries are skipped)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        if tensor is not None:
+            seen.setdefault(storage_key(tensor), tensor.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+class SavedTensorProbe:
+    """Bytes autograd saves for backward, deduplicated by storage, parameters excluded.
+
+    Each saved tensor is attributed to the module whose forward was running when autograd
+    packed it (a forward pre-hook on every leaf module of ``model``), or to the label of the
+    innermost ``scope()`` the caller opened (e.g. "loss"), else to "outside". A storage saved
+    twice (a ReLU output is also the next Linear's input) counts once, for its first saver.
+
+    Cannot see: memory that an op keeps outside autograd's SavedVariables, such as what
+    non-reentrant checkpointing stores in its own frames, or cuDNN/oneDNN workspaces.
+    """
+
+    def __init__(self, model: nn.Module | None = None, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._model = model
+        excluded = list(exclude) + (list(model.parameters()) if model is not None else [])
+        self._excluded = {storage_key(t) for t in excluded}
+        self._owner: dict[int, str] = {}
+        self._bytes: dict[int, int] = {}
+        self._alive: dict[int, weakref.ref] = {}
+        self._labels: list[str] = []
+        self._order: list[str] = []
+        self._handles: list[Any] = []
+        self._hooks: contextlib.AbstractContextManager | None = None
+
+    @contextlib.contextmanager
+    def scope(self, label: str) -> Iterator[None]:
+        """Attribute what is saved inside the block to ``label`` (e.g. "loss", "regularizer")."""
+        self._labels.append(label)
+        self._note_label(label)
+        try:
+            yield
+        finally:
+            self._labels.pop()
+
+    def _note_label(self, label: str) -> None:
+        if label not in self._order:
+            self._order.append(label)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = storage_key(tensor)
+        if key in self._excluded:
+            return tensor
+        alive = self._alive.get(key)
+        if alive is None or alive() is None:  # first sight, or an old address reused
+            storage = tensor.untyped_storage()
+            label = self._labels[-1] if self._labels else "outside"
+            self._note_label(label)
+            self._owner[key] = label
+            self._bytes[key] = storage.nbytes()
+            self._alive[key] = weakref.ref(storage)
+        return tensor
+
+    def __enter__(self) -> SavedTensorProbe:
+        if self._model is not None:
+            for name, module in self._model.named_modules():
+                if next(module.children(), None) is None:  # leaf modules only
+                    label = f"{name}.{type(module).__name__}"
+                    self._handles.append(module.register_forward_pre_hook(self._enter_module(label)))
+                    self._handles.append(module.register_forward_hook(self._leave_module()))
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def _enter_module(self, label: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            self._labels.append(label)
+            self._note_label(label)
+
+        return hook
+
+    def _leave_module(self):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._labels.pop()
+
+        return hook
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._hooks is not None
+        self._hooks.__exit__(*exc_info)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def saved_activation_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def per_layer(self) -> list[dict[str, Any]]:
+        """[{"name": "0.Linear", "saved_bytes": N}, ...] in the order the layers ran."""
+        totals = dict.fromkeys(self._order, 0)
+        for key, label in self._owner.items():
+            totals[label] += self._bytes[key]
+        return [{"name": label, "saved_bytes": total} for label, total in totals.items()]
+
+    def result(self) -> dict[str, Any]:
+        return {"saved_activation_bytes": self.saved_activation_bytes, "per_layer": self.per_layer()}
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """The live bytes just after one aten op (or one free), by category."""
+
+    index: int
+    op: str
+    phase: str
+    live_bytes: int
+    by_category: Mapping[str, int]
+
+
+@dataclass
+class _Tracked:
+    nbytes: int
+    category: str
+    aliases: int | None = None  # None: tracked by its storage object; else live alias count
+
+
+def _fresh_storage_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of the storage a freshly allocated tensor spans (as ``empty_strided`` sizes it)."""
+    if tensor.numel() == 0:
+        return 0
+    extent = tensor.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()))
+    return extent * tensor.element_size()
+
+
+class _LiveMode(TorchDispatchMode):
+    """Sees every aten op below autograd, so forward, backward and optimizer ops alike."""
+
+    def __init__(self, probe: LiveTensorProbe) -> None:
+        super().__init__()
+        self._probe = probe
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        self._probe._on_op(str(func.overloadpacket.__name__), out)
+        return out
+
+
+class _GraphHookMode(TorchFunctionMode):
+    """Sits above autograd, where results already carry their grad_fn, to hook new nodes."""
+
+    def __init__(self, probe: LiveTensorProbe) -> None:
+        super().__init__()
+        self._probe = probe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled():
+            self._probe._hook_graph(out)
+        return out
+
+
+class LiveTensorProbe:
+    """Peak and timeline of live tensor storages over a block of work, by category.
+
+    ``preexisting`` names the storages alive before the block that count towards the total
+    (``{"params": [...], "grads": [...], "optimizer": [...], "inputs": [...]}``). Every storage
+    an aten op returns afterwards is added under the current ``phase()`` ("forward",
+    "backward", "optimizer", ...), and removed when the storage is freed (``weakref.finalize``).
+    The peak is taken after each op and each free, so it is the exact maximum of the sum of
+    live storages as the dispatcher sees them.
+
+    Cannot see: tensors made before entering that were not listed in ``preexisting``; scratch
+    memory that kernels allocate internally without returning it (oneDNN, cuBLAS workspaces);
+    allocator rounding and caching (use ``CudaProbe`` for those); the CUDA context.
+    """
+
+    def __init__(self, preexisting: Mapping[str, Iterable[torch.Tensor | None]] | None = None,
+                 record_timeline: bool = True) -> None:
+        self._preexisting = {k: [t for t in v if t is not None] for k, v in (preexisting or {}).items()}
+        self._record_timeline = record_timeline
+        self._tracked: dict[int, _Tracked] = {}
+        self._by_category: dict[str, int] = {}
+        self._live = 0
+        self._phase = "outside"
+        self._active = False
+        self.peak_bytes = 0
+        self.peak_by_category: dict[str, int] = {}
+        self.peak_op = ""
+        self.peak_phase = ""
+        self.timeline: list[TimelineEvent] = []
+        self._mode: _LiveMode | None = None
+        self._hooked: set[int] = set()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Label the storages created inside the block (and timeline events) with ``name``."""
+        previous, self._phase = self._phase, name
+        try:
+            yield
+        finally:
+            self._phase = previous
+
+    def _track(self, storage: torch.UntypedStorage, category: str) -> None:
+        key = storage._cdata
+        if key in self._tracked:
+            return
+        self._add(key, _Tracked(storage.nbytes(), category))
+        weakref.finalize(storage, self._on_free, key)
+
+    def _add(self, key: int, tracked: _Tracked) -> None:
+        self._tracked[key] = tracked
+        self._by_category[tracked.category] = self._by_category.get(tracked.category, 0) + tracked.nbytes
+        self._live += tracked.nbytes
+
+    def _on_free(self, key: int) -> None:
+        tracked = self._tracked.pop(key, None)
+        if tracked is None or not self._active:
+            return
+        self._by_category[tracked.category] -= tracked.nbytes
+        self._live -= tracked.nbytes
+        self._note("free")
+
+    def _on_op(self, op: str, out: Any) -> None:
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                if self._phase == "backward":
+                    self._track_alias(leaf)
+                else:
+                    self._track(leaf.untyped_storage(), self._phase)
+        self._note(op)
+
+    def _track_alias(self, tensor: torch.Tensor) -> None:
+        """Track a storage through the tensors that alias it, never touching the storage.
+
+        Asking a tensor for ``untyped_storage()`` makes a Python object that holds a second
+        reference to the storage for as long as the storage lives, and autograd only sums two
+        gradients in place when it holds the sole reference. So in backward the probe counts
+        a storage as alive while any tensor an op returned on it is alive. Backward ops make
+        every alias of a gradient through the dispatcher (detach, t, view, expand), so this is
+        exact there; in forward, saved outputs get aliases the dispatcher never sees, which
+        is why forward uses storage objects instead.
+        """
+        key = torch._C._storage_id(tensor)
+        tracked = self._tracked.get(key)
+        if tracked is None:
+            tracked = _Tracked(_fresh_storage_nbytes(tensor), self._phase, aliases=0)
+            self._add(key, tracked)
+        elif tracked.aliases is None:
+            return  # a storage tracked by its storage object already
+        tracked.aliases += 1
+        weakref.finalize(tensor, self._on_alias_dead, key)
+
+    def _on_alias_dead(self, key: int) -> None:
+        tracked = self._tracked.get(key)
+        if tracked is not None and tracked.aliases is not None:
+            tracked.aliases -= 1
+            if tracked.aliases == 0:
+                self._on_free(key)
+
+    def _hook_graph(self, out: Any) -> None:
+        """Register ``_pause_after_node`` on every autograd node behind ``out`` not yet seen."""
+        stack = [leaf.grad_fn for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        while stack:
+            node = stack.pop()
+            # Nodes are not weak-referenceable; ids are safe because a graph lives until its
+            # backward, and the probe is made afresh for each step. AccumulateGrad hands
+            # nothing on to other nodes, so it needs no pause.
+            if node is None or id(node) in self._hooked or hasattr(node, "variable"):
+                continue
+            self._hooked.add(id(node))
+            node.register_hook(self._pause_after_node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+    def _pause_after_node(self, grad_inputs: Any, grad_outputs: Any) -> None:
+        """Step aside while the engine hands this node's outputs to the next nodes.
+
+        Autograd sums two gradients that meet at one input (a weight used by its Linear and by
+        the regulariser) in place, unless a dispatch mode is active, in which case it adds out
+        of place (``isTensorSubclassLike`` is true under any mode). Watching would then add a
+        weight-sized buffer that an unwatched step never allocates. So the mode leaves the stack
+        here; the engine restores the thread-local mode stack before it runs the next node.
+        """
+        if self._mode is not None and torch._C._len_torch_dispatch_stack() > 0:
+            top = torch._C._get_dispatch_stack_at(torch._C._len_torch_dispatch_stack() - 1)
+            if top is self._mode:
+                torch._C._pop_torch_dispatch_stack(None)
+
+    def _note(self, op: str) -> None:
+        if self._live > self.peak_bytes:
+            self.peak_bytes = self._live
+            self.peak_by_category = {k: v for k, v in self._by_category.items() if v}
+            self.peak_op, self.peak_phase = op, self._phase
+        if self._record_timeline:
+            by_category = {k: v for k, v in self._by_category.items() if v}
+            self.timeline.append(TimelineEvent(len(self.timeline), op, self._phase, self._live, by_category))
+
+    @property
+    def live_bytes(self) -> int:
+        return self._live
+
+    def __enter__(self) -> LiveTensorProbe:
+        self._active = True
+        for category, tensors in self._preexisting.items():
+            for tensor in tensors:
+                self._track(tensor.untyped_storage(), category)
+        self._preexisting = {}  # hold no references: they would keep freed storages alive
+        self._note("start")
+        self._mode = _LiveMode(self)
+        self._graph_mode = _GraphHookMode(self)
+        self._graph_mode.__enter__()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._mode is not None
+        self._mode.__exit__(*exc_info)
+        self._graph_mode.__exit__(*exc_info)
+        self._active = False
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "peak_bytes": self.peak_bytes,
+            "peak_by_category": dict(self.peak_by_category),
+            "peak_op": self.peak_op,
+            "peak_phase": self.peak_phase,
+        }
+
+
+class CudaProbe:
+    """Peaks of the CUDA caching allocator over the block, after a synchronize.
+
+    Resets the peak counters on entry and reads ``max_memory_allocated`` and
+    ``max_memory_reserved`` on exit. The figures include allocator rounding (blocks of 512 B,
+    2 MiB segments for reserved) and any cuBLAS workspace allocated through the allocator.
+
+    Cannot see: the CUDA context and kernel images (hundreds of MiB outside the allocator),
+    NCCL's own buffers, memory other processes hold. Raises RuntimeError without CUDA; tests
+    skip with ``CudaProbe.available()``.
+    """
+
+    def __init__(self, device: str | torch.device = "cuda") -> None:
+        self.device = torch.device(device)
+        self.cuda_max_allocated_bytes = 0
+        self.cuda_max_reserved_bytes = 0
+        self.start_allocated_bytes = 0
+
+    @staticmethod
+    def available() -> bool:
+        return torch.cuda.is_available()
+
+    def __enter__(self) -> CudaProbe:
+        if not self.available():
+            raise RuntimeError("CudaProbe needs a CUDA device; torch.cuda.is_available() is False")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start_allocated_bytes = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.cuda_max_allocated_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        self.cuda_max_reserved_bytes = int(torch.cuda.max_memory_reserved(self.device))
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "cuda_max_allocated_bytes": self.cuda_max_allocated_bytes,
+            "cuda_max_reserved_bytes": self.cuda_max_reserved_bytes,
+        }
+
+
+@dataclass
+class RssProbe:
+    """Peak resident set size of this process, sampled every ``interval_s`` by psutil.
+
+    Coarse by nature: a spike shorter than the interval is missed, and the figure counts
+    everything in the process (the Python heap, torch's libraries, glibc arenas that keep
+    freed memory), so it only bounds tensor memory from above.
+    """
+
+    interval_s: float = 0.001
+    rss_peak_bytes: int = 0
+    rss_start_bytes: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def _sample(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        while True:
+            self.rss_peak_bytes = max(self.rss_peak_bytes, process.memory_info().rss)
+            self.samples += 1
+            if self._stop.wait(self.interval_s):
+                break
+        self.rss_peak_bytes = max(self.rss_peak_bytes, process.memory_info().rss)
+
+    def __enter__(self) -> RssProbe:
+        import psutil
+
+        self.rss_start_bytes = self.rss_peak_bytes = psutil.Process().memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="bpmem-rss", daemon=True)
+        self._thread.start()
+        time.sleep(0)  # let the sampler take its first reading
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> dict[str, Any]:
+        return {"rss_peak_bytes": self.rss_peak_bytes}

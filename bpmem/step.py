@@ -1,0 +1,75 @@
+"""One step of the plain strategy: the unit that every probe watches.
+
+A training step is, as DESIGN §1 defines it for ``peak_bytes``:
+``zero_grad(set_to_none=True)``, forward to J = L + s, ``J.backward()``, ``optimizer.step()``.
+An inference step is one forward under ``torch.inference_mode()``.
+
+The step takes two optional callbacks so probes can label what happens without the step
+knowing about probes: ``phase(name)`` wraps each stage (the LiveTensorProbe labels new
+storages with it) and ``scope(name)`` wraps the loss and the regulariser (the
+SavedTensorProbe attributes what they save to that name rather than to "outside").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import ContextManager
+
+import torch
+from torch import nn
+
+from bpmem.spec import MLPSpec, StepSpec, data_loss, regularizer
+
+Labeller = Callable[[str], ContextManager[None]]
+
+
+@contextlib.contextmanager
+def _unlabelled(name: str) -> Iterator[None]:
+    yield
+
+
+def make_optimizer(step: StepSpec, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD, SGD with momentum, or Adam, each with PyTorch's default implementation choice.
+
+    On CPU that is the single-tensor loop (no foreach), which is what bpmem's estimate models.
+    """
+    params = list(model.parameters())
+    if step.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=step.lr)
+    if step.optimizer == "sgd-momentum":
+        return torch.optim.SGD(params, lr=step.lr, momentum=step.momentum)
+    return torch.optim.Adam(params, lr=step.lr)
+
+
+def forward_objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      scope: Labeller = _unlabelled) -> torch.Tensor:
+    """J = L + s. Only J survives the call: L, s and the logits are kept by the graph alone."""
+    output = model(x)
+    with scope("loss"):
+        loss = data_loss(spec, output, y)
+    del output
+    with scope("regularizer"):
+        reg = regularizer(spec, model)
+    return loss + reg
+
+
+def train_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
+               x: torch.Tensor, y: torch.Tensor, phase: Labeller = _unlabelled,
+               scope: Labeller = _unlabelled) -> float:
+    """One training step; returns J (computed before the update) as a Python float."""
+    with phase("zero_grad"):
+        optimizer.zero_grad(set_to_none=True)
+    with phase("forward"):
+        objective = forward_objective(spec, model, x, y, scope)
+    with phase("backward"):
+        objective.backward()
+    with phase("optimizer_step"):
+        optimizer.step()
+    return objective.item()
+
+
+def inference_step(model: nn.Module, x: torch.Tensor, phase: Labeller = _unlabelled) -> torch.Tensor:
+    """One forward with autograd off: nothing is saved, each activation dies at the next layer."""
+    with phase("forward"), torch.inference_mode():
+        return model(x)

@@ -1,0 +1,97 @@
+"""The analytic model against the probes: every figure, to the byte, on CPU.
+
+The property test draws 200 random specs over the whole space the issue names (depth 1-6,
+widths 1-512, batch 1-256, bias, every activation, both losses, float32/float64/bfloat16,
+every optimizer) and demands equality, not closeness, for the saved bytes, the per-layer
+attribution, the training peak, the inference peak and where the peak falls.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bpmem.estimate import estimate
+from bpmem.measure import measure
+from bpmem.spec import ACTIVATIONS, LOSSES, OPTIMIZERS, MLPSpec, StepSpec
+
+EXACT_FIGURES = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
+                 "inference_peak_bytes")
+
+widths = st.integers(min_value=1, max_value=512)
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> tuple[MLPSpec, StepSpec]:
+    spec = MLPSpec(
+        input_dim=draw(widths), hidden_dim=draw(widths), output_dim=draw(widths),
+        depth=draw(st.integers(1, 6)), bias=draw(st.booleans()),
+        activation=draw(st.sampled_from(ACTIVATIONS)), loss=draw(st.sampled_from(LOSSES)),
+        dtype=draw(st.sampled_from(("float32", "float64", "bfloat16"))),
+    )
+    step = StepSpec(batch_size=draw(st.integers(1, 256)), optimizer=draw(st.sampled_from(OPTIMIZERS)))
+    return spec, step
+
+
+def assert_estimate_matches_measure(spec: MLPSpec, step: StepSpec) -> None:
+    measured = measure(spec, step)
+    predicted = estimate(spec, step)
+    for figure in EXACT_FIGURES:
+        assert measured[figure] == getattr(predicted, figure), (figure, spec, step)
+    if step.mode == "train":
+        assert measured["per_layer"] == predicted.per_layer
+        # Where the peak falls, by category, explains every byte of it.
+        assert measured["peak_by_category"] == predicted.peak_by_category
+        assert measured["peak_phase"] == predicted.peak_phase
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs())
+def test_estimate_equals_probes_exactly(config: tuple[MLPSpec, StepSpec]) -> None:
+    assert_estimate_matches_measure(*config)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_activation_and_loss_at_the_edges(activation: str, loss: str) -> None:
+    """All widths 1 and a batch of 1: the smallest case, where 0-dim scalars weigh most."""
+    spec = MLPSpec(input_dim=1, hidden_dim=1, output_dim=1, depth=2, bias=True, activation=activation, loss=loss)
+    for optimizer in OPTIMIZERS:
+        assert_estimate_matches_measure(spec, StepSpec(batch_size=1, optimizer=optimizer))
+
+
+def test_inference_mode_matches() -> None:
+    assert_estimate_matches_measure(MLPSpec(depth=3, bias=True), StepSpec(batch_size=33, mode="inference"))
+
+
+def test_seed_worked_example_breakdown_is_consistent() -> None:
+    """The seed network (d=784, h=256, q=10, B=64): each term from its own formula."""
+    spec, step = MLPSpec(), StepSpec(batch_size=64)
+    est = estimate(spec, step)
+    d, h, q, b, s = 784, 256, 10, 64, 4
+    assert est.params_bytes == (h * d + q * h) * s
+    assert est.grads_bytes == est.params_bytes
+    assert est.optimizer_bytes == 0
+    # X, the one hidden ReLU output, then log_softmax output + int64 labels + total_weight
+    assert est.saved_activation_bytes == b * d * s + b * h * s + (b * q * s + b * 8 + s)
+    assert est.inference_peak_bytes == est.params_bytes + b * d * s + b * max(2 * h, h + q) * s
+    assert est.peak_bytes > est.params_bytes + est.grads_bytes + est.saved_activation_bytes
+    assert est.training_to_inference_ratio == est.peak_bytes / est.inference_peak_bytes
+    assert {t.name for t in est.terms} >= {"params", "grads", "optimizer", "saved: input batch X"}
+    assert all(t.formula and t.source for t in est.terms)
+
+
+def test_estimate_allocates_nothing_at_any_size() -> None:
+    """A 1e6-row batch through 8 layers of 8192: answered from arithmetic alone."""
+    est = estimate(MLPSpec(hidden_dim=8192, depth=8), StepSpec(batch_size=1_000_000))
+    assert est.saved_activation_bytes > 8 * 1_000_000 * 8192 * 4
+    assert est.peak_bytes > est.saved_activation_bytes
+
+
+@pytest.mark.parametrize("optimizer,factor", [("sgd", 0), ("sgd-momentum", 1), ("adam", 2)])
+def test_optimizer_state_formula(optimizer: str, factor: int) -> None:
+    spec = MLPSpec(bias=True)
+    est = estimate(spec, StepSpec(optimizer=optimizer))
+    step_tensors = 4 * 4 if optimizer == "adam" else 0  # four parameters, one float32 step each
+    assert est.optimizer_bytes == factor * est.params_bytes + step_tensors

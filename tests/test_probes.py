@@ -1,0 +1,144 @@
+"""What each probe sees, what it cannot, and that watching does not change the step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bpmem.estimate import estimate
+from bpmem.measure import measure, measure_training_peak, optimizer_state_tensors
+from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
+from bpmem.spec import MLPSpec, StepSpec, build, make_batch
+from bpmem.step import make_optimizer, train_step
+
+SMALL = MLPSpec(input_dim=12, hidden_dim=8, output_dim=5, depth=2)
+
+
+def _ready(spec: MLPSpec, batch: int = 4, optimizer: str = "sgd"):
+    model = build(spec)
+    x, y = make_batch(spec, batch)
+    opt = make_optimizer(StepSpec(batch_size=batch, optimizer=optimizer), model)
+    train_step(spec, model, opt, x, y)  # warm-up
+    return model, opt, x, y
+
+
+def test_saved_probe_counts_a_shared_storage_once_and_skips_parameters() -> None:
+    model, opt, x, y = _ready(SMALL)
+    with SavedTensorProbe(model) as probe:
+        train_step(SMALL, model, opt, x, y, scope=probe.scope)
+    s, b = 4, 4
+    by_name = {row["name"]: row["saved_bytes"] for row in probe.per_layer()}
+    assert by_name["0.Linear"] == b * 12 * s  # the input batch X
+    assert by_name["1.ReLU"] == b * 8 * s  # its output, also the next mm's mat1: once
+    assert by_name["2.Linear"] == 0  # saved the ReLU output (already counted) and W (a parameter)
+    assert by_name["regularizer"] == 0  # pow saves W only
+    assert by_name["loss"] == b * 5 * s + b * 8 + s  # log_softmax out, int64 labels, total_weight
+    assert probe.saved_activation_bytes == sum(by_name.values())
+
+
+def test_saved_probe_sees_gelu_input_and_output() -> None:
+    spec = SMALL.replace(activation="gelu", depth=1)
+    model, opt, x, y = _ready(spec)
+    with SavedTensorProbe(model) as probe:
+        train_step(spec, model, opt, x, y, scope=probe.scope)
+    by_name = {row["name"]: row["saved_bytes"] for row in probe.per_layer()}
+    assert by_name["1.GELU"] == 4 * 8 * 4  # z, GELU's input
+    assert by_name["2.Linear"] == 4 * 8 * 4  # h, GELU's output, saved by the next mm
+
+
+def test_live_probe_timeline_rises_in_forward_and_falls_in_backward() -> None:
+    model, opt, x, y = _ready(SMALL)
+    probe = measure_training_peak(SMALL, model, opt, x, y)
+    phases = [e.phase for e in probe.timeline]
+    forward = [e.live_bytes for e in probe.timeline if e.phase == "forward"]
+    assert "forward" in phases and "backward" in phases and phases.index("forward") < phases.index("backward")
+    after_zero_grad = [e.live_bytes for e in probe.timeline if e.phase == "zero_grad"][-1]
+    assert max(forward) > after_zero_grad
+    backward = [e.live_bytes for e in probe.timeline if e.phase == "backward"]
+    assert backward[-1] < max(backward)  # saved activations and temporaries released
+    params = distinct_storage_bytes(model.parameters())
+    grads = distinct_storage_bytes(p.grad for p in model.parameters())
+    # What is left when the step ends: params, the new grads and the batch; J died on return.
+    assert probe.live_bytes == params + grads + distinct_storage_bytes([x, y])
+    assert probe.peak_bytes == estimate(SMALL, StepSpec(batch_size=4)).peak_bytes
+
+
+class _NaiveMode(TorchDispatchMode):
+    """A dispatch mode that only passes ops through, as a naive live-tensor probe would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_live_probe_does_not_change_how_autograd_accumulates() -> None:
+    """Autograd sums a weight's two gradients (Linear and regulariser) in place unless a
+    dispatch mode is active. A naive mode therefore allocates an extra weight-sized buffer
+    per layer; the LiveTensorProbe steps aside between autograd nodes, so it does not."""
+    model, opt, x, y = _ready(SMALL)
+    naive = _NaiveMode()
+    with naive:
+        opt.zero_grad(set_to_none=True)
+        from bpmem.step import forward_objective
+
+        objective = forward_objective(SMALL, model, x, y)
+        naive.ops.append("--backward--")
+        objective.backward()
+    backward_ops = naive.ops[naive.ops.index("--backward--"):]
+    assert backward_ops.count("add") == SMALL.depth + 1  # one out-of-place sum per weight
+
+    probe = measure_training_peak(SMALL, model, opt, x, y)
+    backward_ops = [e.op for e in probe.timeline if e.phase == "backward"]
+    assert "add" not in backward_ops
+
+
+def test_live_probe_counts_preexisting_state() -> None:
+    model, opt, x, y = _ready(SMALL, optimizer="adam")
+    probe = measure_training_peak(SMALL, model, opt, x, y)
+    first = probe.timeline[0]
+    assert first.by_category["optimizer"] == distinct_storage_bytes(optimizer_state_tensors(opt))
+    assert first.by_category["params"] == distinct_storage_bytes(model.parameters())
+    assert first.by_category["inputs"] == distinct_storage_bytes([x, y])
+
+
+def test_live_probe_holds_no_reference_to_freed_tensors() -> None:
+    probe = LiveTensorProbe()
+    with probe:
+        a = torch.ones(1000)
+        assert probe.live_bytes == 4000
+        del a
+    assert probe.live_bytes == 0
+    assert probe.peak_bytes == 4000
+
+
+def test_rss_probe_sees_a_large_allocation() -> None:
+    with RssProbe() as probe:
+        block = torch.ones(32 * 1024 * 1024 // 4)  # 32 MiB, written so the pages are resident
+        del block
+    assert probe.samples >= 1
+    assert probe.rss_peak_bytes - probe.rss_start_bytes >= 16 * 1024 * 1024
+
+
+def test_cuda_probe_refuses_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        with CudaProbe():
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_measure_reports_allocator_peaks() -> None:
+    spec, step = MLPSpec(), StepSpec(batch_size=256)
+    result = measure(spec, step, device="cuda")
+    predicted = estimate(spec, step)
+    assert result["saved_activation_bytes"] == predicted.saved_activation_bytes
+    # The allocator rounds every block up to 512 B and holds cuBLAS workspace: never below
+    # the live tensor bytes it served.
+    assert result["cuda_max_allocated_bytes"] >= predicted.params_bytes + predicted.saved_activation_bytes
+    assert result["cuda_max_reserved_bytes"] >= result["cuda_max_allocated_bytes"]

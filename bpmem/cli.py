@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any, NoReturn
 
-from bpmem.spec import ACTIVATIONS, DTYPES, LOSSES, MODES, OPTIMIZERS, STRATEGIES, MLPSpec, SpecError, StepSpec
+from bpmem.spec import (
+    ACTIVATIONS,
+    DTYPES,
+    LOSSES,
+    MODES,
+    OPTIMIZERS,
+    STRATEGIES,
+    MLPSpec,
+    SpecError,
+    StepSpec,
+)
 from bpmem.units import format_bytes
 
 FIGURES_HELP = """\
@@ -55,8 +66,8 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: a number >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; allowed: a number >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; allowed: a finite number >= 0")
     return value
 
 
@@ -89,8 +100,11 @@ def specs_from_args(args: argparse.Namespace) -> tuple[MLPSpec, StepSpec]:
     return spec, step
 
 
-def _config(spec: MLPSpec, step: StepSpec, device: str) -> dict[str, Any]:
-    return {**asdict(spec), **asdict(step), "device": device}
+def _config(spec: MLPSpec, step: StepSpec, device: str | None = None) -> dict[str, Any]:
+    config = {**asdict(spec), **asdict(step)}
+    if device is not None:
+        config["device"] = device
+    return config
 
 
 def _print_table(title: str, rows: list[tuple[str, int, str]]) -> None:
@@ -113,7 +127,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     spec, step = specs_from_args(args)
     est = estimate(spec, step)
     if args.json:
-        out = {**est.to_dict(), "config": _config(spec, step, "cpu"), "environment": environment("cpu")}
+        out = {**est.to_dict(), "config": _config(spec, step), "environment": environment("cpu")}
         out["terms"] = [asdict(t) for t in est.terms]
         print(json.dumps(out, indent=2))
         return 0
@@ -137,6 +151,10 @@ def cmd_measure(args: argparse.Namespace) -> int:
     spec, step = specs_from_args(args)
     device = args.device
     if device.startswith("cuda"):
+        try:
+            torch.device(device)
+        except RuntimeError:
+            return _fail(args.prog, f"argument --device: {device!r} is not a device; allowed: cpu, cuda, cuda:N")
         if not torch.cuda.is_available():
             return _fail(args.prog, f"argument --device: {device} needs CUDA, and torch.cuda.is_available() "
                                     "is False; allowed here: cpu")

@@ -189,7 +189,8 @@ def _fresh_storage_nbytes(tensor: torch.Tensor) -> int:
     """Bytes of the storage a freshly allocated tensor spans (as ``empty_strided`` sizes it)."""
     if tensor.numel() == 0:
         return 0
-    extent = tensor.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()))
+    last = sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    extent = tensor.storage_offset() + 1 + last
     return extent * tensor.element_size()
 
 

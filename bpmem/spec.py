@@ -15,6 +15,7 @@ Shapes, with a batch of B rows (exercise 1):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,13 @@ def _check_positive_int(field: str, value: Any) -> None:
         raise SpecError(field, value, "an integer >= 1")
 
 
+def _check_non_negative(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise SpecError(field, value, "a finite number >= 0")
+
+
 def _check_choice(field: str, value: Any, choices: tuple[str, ...] | dict[str, Any]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise SpecError(field, value, ", ".join(choices))
 
 
@@ -91,8 +97,7 @@ class MLPSpec:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("dtype", self.dtype, DTYPES)
-        if isinstance(self.l2, bool) or not isinstance(self.l2, (int, float)) or self.l2 < 0:
-            raise SpecError("l2", self.l2, "a number >= 0")
+        _check_non_negative("l2", self.l2)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -106,7 +111,7 @@ class MLPSpec:
     def layer_dims(self) -> list[tuple[int, int]]:
         """(in_features, out_features) of each Linear, input side first: depth + 1 of them."""
         widths = [self.input_dim] + [self.hidden_dim] * self.depth + [self.output_dim]
-        return list(zip(widths[:-1], widths[1:]))
+        return list(zip(widths[:-1], widths[1:], strict=True))
 
     def replace(self, **changes: Any) -> MLPSpec:
         return dataclasses.replace(self, **changes)
@@ -133,6 +138,8 @@ class StepSpec:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("mode", self.mode, MODES)
         _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_non_negative("lr", self.lr)
+        _check_non_negative("momentum", self.momentum)
 
 
 def build(spec: MLPSpec, device: str | torch.device = "cpu", seed: int | None = 0) -> nn.Sequential:

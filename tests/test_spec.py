@@ -216,3 +216,23 @@ def test_regularizer_gradient_is_lambda_w():
 def test_regularizer_zero_lambda():
     spec = MLPSpec(input_dim=4, hidden_dim=3, output_dim=2, l2=0.0)
     assert regularizer(spec, build(spec)).item() == 0.0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_l2_must_be_finite(value):
+    with pytest.raises(SpecError) as caught:
+        MLPSpec(l2=value)
+    assert caught.value.field == "l2"
+
+
+def test_unhashable_dtype_is_a_spec_error():
+    with pytest.raises(SpecError) as caught:
+        MLPSpec(dtype=["float32"])
+    assert caught.value.field == "dtype"
+
+
+@pytest.mark.parametrize("field", ["lr", "momentum"])
+def test_step_numbers_are_validated(field):
+    with pytest.raises(SpecError) as caught:
+        StepSpec(**{field: -1.0})
+    assert caught.value.field == field

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bpmem.spec import MLPSpec, objective
+from bpmem.model import objective
+from bpmem.spec import MLPSpec
 
 Params = Sequence[tuple[Tensor, Tensor | None]]
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import bpmem
 
@@ -27,22 +27,36 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def device_name(device: str | torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine()
 
 
-def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+def _torch_versions() -> tuple[str, str]:
+    """(torch, CUDA build) versions; read from package metadata when torch is not loaded,
+    so that ``bpmem estimate`` stays free of torch's import time."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.__version__, torch.version.cuda or ""
+    try:
+        return importlib.metadata.version("torch"), ""
+    except importlib.metadata.PackageNotFoundError:
+        return "", ""
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
     """Versions and hardware for one device; the keys match results.csv's columns."""
+    torch_version, cuda_version = _torch_versions()
     return {
         "bpmem_version": bpmem.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": torch_version,
         "python_version": platform.python_version(),
         "device": str(device),
         "device_name": device_name(device),
-        "cuda_version": torch.version.cuda or "",
+        "cuda_version": cuda_version,
         "git_commit": git_commit(),
         "hostname": platform.node(),
     }

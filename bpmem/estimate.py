@@ -23,10 +23,9 @@ weight's bytes.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import torch
 
 from bpmem.spec import MLPSpec, StepSpec
 
@@ -123,7 +122,8 @@ def _layer_bytes(spec: MLPSpec) -> list[tuple[int, int]]:
 def _step_scalar_bytes() -> int:
     """Adam keeps ``step`` as a 0-dim tensor of torch's scalar dtype (float32 unless the
     default dtype is float64) when neither ``capturable`` nor ``fused`` is set."""
-    return 8 if torch.get_default_dtype() == torch.float64 else 4
+    torch = sys.modules.get("torch")  # never import it just to ask: the default is float32
+    return 8 if torch is not None and torch.get_default_dtype() == torch.float64 else 4
 
 
 def _activation_name(spec: MLPSpec) -> str:

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
-from bpmem.spec import MLPSpec, StepSpec, build, make_batch
+from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import inference_step, make_optimizer, train_step
 
 

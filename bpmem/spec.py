@@ -1,4 +1,7 @@
-"""The network under study: a validated, frozen description and the model built from it.
+"""The network under study and how it is stepped: validated, frozen descriptions.
+
+This module never imports torch, so that ``bpmem estimate`` answers before torch would have
+loaded; ``bpmem.model`` turns a spec into modules and tensors.
 
 The seed's network (D2L, "Forward Propagation, Back Propagation and Computational Graphs") is
 
@@ -17,30 +20,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "gelu")
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+# dtype name -> bytes per element. Kept free of torch so `bpmem estimate` never imports it.
+DTYPES: dict[str, int] = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sgd-momentum", "adam")
 MODES: tuple[str, ...] = ("train", "inference")
 STRATEGIES: tuple[str, ...] = ("none",)
-
-_ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "gelu": nn.GELU,
-}
-
 
 class SpecError(ValueError):
     """A field of a spec holds a value outside its allowed set.
@@ -101,12 +92,14 @@ class MLPSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def itemsize(self) -> int:
         """Bytes per element of the model dtype (4 for float32, 2 for bfloat16, ...)."""
-        return DTYPES[self.dtype].itemsize
+        return DTYPES[self.dtype]
 
     def layer_dims(self) -> list[tuple[int, int]]:
         """(in_features, out_features) of each Linear, input side first: depth + 1 of them."""
@@ -140,54 +133,3 @@ class StepSpec:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_non_negative("lr", self.lr)
         _check_non_negative("momentum", self.momentum)
-
-
-def build(spec: MLPSpec, device: str | torch.device = "cpu", seed: int | None = 0) -> nn.Sequential:
-    """Linear, act, Linear, act, ..., Linear: ``2 * depth + 1`` modules, Linear at even indices.
-
-    Weights use PyTorch's default init under ``seed`` so that two builds are identical.
-    """
-    if seed is not None:
-        torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(spec.layer_dims()):
-        if index > 0:
-            layers.append(_ACTIVATION_MODULES[spec.activation]())
-        layers.append(nn.Linear(fan_in, fan_out, bias=spec.bias))
-    return nn.Sequential(*layers).to(device=device, dtype=spec.torch_dtype)
-
-
-def weight_matrices(model: nn.Module) -> list[torch.Tensor]:
-    """The W's of the regulariser: every Linear's weight, never its bias (as in the seed)."""
-    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-
-
-def make_batch(
-    spec: MLPSpec, batch_size: int, device: str | torch.device = "cpu", seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random (X, y): X is (B, input_dim); y is (B,) int64 labels or (B, output_dim) targets."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, spec.input_dim, generator=generator).to(device, spec.torch_dtype)
-    if spec.loss == "cross_entropy":
-        y = torch.randint(0, spec.output_dim, (batch_size,), generator=generator).to(device)
-    else:
-        y = torch.randn(batch_size, spec.output_dim, generator=generator).to(device, spec.torch_dtype)
-    return x, y
-
-
-def data_loss(spec: MLPSpec, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L = l(o, y), averaged over the batch."""
-    if spec.loss == "cross_entropy":
-        return nn.functional.cross_entropy(output, target)
-    return nn.functional.mse_loss(output, target)
-
-
-def regularizer(spec: MLPSpec, model: nn.Module) -> torch.Tensor:
-    """s = lambda/2 * sum ||W||_F^2 over the weight matrices only."""
-    squares = [w.pow(2).sum() for w in weight_matrices(model)]
-    return torch.stack(squares).sum() * (spec.l2 / 2)
-
-
-def objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """J = L + s, the seed's objective."""
-    return data_loss(spec, model(x), y) + regularizer(spec, model)

@@ -19,7 +19,8 @@ from contextlib import AbstractContextManager as ContextManager
 import torch
 from torch import nn
 
-from bpmem.spec import MLPSpec, StepSpec, data_loss, regularizer
+from bpmem.model import data_loss, regularizer
+from bpmem.spec import MLPSpec, StepSpec
 
 Labeller = Callable[[str], ContextManager[None]]
 

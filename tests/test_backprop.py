@@ -17,16 +17,8 @@ from bpmem.backprop import (
     hessian_vector_product,
     params_of,
 )
-from bpmem.spec import (
-    ACTIVATIONS,
-    LOSSES,
-    MLPSpec,
-    build,
-    data_loss,
-    make_batch,
-    objective,
-    regularizer,
-)
+from bpmem.model import build, data_loss, make_batch, objective, regularizer
+from bpmem.spec import ACTIVATIONS, LOSSES, MLPSpec
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 

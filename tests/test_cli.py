@@ -242,3 +242,13 @@ def test_table_uses_iec_units_and_matches_json(capsys, command):
     for key in ("params_bytes", "peak_bytes", "inference_peak_bytes"):
         assert f"{data[key]:,} B" in out, key
     assert "784-256-10" in out
+
+
+def test_estimate_never_imports_torch():
+    """Why estimate is instant at any size: it is arithmetic, and torch is not even loaded."""
+    code = ("import sys, bpmem.cli; bpmem.cli.main(['estimate', '--batch-size', '1000000', '--hidden-dim', "
+            "'8192', '--depth', '8', '--json']); assert 'torch' not in sys.modules, 'torch was imported'")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["saved_activation_bytes"] > 0

@@ -8,8 +8,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpmem.estimate import estimate
 from bpmem.measure import measure, measure_training_peak, optimizer_state_tensors
+from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
-from bpmem.spec import MLPSpec, StepSpec, build, make_batch
+from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import make_optimizer, train_step
 
 SMALL = MLPSpec(input_dim=12, hidden_dim=8, output_dim=5, depth=2)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bpmem.spec import MLPSpec, SpecError, StepSpec, build, make_batch, regularizer, weight_matrices
+from bpmem.model import build, make_batch, regularizer, weight_matrices
+from bpmem.spec import MLPSpec, SpecError, StepSpec
 
 ACTIVATION_CLASSES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,

@@ -1,0 +1,66 @@
+"""From spec to tensors: the model, a batch, and the seed's objective J = L + s."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bpmem.spec import MLPSpec
+
+_ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+}
+
+
+def build(spec: MLPSpec, device: str | torch.device = "cpu", seed: int | None = 0) -> nn.Sequential:
+    """Linear, act, Linear, act, ..., Linear: ``2 * depth + 1`` modules, Linear at even indices.
+
+    Weights use PyTorch's default init under ``seed`` so that two builds are identical.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for index, (fan_in, fan_out) in enumerate(spec.layer_dims()):
+        if index > 0:
+            layers.append(_ACTIVATION_MODULES[spec.activation]())
+        layers.append(nn.Linear(fan_in, fan_out, bias=spec.bias))
+    return nn.Sequential(*layers).to(device=device, dtype=spec.torch_dtype)
+
+
+def weight_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """The W's of the regulariser: every Linear's weight, never its bias (as in the seed)."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def make_batch(
+    spec: MLPSpec, batch_size: int, device: str | torch.device = "cpu", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random (X, y): X is (B, input_dim); y is (B,) int64 labels or (B, output_dim) targets."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, spec.input_dim, generator=generator).to(device, spec.torch_dtype)
+    if spec.loss == "cross_entropy":
+        y = torch.randint(0, spec.output_dim, (batch_size,), generator=generator).to(device)
+    else:
+        y = torch.randn(batch_size, spec.output_dim, generator=generator).to(device, spec.torch_dtype)
+    return x, y
+
+
+def data_loss(spec: MLPSpec, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L = l(o, y), averaged over the batch."""
+    if spec.loss == "cross_entropy":
+        return nn.functional.cross_entropy(output, target)
+    return nn.functional.mse_loss(output, target)
+
+
+def regularizer(spec: MLPSpec, model: nn.Module) -> torch.Tensor:
+    """s = lambda/2 * sum ||W||_F^2 over the weight matrices only."""
+    squares = [w.pow(2).sum() for w in weight_matrices(model)]
+    return torch.stack(squares).sum() * (spec.l2 / 2)
+
+
+def objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """J = L + s, the seed's objective."""
+    return data_loss(spec, model(x), y) + regularizer(spec, model)

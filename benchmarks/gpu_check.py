@@ -49,8 +49,10 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
 
 from bpmem.estimate import estimate  # noqa: E402
 from bpmem.measure import measure  # noqa: E402
-from bpmem.spec import MLPSpec, StepSpec, build, make_batch  # noqa: E402
+from bpmem.model import build, make_batch  # noqa: E402
+from bpmem.spec import MLPSpec, StepSpec  # noqa: E402
 from bpmem.step import make_optimizer, train_step  # noqa: E402
+from bpmem.units import format_bytes  # noqa: E402
 
 SEED_SPEC = MLPSpec()  # 784 -> 256 -> 10
 DTYPES = ("float32", "bfloat16")
@@ -85,7 +87,8 @@ def configs(quick: bool) -> list[Config]:
     if quick:
         wide, batches = MLPSpec(input_dim=256, hidden_dim=256, output_dim=10, depth=2), (32, 128)
     else:
-        wide, batches = MLPSpec(input_dim=4096, hidden_dim=4096, output_dim=10, depth=4), (256, 1024, 4096, 16384)
+        wide = MLPSpec(input_dim=4096, hidden_dim=4096, output_dim=10, depth=4)
+        batches = (256, 1024, 4096, 16384)
     out: list[Config] = []
     for dtype in DTYPES:
         for opt in OPTIMIZERS:
@@ -100,17 +103,8 @@ def configs(quick: bool) -> list[Config]:
 
 
 def iec(nbytes: float | int | None) -> str:
-    """1536 -> '1.50 KiB'; None -> '-'. Signed values keep their sign."""
-    if nbytes is None or nbytes == "":
-        return "-"
-    value = float(nbytes)
-    sign = "-" if value < 0 else ""
-    value = abs(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{sign}{value:.0f} {unit}" if unit == "B" else f"{sign}{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    """bpmem's IEC formatting (1536 -> '1.5 KiB'), with '-' for a figure that was not taken."""
+    return "-" if nbytes is None else format_bytes(nbytes)
 
 
 def ratio(num: float | int | None, den: float | int | None) -> float | None:
@@ -164,14 +158,17 @@ def run_config(cfg: Config, device: str, steps: int) -> dict[str, Any]:
     """Measure, estimate and time one configuration; never raises (status says what happened)."""
     row = base_row(cfg)
     release(device)
-    est = estimate(cfg.spec, cfg.step)
-    row.update(predicted_saved_activation_bytes=est.saved_activation_bytes, predicted_peak_bytes=est.peak_bytes,
-               predicted_peak_phase=est.peak_phase, predicted_inference_peak_bytes=est.inference_peak_bytes,
-               predicted_params_bytes=est.params_bytes, predicted_grads_bytes=est.grads_bytes,
-               predicted_optimizer_bytes=est.optimizer_bytes, predicted_per_layer=est.per_layer,
-               predicted_peak_by_category=est.peak_by_category)
     is_cuda = torch.device(device).type == "cuda"
+    stage = "estimate"
     try:
+        est = estimate(cfg.spec, cfg.step)
+        row.update(predicted_saved_activation_bytes=est.saved_activation_bytes,
+                   predicted_peak_bytes=est.peak_bytes, predicted_peak_phase=est.peak_phase,
+                   predicted_inference_peak_bytes=est.inference_peak_bytes,
+                   predicted_params_bytes=est.params_bytes, predicted_grads_bytes=est.grads_bytes,
+                   predicted_optimizer_bytes=est.optimizer_bytes, predicted_per_layer=est.per_layer,
+                   predicted_peak_by_category=est.peak_by_category)
+        stage = "measure"
         if is_cuda:
             row["cuda_allocated_before_bytes"] = int(torch.cuda.memory_allocated(device))
         start = time.perf_counter()
@@ -197,13 +194,15 @@ def run_config(cfg: Config, device: str, steps: int) -> dict[str, Any]:
             )
         del got
         release(device)
+        stage = "timing"
         times = time_steps(cfg, device, steps)
         row.update(step_median_ms=statistics.median(times) * 1e3, step_min_ms=min(times) * 1e3,
                    steps_timed=len(times))
         row["status"] = "ok" if row["saved_match"] else "saved-mismatch"
     except Exception as exc:  # noqa: BLE001 - one configuration's failure must not stop the rest
         row["status"] = "oom" if is_oom(exc) else "error"
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        row["error"] = f"in {stage}: {type(exc).__name__}: {message}"[:300]
         if row["status"] == "error":
             row["traceback"] = traceback.format_exc()
             print(row["traceback"], file=sys.stderr, flush=True)
@@ -212,16 +211,22 @@ def run_config(cfg: Config, device: str, steps: int) -> dict[str, Any]:
     return row
 
 
+def failed(row: dict[str, Any]) -> bool:
+    """What makes the exit status 1: a crash, or saved bytes that differ from the prediction."""
+    return row["status"] == "error" or row.get("saved_match") is False
+
+
 def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__,
         "torch_cuda": torch.version.cuda, "device": device, "argv": " ".join(sys.argv),
         "num_threads": torch.get_num_threads(),
     }
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}",
+        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
+                   capability=f"{props.major}.{props.minor}",
                    cudnn=torch.backends.cudnn.version(),
                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
     return env
@@ -238,13 +243,14 @@ def _fmt_ms(value: float | None) -> str:
 def render_report(env: dict[str, Any], rows: list[dict[str, Any]], pending: int) -> str:
     lines = ["# bpmem GPU check", ""]
     lines += [f"- {k}: {iec(v) if k.endswith('_bytes') else v}" for k, v in env.items()]
-    ok = [r for r in rows if r["status"] in ("ok", "saved-mismatch")]
+    ok = [r for r in rows if "saved_match" in r]
     skipped = pending + sum(r["status"] == "skipped" for r in rows)
-    mism = [r for r in rows if r["status"] == "saved-mismatch"]
+    mism = [r for r in ok if not r["saved_match"]]
     peak_diff = [r for r in ok if r.get("live_minus_predicted_bytes")]
     lines += [
         "", "## Summary", "",
-        f"- configurations: {len(rows) + pending - skipped} run, {skipped} not run (time budget)",
+        f"- configurations: {len(rows) + pending - skipped} run, "
+        f"{skipped} not run (time budget spent, or the run was cut short)",
         f"- saved activation bytes equal to the prediction: {len(ok) - len(mism)} of {len(ok)} measured",
         f"- LiveTensorProbe peak equal to the predicted peak: {len(ok) - len(peak_diff)} of {len(ok)}",
         f"- out of memory: {sum(r['status'] == 'oom' for r in rows)}; "
@@ -270,7 +276,8 @@ def render_report(env: dict[str, Any], rows: list[dict[str, Any]], pending: int)
     for r in rows:
         cells = [f"{iec(r.get(f'predicted_{k}_bytes'))} / {iec(r.get(f'measured_{k}_bytes'))}"
                  for k in ("params", "grads", "optimizer", "inference_peak")]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {iec(r.get('cuda_allocated_before_bytes'))} |")
+        before = iec(r.get("cuda_allocated_before_bytes"))
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {before} |")
     lines += ["", "## Step time", "", "| config | median ms | min ms | steps | measure() s | loss |",
               "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -278,9 +285,15 @@ def render_report(env: dict[str, Any], rows: list[dict[str, Any]], pending: int)
         lines.append(f"| {r['name']} | {_fmt_ms(r.get('step_median_ms'))} | {_fmt_ms(r.get('step_min_ms'))} "
                      f"| {r.get('steps_timed', '-')} | {r.get('measure_s', '-')} "
                      f"| {'-' if loss is None else f'{loss:.4g}'} |")
-    failed = [r for r in rows if r["error"]]
-    if failed:
-        lines += ["", "## Failures", ""] + [f"- {r['name']}: {r['status']}: {r['error']}" for r in failed]
+    if mism:
+        lines += ["", "## Saved-bytes mismatches (exact bytes)", ""]
+        lines += [f"- {r['name']}: predicted {r['predicted_saved_activation_bytes']}, measured "
+                  f"{r['measured_saved_activation_bytes']}; per layer predicted {r['predicted_per_layer']}, "
+                  f"measured {r['measured_per_layer']}" for r in mism]
+    problems = [r for r in rows if r["error"]]
+    if problems:
+        lines += ["", "## Not measured, or cut short", ""]
+        lines += [f"- {r['name']}: {r['status']}: {r['error']}" for r in problems]
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +315,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="torch device (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="small configurations and 3 timed steps: a smoke test, e.g. with --device cpu")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 20; 3 quick)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per configuration (default 20; 3 with --quick)")
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="start no configuration after this many seconds (default: %(default)s)")
     parser.add_argument("--only", default="", help="run only configurations whose name contains this")
@@ -328,10 +342,14 @@ def main(argv: list[str] | None = None) -> int:
         if time.perf_counter() - started > args.budget_s:
             for late in todo[index:]:
                 rows.append(base_row(late) | {"status": "skipped", "error": "time budget spent"})
-            print(f"budget of {args.budget_s:.0f} s spent: {len(todo) - index} configurations skipped", flush=True)
+            print(f"budget of {args.budget_s:.0f} s spent: {len(todo) - index} configurations skipped",
+                  flush=True)
             break
         row = run_config(cfg, device, steps)
         rows.append(row)
+        if row.get("saved_match") is False:
+            print(f"SAVED MISMATCH {cfg.name}: predicted {row['predicted_saved_activation_bytes']} B,"
+                  f" measured {row['measured_saved_activation_bytes']} B", flush=True)
         print(f"[{index + 1}/{len(todo)}] {cfg.name}: {row['status']}"
               f" saved {iec(row.get('measured_saved_activation_bytes'))}"
               f" (pred {iec(row.get('predicted_saved_activation_bytes'))})"
@@ -341,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
               f" step {_fmt_ms(row.get('step_median_ms'))} ms {row['error']}", flush=True)
         write_outputs(args.out, env, rows, len(todo) - index - 1)
     write_outputs(args.out, env, rows, 0)
-    bad = [r["name"] for r in rows if r["status"] in ("saved-mismatch", "error")]
-    print(f"wrote {args.out}/results.csv, results.json, report.md in {time.perf_counter() - started:.1f} s", flush=True)
+    bad = [r["name"] for r in rows if failed(r)]
+    elapsed = time.perf_counter() - started
+    print(f"wrote {args.out}/results.csv, results.json, report.md in {elapsed:.1f} s", flush=True)
     if bad:
         print("FAILED (saved-bytes mismatch or error): " + ", ".join(bad), file=sys.stderr, flush=True)
         return 1

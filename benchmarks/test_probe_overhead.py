@@ -34,28 +34,30 @@ import torch
 
 from bpmem.estimate import estimate
 from bpmem.measure import measure_training_peak
+from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, RssProbe, SavedTensorProbe
-from bpmem.spec import MLPSpec, StepSpec, build, make_batch
+from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import make_optimizer, train_step
 
 SPEC = MLPSpec(input_dim=1024, hidden_dim=1024, output_dim=10, depth=4, dtype="float32")
 STEP = StepSpec(batch_size=256, optimizer="sgd")
 GROUP = "probe-overhead"
-ROUNDS = 40
-WARMUP_ROUNDS = 4
+ROUNDS = 30
+WARMUP_ROUNDS = 3
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 class Rig:
-    """A model, its optimizer and a batch, past one warm-up step (optimizer state exists)."""
+    """A model, its optimizer and a batch, past three warm-up steps (optimizer state exists)."""
 
     def __init__(self, device: str) -> None:
         self.device = device
         self.model = build(SPEC, device, seed=0)
         self.optimizer = make_optimizer(STEP, self.model)
         self.x, self.y = make_batch(SPEC, STEP.batch_size, device, seed=0)
-        self.step()
+        for _ in range(3):
+            self.step()
 
     def step(self, **labellers: Any) -> float:
         return train_step(SPEC, self.model, self.optimizer, self.x, self.y, **labellers)

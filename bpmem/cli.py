@@ -13,6 +13,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 from bpmem.spec import (
@@ -41,6 +42,25 @@ figures (bytes; printed in IEC units, exact integers with --json):
                           step: zero_grad(set_to_none), forward, backward, optimizer.step
   inference_peak_bytes    the same for one forward under torch.inference_mode()
   per_layer               saved bytes by module, plus 'loss' and 'regularizer'
+"""
+
+
+RUN_HELP = """\
+config (TOML; every key optional, a list under [model] is a grid axis):
+  name = "quick"                                   run folder prefix
+  batch_sizes = [1, 16, 256]                       or { start = 1, stop = 4096, factor = 4 }
+  devices = ["cpu"]                                cpu, cuda, cuda:N, or "auto" (every GPU)
+  modes = ["train", "inference"]                   or "all"
+  strategies = ["none"]                            or "all"
+  repeats = 5                                      timed steps per cell (median, IQR)
+  warmup = 1                                       untimed steps before them
+  continue_after_oom = false                       still try larger batches after an OOM
+  [model]                                          any model flag, plus optimizer
+  depth = [1, 8]
+
+status per row: ok, oom (out of memory; larger batches of the series are then
+skipped), error (message in the error column), skipped.
+Ctrl-C stops cleanly: finished rows stay, and --resume runs the rest.
 """
 
 
@@ -176,6 +196,59 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latest_run(root: Path, name: str) -> Path | None:
+    runs = sorted((p for p in root.glob(f"{name}-*") if (p / "run.json").exists()), key=lambda p: p.name)
+    return runs[-1] if runs else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from bpmem.config import ConfigError, load_config, resolve_devices
+    from bpmem.sweep import run_sweep
+
+    try:
+        config = load_config(args.config)
+        devices = resolve_devices(config.devices)
+    except ConfigError as error:
+        source = args.config if args.config and not str(error).startswith("--config") else None
+        return _fail(args.prog, f"{source}: {error}" if source else f"{error}")
+    if args.jobs < 1:
+        return _fail(args.prog, f"argument --jobs: {args.jobs} is not allowed; allowed: an integer >= 1")
+    now = datetime.now(UTC)
+    if args.resume:
+        out = args.out or _latest_run(Path("reports"), config.name)
+        if out is None or not (out / "run.json").exists():
+            where = str(args.out) if args.out else f"reports/{config.name}-*"
+            return _fail(args.prog, f"argument --resume: no earlier run of {config.name!r} in {where}")
+        run_info = json.loads((out / "run.json").read_text())
+        if run_info.get("config") != json.loads(json.dumps(config.to_dict())):
+            return _fail(args.prog, f"argument --resume: {out} was made by another config; pass the same --config")
+    else:
+        out = args.out or Path("reports") / f"{config.name}-{now:%Y%m%d-%H%M%S}"
+        if (out / "results.csv").exists():
+            if not args.overwrite:
+                return _fail(args.prog, f"argument --out: {out} already holds results.csv; allowed: --resume to "
+                                        "continue it, --overwrite to replace it, or another --out")
+            (out / "results.csv").unlink()
+        run_info = {"run_id": f"{config.name}-{now:%Y%m%dT%H%M%SZ}", "created": now.isoformat(timespec="seconds"),
+                    "config": config.to_dict()}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    if not args.quiet:
+        print(f"bpmem run: {len(config.cells(devices))} cells of {config.name!r} on {', '.join(devices)} -> {out}",
+              file=sys.stderr)
+    outcome = run_sweep(config, devices, out, run_info["run_id"], jobs=args.jobs, quiet=args.quiet)
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items())) or "nothing new"
+    done = f" ({outcome.already_done} already done)" if outcome.already_done else ""
+    print(f"bpmem run: {counts}{done}; results in {out / 'results.csv'}", file=sys.stderr)
+    if outcome.interrupted:
+        print(f"bpmem run: stopped early; continue with: bpmem run --resume --out {out}"
+              + (f" --config {args.config}" if args.config else ""), file=sys.stderr)
+        return 130
+    return 0
+
+
 def _fail(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
@@ -205,6 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     mea.add_argument("--rss", action="store_true", help="also sample the process RSS with psutil (coarse)")
     mea.add_argument("--json", action="store_true", help="print one JSON object with exact integer bytes")
     mea.set_defaults(func=cmd_measure)
+    run = sub.add_parser("run", help="the sweep: a grid of cells into results.csv", epilog=RUN_HELP,
+                         description="Run a grid of cells (model x batch size x device x mode x strategy), "
+                                     "measured and predicted side by side, appending one row per cell to "
+                                     "OUT/results.csv as it finishes.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", type=Path, metavar="FILE.toml",
+                     help="the sweep's TOML config (default: the embedded default sweep; see below)")
+    run.add_argument("--out", type=Path, metavar="DIR", help="run folder (default: reports/NAME-YYYYmmdd-HHMMSS)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue a stopped run: only cells without a row run (default folder: the latest)")
+    run.add_argument("--overwrite", action="store_true", help="replace OUT/results.csv if it exists")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="worker processes; with N GPUs, one process per GPU (default: 1, in-process)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
     return parser
 
 

@@ -10,6 +10,7 @@ Order of work, each on a fresh step of the same model so that probes never watch
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -94,3 +95,34 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
             train_step(spec, model, optimizer, x, y)
         result.update(rss_probe.result())
     return result
+
+
+def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int, seed: int = 0) -> list[float]:
+    """Seconds per plain step (no probe) on a fresh model: ``warmup`` untimed, then ``repeats``.
+
+    On CUDA each timed step is bracketed by ``torch.cuda.synchronize`` so the clock sees the
+    kernels, not just their launch.
+    """
+    model = build(spec, device, seed=seed)
+    x, y = make_batch(spec, step.batch_size, device, seed=seed)
+    cuda = torch.device(device).type == "cuda"
+    if step.mode == "inference":
+        def run() -> None:
+            inference_step(model, x)
+    else:
+        optimizer = make_optimizer(step, model)
+
+        def run() -> None:
+            train_step(spec, model, optimizer, x, y)
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times

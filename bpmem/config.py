@@ -1,0 +1,261 @@
+"""Sweep configs: a TOML grid over model flags, batch sizes, devices, modes and strategies.
+
+A config file looks like this (every key optional; a list in ``[model]`` is a grid axis)::
+
+    name = "quick"
+    batch_sizes = [1, 16, 256]          # or { start = 1, stop = 4096, factor = 4 }
+    devices = ["cpu"]                   # cpu, cuda, cuda:N, or "auto" (every visible GPU)
+    modes = ["train", "inference"]
+    strategies = ["none"]
+    repeats = 5                         # timed steps per cell (median and IQR)
+    warmup = 1                          # untimed steps first
+    continue_after_oom = false          # after an OOM, still try larger batches of the series
+
+    [model]
+    depth = [1, 8]
+    hidden_dim = 256
+    optimizer = "sgd"
+
+Validation happens before any output exists: an error names the key and its allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bpmem.spec import MODES, STRATEGIES, MLPSpec, SpecError, StepSpec
+
+MODEL_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec)) + ("optimizer",)
+TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
+                             "warmup", "continue_after_oom", "model")
+
+DEFAULT_CONFIG_TOML = """\
+# bpmem's default sweep: the seed network and a deeper one, batch 1 to 4096 (x4), train and
+# inference, every strategy, on the CPU. Predicted and measured bytes side by side.
+name = "default"
+batch_sizes = { start = 1, stop = 4096, factor = 4 }
+devices = ["cpu"]
+modes = ["train", "inference"]
+strategies = "all"
+repeats = 5
+warmup = 1
+
+[model]
+depth = [1, 8]
+"""
+
+
+class ConfigError(ValueError):
+    """A config key holds something it may not; ``key`` is dotted (``model.depth``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measurement: a model, how it is stepped, and where."""
+
+    spec: MLPSpec
+    step: StepSpec
+    device: str
+
+    @property
+    def series(self) -> tuple[Any, ...]:
+        """Cells that differ only in batch size form a series (OOM skips the larger ones)."""
+        step = dataclasses.asdict(self.step)
+        del step["batch_size"]
+        return (self.spec, tuple(step.items()), self.device)
+
+    @property
+    def cell_id(self) -> str:
+        s, t = self.spec, self.step
+        return (f"d{s.input_dim}-h{s.hidden_dim}-q{s.output_dim}-L{s.depth}-{'bias' if s.bias else 'nobias'}-"
+                f"{s.activation}-{s.loss}-{s.dtype}-l2={s.l2:g}-{t.optimizer}-B{t.batch_size}-{t.mode}-"
+                f"{t.strategy}-{self.device}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A validated sweep. ``model`` holds (field, values) pairs; every combination is a model."""
+
+    name: str = "sweep"
+    description: str = ""
+    model: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    batch_sizes: tuple[int, ...] = (64,)
+    devices: tuple[str, ...] = ("cpu",)
+    modes: tuple[str, ...] = ("train",)
+    strategies: tuple[str, ...] = ("none",)
+    repeats: int = 3
+    warmup: int = 1
+    continue_after_oom: bool = False
+
+    def cells(self, devices: tuple[str, ...] | None = None) -> list[Cell]:
+        """Every cell, each series in ascending batch size; ``devices`` as resolved."""
+        keys = [k for k, _ in self.model]
+        cells = []
+        for combo in itertools.product(*(values for _, values in self.model)):
+            fields = dict(zip(keys, combo, strict=True))
+            optimizer = fields.pop("optimizer", "sgd")
+            spec = MLPSpec(**fields)
+            for device, strategy, mode in itertools.product(devices or self.devices, self.strategies, self.modes):
+                for batch in sorted(self.batch_sizes):
+                    step = StepSpec(batch_size=batch, optimizer=optimizer, mode=mode, strategy=strategy)
+                    cells.append(Cell(spec, step, device))
+        return cells
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"] = {k: list(v) for k, v in self.model}
+        return out
+
+
+def _as_list(key: str, value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _batch_sizes(value: Any) -> tuple[int, ...]:
+    if isinstance(value, dict):
+        unknown = set(value) - {"start", "stop", "factor"}
+        if unknown:
+            raise ConfigError("batch_sizes", f"unknown key {sorted(unknown)[0]!r}; allowed: start, stop, factor")
+        start, stop, factor = value.get("start", 1), value.get("stop"), value.get("factor", 2)
+        for name, number in (("start", start), ("stop", stop), ("factor", factor)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < (2 if name == "factor" else 1):
+                allowed = "an integer >= 2" if name == "factor" else "an integer >= 1"
+                raise ConfigError(f"batch_sizes.{name}", f"{number!r} is not allowed; allowed: {allowed}")
+        sizes, size = [], start
+        while size <= stop:
+            sizes.append(size)
+            size *= factor
+        value = sizes
+    values = _as_list("batch_sizes", value)
+    for size in values:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError("batch_sizes", f"{size!r} is not allowed; allowed: integers >= 1")
+    if not values:
+        raise ConfigError("batch_sizes", "is empty; allowed: integers >= 1")
+    return tuple(dict.fromkeys(values))
+
+
+def _choices(key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if value == "all":
+        return allowed
+    values = _as_list(key, value)
+    for item in values:
+        if item not in allowed:
+            raise ConfigError(key, f"{item!r} is not allowed; allowed: {', '.join(allowed)} (or \"all\")")
+    if not values:
+        raise ConfigError(key, f"is empty; allowed: {', '.join(allowed)}")
+    return tuple(dict.fromkeys(values))
+
+
+def _devices(value: Any) -> tuple[str, ...]:
+    values = _as_list("devices", value)
+    for device in values:
+        ok = device in ("cpu", "cuda", "auto") or (
+            isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit())
+        if not ok:
+            raise ConfigError("devices", f"{device!r} is not allowed; allowed: cpu, cuda, cuda:N, auto")
+    if not values:
+        raise ConfigError("devices", "is empty; allowed: cpu, cuda, cuda:N, auto")
+    return tuple(dict.fromkeys(values))
+
+
+def _model(table: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    if not isinstance(table, dict):
+        raise ConfigError("model", "must be a table ([model])")
+    pairs = []
+    for key, value in table.items():
+        if key not in MODEL_KEYS:
+            raise ConfigError(f"model.{key}", f"unknown key; allowed: {', '.join(MODEL_KEYS)}")
+        values = _as_list(key, value)
+        if not values:
+            raise ConfigError(f"model.{key}", "is empty")
+        for item in values:  # check each value on its own, so the message names it
+            try:
+                if key == "optimizer":
+                    StepSpec(optimizer=item)
+                else:
+                    MLPSpec(**{key: item})
+            except SpecError as error:
+                raise ConfigError(f"model.{key}", f"{item!r} is not allowed; allowed: {error.allowed}") from None
+        pairs.append((key, tuple(values)))
+    return tuple(pairs)
+
+
+def _count(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(key, f"{value!r} is not allowed; allowed: an integer >= {minimum}")
+    return value
+
+
+def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConfig:
+    """Validate a parsed TOML document into a SweepConfig."""
+    for key in data:
+        if key not in TOP_KEYS:
+            raise ConfigError(key, f"unknown key; allowed: {', '.join(TOP_KEYS)}")
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+        raise ConfigError("name", f"{name!r} is not allowed; allowed: a word without spaces or slashes")
+    flag = data.get("continue_after_oom", False)
+    if not isinstance(flag, bool):
+        raise ConfigError("continue_after_oom", f"{flag!r} is not allowed; allowed: true, false")
+    return SweepConfig(
+        name=name,
+        description=str(data.get("description", "")),
+        model=_model(data.get("model", {})),
+        batch_sizes=_batch_sizes(data.get("batch_sizes", [64])),
+        devices=_devices(data.get("devices", ["cpu"])),
+        modes=_choices("modes", data.get("modes", ["train"]), MODES),
+        strategies=_choices("strategies", data.get("strategies", ["none"]), STRATEGIES),
+        repeats=_count("repeats", data.get("repeats", 3), 1),
+        warmup=_count("warmup", data.get("warmup", 1), 0),
+        continue_after_oom=flag,
+    )
+
+
+def load_config(path: str | Path | None) -> SweepConfig:
+    """Read a TOML file (or the embedded default sweep when ``path`` is None)."""
+    if path is None:
+        return parse_config(tomllib.loads(DEFAULT_CONFIG_TOML), "default")
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError("--config", f"cannot read {str(path)!r}: {error.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("--config", f"{path} is not valid TOML: {error}") from None
+    return parse_config(data, path.stem)
+
+
+def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
+    """Check each device exists here; expand ``auto`` to every visible GPU."""
+    if devices == ("cpu",):
+        return devices
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
+    resolved: list[str] = []
+    for device in devices:
+        if device == "auto":
+            if count == 0:
+                raise ConfigError("devices", f"'auto' found no GPU; allowed here: {here}")
+            resolved.extend(f"cuda:{i}" for i in range(count))
+        elif device == "cuda" or device.startswith("cuda:"):
+            index = 0 if device == "cuda" else int(device[5:])
+            if index >= count:
+                raise ConfigError("devices", f"{device!r} is not on this machine; allowed here: {here}")
+            resolved.append(f"cuda:{index}")
+        else:
+            resolved.append(device)
+    return tuple(dict.fromkeys(resolved))

@@ -1,0 +1,309 @@
+"""``bpmem run``: a grid of cells, each measured and predicted, appended to results.csv.
+
+Per cell: a fresh model, the probes (``measure``), a fresh model again for timing (warm-up,
+then repeats: median and IQR), and the estimate beside every measured figure. A CUDA or CPU
+out-of-memory error makes the row ``oom``, frees what it can, and marks the larger batches
+of the same series ``skipped`` (unless ``continue_after_oom``). Any other exception makes the
+row ``error`` with its message. The sweep goes on either way.
+
+Stopping: Ctrl-C or SIGTERM finishes the row being written, stops any workers, and leaves a
+valid CSV; ``--resume`` then runs only the cells that have no row yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing
+import queue
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from bpmem.config import Cell, SweepConfig
+from bpmem.environment import environment
+from bpmem.estimate import estimate
+from bpmem.results import ResultsWriter, columns, done_cells
+
+
+def _is_oom(error: BaseException) -> bool:
+    import torch
+
+    oom_types = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+    return isinstance(error, oom_types) or (
+        isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error)))
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _one_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text.splitlines()[0][:500] if text else type(error).__name__
+
+
+def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """The identifying and environment columns of a cell's row, plus its predictions."""
+    spec, step = cell.spec, cell.step
+    predicted = estimate(spec, step)
+    return {
+        "run_id": run_id, "cell_id": cell.cell_id,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        **{k: env[k] for k in ("bpmem_version", "torch_version", "python_version", "git_commit", "hostname",
+                               "device_name", "cuda_version")},
+        "device": cell.device,
+        "input_dim": spec.input_dim, "hidden_dim": spec.hidden_dim, "output_dim": spec.output_dim,
+        "depth": spec.depth, "bias": spec.bias, "activation": spec.activation, "dtype": spec.dtype,
+        "loss": spec.loss, "l2": spec.l2, "optimizer": step.optimizer, "batch_size": step.batch_size,
+        "mode": step.mode, "strategy": step.strategy, "strategy_params": "", "world_size": 1, "rank": 0,
+        "repeats": config.repeats, "warmup": config.warmup,
+        "predicted_params_bytes": predicted.params_bytes, "predicted_grads_bytes": predicted.grads_bytes,
+        "predicted_optimizer_bytes": predicted.optimizer_bytes,
+        "predicted_saved_activation_bytes": predicted.saved_activation_bytes,
+        "predicted_peak_bytes": predicted.peak_bytes,
+        "predicted_inference_peak_bytes": predicted.inference_peak_bytes,
+    }
+
+
+def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """Measure one cell; never raises for OOM or errors, which become the row's status."""
+    from bpmem.measure import measure, time_steps
+
+    row = base_row(cell, run_id, env, config)
+    try:
+        measured = measure(cell.spec, cell.step, device=cell.device)
+        times = time_steps(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
+        row.update(status="oom" if _is_oom(error) else "error", error=_one_line(error))
+        _release_memory(cell.device)
+        return row
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
+                "inference_peak_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes"):
+        if key in measured:
+            row[key] = measured[key]
+    row["peak_phase"] = measured.get("peak_phase", "forward")
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    row.update(status="ok", error="", step_time_median_s=statistics.median(times),
+               step_time_iqr_s=quartiles[2] - quartiles[0])
+    return row
+
+
+def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: SweepConfig,
+               after_oom: bool = False) -> Iterator[dict[str, Any]]:
+    """The cells of one series in ascending batch size; after an OOM the rest are skipped."""
+    for cell in cells:
+        if after_oom and not config.continue_after_oom:
+            row = base_row(cell, run_id, env, config)
+            row.update(status="skipped", error="a smaller batch of this series ran out of memory")
+            yield row
+            continue
+        row = run_cell(cell, run_id, env, config)
+        after_oom = after_oom or row["status"] == "oom"
+        yield row
+
+
+def _series(cells: list[Cell]) -> list[list[Cell]]:
+    grouped: dict[Any, list[Cell]] = {}
+    for cell in cells:
+        grouped.setdefault(cell.series, []).append(cell)
+    return list(grouped.values())
+
+
+class Progress:
+    """One status line on stderr: cells done, the current cell, elapsed time and the ETA."""
+
+    def __init__(self, total: int, quiet: bool, stream: TextIO | None = None) -> None:
+        self.total, self.quiet, self.done = total, quiet, 0
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.tty = self.stream.isatty()
+
+    def show(self, label: str, final: bool = False) -> None:
+        """Redraw the line in a terminal; elsewhere (CI logs) print a line per finished cell."""
+        if self.quiet or not (self.tty or final):
+            return
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        text = (f"[{bar}] {self.done}/{self.total} {_clock(elapsed)} elapsed, ETA {_clock(eta)}  {label}")
+        if self.tty:
+            self.stream.write("\r" + text[:150].ljust(150))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        self.show(label, final=True)
+
+    def close(self) -> None:
+        if not self.quiet and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no cell done yet
+        return "--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def _label(cell: Cell) -> str:
+    s, t = cell.spec, cell.step
+    return f"depth={s.depth} h={s.hidden_dim} B={t.batch_size} {t.mode} {t.strategy} {cell.device}"
+
+
+@dataclass
+class _Guard:
+    """Turns SIGINT/SIGTERM into KeyboardInterrupt, but never in the middle of writing a row."""
+
+    writing: bool = False
+    pending: bool = False
+    previous: dict[int, Any] = field(default_factory=dict)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.writing:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handler)
+        try:
+            yield
+        finally:
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+
+    def write(self, writer: ResultsWriter, row: dict[str, Any]) -> None:
+        self.writing = True
+        try:
+            writer.write(row)
+        finally:
+            self.writing = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any], config: SweepConfig) -> None:
+    """A worker process: runs whole series, sends each row back as soon as it is made."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    while True:
+        task = tasks.get()
+        if task is None:
+            results.put(None)
+            return
+        cells, after_oom = task
+        for row in run_series(cells, run_id, env_by_device[cells[0].device], config, after_oom):
+            results.put(row)
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep did: rows written now, cells skipped as already done, interrupted or not."""
+
+    written: int = 0
+    already_done: int = 0
+    interrupted: bool = False
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_id: str, jobs: int = 1,
+              quiet: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None) -> SweepOutcome:
+    """Run every cell not yet in ``out_dir/results.csv``, appending a row per finished cell."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "results.csv"
+    done = done_cells(csv_path)
+    cells = config.cells(devices)
+    outcome = SweepOutcome(already_done=sum(cell.cell_id in done for cell in cells))
+    tasks = []
+    for series in _series(cells):
+        todo = [cell for cell in series if cell.cell_id not in done]
+        if todo:
+            after_oom = any(done.get(cell.cell_id) == "oom" for cell in series)
+            tasks.append((todo, after_oom))
+    env_by_device = {device: environment(device) for device in devices}
+    header = columns(with_cuda=any(d.startswith("cuda") for d in devices))
+    progress = Progress(sum(len(todo) for todo, _ in tasks), quiet)
+    guard = _Guard()
+    with ResultsWriter(csv_path, header) as writer, guard.installed():
+        def record(row: dict[str, Any]) -> None:
+            guard.write(writer, row)
+            outcome.written += 1
+            outcome.statuses[row["status"]] = outcome.statuses.get(row["status"], 0) + 1
+            if on_row:
+                on_row(row)
+
+        try:
+            if jobs <= 1:
+                for todo, after_oom in tasks:
+                    rows = run_series(todo, run_id, env_by_device[todo[0].device], config, after_oom)
+                    for cell in todo:
+                        progress.show(_label(cell))
+                        row = next(rows)
+                        record(row)
+                        progress.advance(_label(cell))
+            else:
+                _run_parallel(tasks, jobs, run_id, env_by_device, config, record, progress)
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+        finally:
+            progress.close()
+    return outcome
+
+
+def _run_parallel(tasks: list[tuple[list[Cell], bool]], jobs: int, run_id: str, env_by_device: dict[str, Any],
+                  config: SweepConfig, record: Callable[[dict[str, Any]], None], progress: Progress) -> None:
+    """One process per job; with as many devices as jobs, each process keeps to one device."""
+    context = multiprocessing.get_context("spawn")
+    devices = list(env_by_device)
+    task_queues = [context.Queue() for _ in range(jobs)]
+    results = context.Queue()
+    for index, task in enumerate(tasks):
+        worker = devices.index(task[0][0].device) % jobs if len(devices) >= jobs else index % jobs
+        task_queues[worker].put(task)
+    workers = [context.Process(target=_worker, args=(task_queues[k], results, run_id, env_by_device, config),
+                               daemon=True) for k in range(jobs)]
+    for task_queue in task_queues:
+        task_queue.put(None)
+    for worker in workers:
+        worker.start()
+    running = jobs
+    try:
+        while running:
+            try:
+                row = results.get(timeout=0.5)
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers) and results.empty():
+                    break  # a worker died without saying goodbye; its cells stay to-do
+                continue
+            if row is None:
+                running -= 1
+                continue
+            record(row)
+            progress.advance(row["cell_id"])
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()

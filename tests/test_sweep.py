@@ -240,3 +240,16 @@ def test_resume_refuses_another_config(tmp_path: Path, capsys) -> None:
     other = _write(tmp_path, TINY.replace("depth = [1, 2]", "depth = [3]"), "other.toml")
     code, err = _run(["run", "--config", str(other), "--out", out, "--resume"], capsys)
     assert code == 2 and "another config" in err
+
+
+def test_the_default_sweep_as_shipped(tmp_path: Path, capsys) -> None:
+    """`bpmem run` with no config: 28 cells on the CPU, every one ok and exactly predicted."""
+    code, err = _run(["run", "--out", str(tmp_path / "default"), "--quiet"], capsys)
+    assert code == 0, err
+    frame = pd.read_csv(tmp_path / "default" / "results.csv")
+    assert len(frame) == len(load_config(None).cells())
+    assert (frame.status == "ok").all()
+    for column in BYTE_COLUMNS:
+        assert frame[column].dtype == "int64", column
+    for figure in ("params", "grads", "optimizer", "saved_activation", "peak", "inference_peak"):
+        assert (frame[f"{figure}_bytes"] == frame[f"predicted_{figure}_bytes"]).all(), figure

@@ -78,7 +78,7 @@ class Cell:
         s, t = self.spec, self.step
         return (f"d{s.input_dim}-h{s.hidden_dim}-q{s.output_dim}-L{s.depth}-{'bias' if s.bias else 'nobias'}-"
                 f"{s.activation}-{s.loss}-{s.dtype}-l2={s.l2:g}-{t.optimizer}-B{t.batch_size}-{t.mode}-"
-                f"{t.strategy}-{self.device}")
+                f"{t.strategy}{''.join(f'-{k}={v}' for k, v in sorted(t.strategy_params().items()))}-{self.device}")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class SweepConfig:
     batch_sizes: tuple[int, ...] = (64,)
     devices: tuple[str, ...] = ("cpu",)
     modes: tuple[str, ...] = ("train",)
-    strategies: tuple[str, ...] = ("none",)
+    strategies: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = (("none", ()),)
     repeats: int = 3
     warmup: int = 1
     continue_after_oom: bool = False
@@ -104,15 +104,20 @@ class SweepConfig:
             fields = dict(zip(keys, combo, strict=True))
             optimizer = fields.pop("optimizer", "sgd")
             spec = MLPSpec(**fields)
-            for device, strategy, mode in itertools.product(devices or self.devices, self.strategies, self.modes):
+            for device, (strategy, params), mode in itertools.product(devices or self.devices, self.strategies,
+                                                                      self.modes):
+                if mode == "inference" and strategy != "none":
+                    continue  # nothing is kept for backward in inference: one cell says it all
                 for batch in sorted(self.batch_sizes):
-                    step = StepSpec(batch_size=batch, optimizer=optimizer, mode=mode, strategy=strategy)
+                    step = StepSpec(batch_size=batch, optimizer=optimizer, mode=mode, strategy=strategy,
+                                    **dict(params))
                     cells.append(Cell(spec, step, device))
         return cells
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model"] = {k: list(v) for k, v in self.model}
+        out["strategies"] = [{"name": name, **dict(params)} for name, params in self.strategies]
         return out
 
 
@@ -154,6 +159,40 @@ def _choices(key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
     if not values:
         raise ConfigError(key, f"is empty; allowed: {', '.join(allowed)}")
     return tuple(dict.fromkeys(values))
+
+
+STRATEGY_KEYS: tuple[str, ...] = ("name", "segments", "budget", "policy")
+# "all": every strategy once, with its default parameters, and selective with both policies
+ALL_STRATEGIES: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = tuple(
+    (name, ()) for name in STRATEGIES if name != "checkpoint-selective"
+) + tuple(("checkpoint-selective", (("policy", policy),)) for policy in ("save-matmuls", "save-activations"))
+
+
+def _strategies(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """Names, or tables ``{name = "checkpoint-budget", budget = [0.3, 0.5]}`` (lists expand)."""
+    if value == "all":
+        return ALL_STRATEGIES
+    variants: list[tuple[str, tuple[tuple[str, Any], ...]]] = []
+    for item in _as_list("strategies", value):
+        table = item if isinstance(item, dict) else {"name": item}
+        for key in table:
+            if key not in STRATEGY_KEYS:
+                raise ConfigError(f"strategies.{key}", f"unknown key; allowed: {', '.join(STRATEGY_KEYS)}")
+        name = table.get("name")
+        if name not in STRATEGIES:
+            raise ConfigError("strategies", f"{name!r} is not allowed; allowed: {', '.join(STRATEGIES)} (or \"all\")")
+        keys = [k for k in STRATEGY_KEYS[1:] if k in table]
+        for combo in itertools.product(*(_as_list(k, table[k]) for k in keys)):
+            params = tuple(zip(keys, combo, strict=True))
+            try:
+                StepSpec(strategy=name, **dict(params))
+            except SpecError as error:
+                raise ConfigError(f"strategies.{error.field}", f"{error.value!r} is not allowed; "
+                                                               f"allowed: {error.allowed}") from None
+            variants.append((name, params))
+    if not variants:
+        raise ConfigError("strategies", f"is empty; allowed: {', '.join(STRATEGIES)}")
+    return tuple(dict.fromkeys(variants))
 
 
 def _devices(value: Any) -> tuple[str, ...]:
@@ -214,7 +253,7 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
         batch_sizes=_batch_sizes(data.get("batch_sizes", [64])),
         devices=_devices(data.get("devices", ["cpu"])),
         modes=_choices("modes", data.get("modes", ["train"]), MODES),
-        strategies=_choices("strategies", data.get("strategies", ["none"]), STRATEGIES),
+        strategies=_strategies(data.get("strategies", ["none"])),
         repeats=_count("repeats", data.get("repeats", 3), 1),
         warmup=_count("warmup", data.get("warmup", 1), 0),
         continue_after_oom=flag,

@@ -102,6 +102,9 @@ class Estimate:
     peak_by_category: dict[str, int]
     timeline: list[Event]
     inference_timeline: list[Event]
+    recompute_flops: int | None = 0
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    peak_is_exact: bool = True
 
     @property
     def training_to_inference_ratio(self) -> float:
@@ -317,6 +320,18 @@ def estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
         replay = _replay_training(spec, step, optimizer_bytes)
     else:
         replay = inference
+    if train and step.strategy != "none":
+        from bpmem.strategies.predict import predict_strategy
+
+        strategy = predict_strategy(spec, step, plain_retained=saved, plain_peak=replay.peak)
+        return Estimate(
+            params_bytes=params_bytes, grads_bytes=params_bytes, optimizer_bytes=optimizer_bytes,
+            saved_activation_bytes=strategy.retained_bytes, peak_bytes=strategy.peak_bytes,
+            inference_peak_bytes=inference.peak, per_layer=[], terms=terms + strategy.terms,
+            peak_phase="backward", peak_op="", peak_by_category={}, timeline=[],
+            inference_timeline=inference.events, recompute_flops=strategy.recompute_flops,
+            strategy_params=strategy.params, peak_is_exact=False,
+        )
     return Estimate(
         params_bytes=params_bytes,
         grads_bytes=params_bytes if train else 0,

@@ -20,6 +20,8 @@ from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import inference_step, make_optimizer, train_step
+from bpmem.strategies import make_strategy
+from bpmem.strategies.checkpointing import Strategy
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -45,7 +47,7 @@ def measure_inference_peak(model: nn.Module, x: torch.Tensor) -> LiveTensorProbe
 
 
 def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
-                          x: torch.Tensor, y: torch.Tensor) -> LiveTensorProbe:
+                          x: torch.Tensor, y: torch.Tensor, strategy: Strategy | None = None) -> LiveTensorProbe:
     """Peak of one steady-state training step, starting from what the previous step left."""
     params = list(model.parameters())
     probe = LiveTensorProbe({
@@ -55,8 +57,19 @@ def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.opti
         "inputs": [x, y],
     })
     with probe:
-        train_step(spec, model, optimizer, x, y, phase=probe.phase)
+        train_step(spec, model, optimizer, x, y, phase=probe.phase, strategy=strategy)
     return probe
+
+
+def step_flops(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, strategy: Strategy | None = None) -> int:
+    """Matmul FLOPs of one training step, as ``torch.utils.flop_counter.FlopCounterMode`` counts
+    them (2*M*N*K per mm/addmm; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        train_step(spec, model, optimizer, x, y, strategy=strategy)
+    return int(counter.get_total_flops())
 
 
 def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
@@ -73,26 +86,45 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
                       per_layer=[], timeline=inference.timeline)
         return result
 
+    strategy = make_strategy(spec, step)
     optimizer = make_optimizer(step, model)
-    train_step(spec, model, optimizer, x, y)  # warm-up: optimizer state now exists
+    train_step(spec, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
     saved = SavedTensorProbe(model)
     with saved:
-        result["loss"] = train_step(spec, model, optimizer, x, y, scope=saved.scope)
-    live = measure_training_peak(spec, model, optimizer, x, y)
+        result["loss"] = train_step(spec, model, optimizer, x, y, scope=saved.scope, strategy=strategy)
     result.update(_state_bytes(model, optimizer))
-    result["saved_activation_bytes"] = saved.saved_activation_bytes
+    result["saved_hook_bytes"] = saved.saved_activation_bytes
     result["per_layer"] = saved.per_layer()
+    result["strategy_params"] = strategy.params()
+    plain_flops = step_flops(spec, model, optimizer, x, y) if step.strategy != "none" else 0
+    if step.strategy == "compile-budget":
+        # Dynamo runs eagerly under a dispatch mode, so neither the live probe nor an outer
+        # FlopCounterMode would see the compiled step; its own graphs count their FLOPs.
+        with strategy.tally.counting() as tally:  # type: ignore[attr-defined]
+            train_step(spec, model, optimizer, x, y, strategy=strategy)
+        result["recompute_flops"] = tally.total - plain_flops
+        result["saved_activation_bytes"] = saved.saved_activation_bytes
+        result.update(peak_bytes=None, peak_phase="", peak_by_category={}, timeline=[])
+        return result
+    live = measure_training_peak(spec, model, optimizer, x, y, strategy)
+    # Retained activations, truly: every storage the forward made that is still alive when it
+    # ends, but J itself (one element), plus the inputs the graph holds on to. This sees what
+    # checkpointing keeps in its own frames, which saved-tensor hooks cannot.
+    made_in_forward = live.phase_end["forward"].get("forward", 0) - spec.itemsize
+    result["saved_activation_bytes"] = made_in_forward + saved.packed_bytes_of([x, y])
+    result["recompute_flops"] = (step_flops(spec, model, optimizer, x, y, strategy) - plain_flops
+                                 if step.strategy != "none" else 0)
     result["peak_bytes"] = live.peak_bytes
     result["peak_phase"] = live.peak_phase
     result["peak_by_category"] = live.peak_by_category
     result["timeline"] = live.timeline
     if torch.device(device).type == "cuda":
         with CudaProbe(device) as cuda:
-            train_step(spec, model, optimizer, x, y)
+            train_step(spec, model, optimizer, x, y, strategy=strategy)
         result.update(cuda.result())
     if rss:
         with RssProbe() as rss_probe:
-            train_step(spec, model, optimizer, x, y)
+            train_step(spec, model, optimizer, x, y, strategy=strategy)
         result.update(rss_probe.result())
     return result
 
@@ -111,9 +143,10 @@ def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats:
             inference_step(model, x)
     else:
         optimizer = make_optimizer(step, model)
+        strategy = make_strategy(spec, step)
 
         def run() -> None:
-            train_step(spec, model, optimizer, x, y)
+            train_step(spec, model, optimizer, x, y, strategy=strategy)
     for _ in range(warmup):
         run()
     times = []

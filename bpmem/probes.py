@@ -156,6 +156,11 @@ class SavedTensorProbe:
     def saved_activation_bytes(self) -> int:
         return sum(self._bytes.values())
 
+    def packed_bytes_of(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Bytes of those of ``tensors``' storages that autograd saved (e.g. the input batch)."""
+        keys = {storage_key(t): t.untyped_storage().nbytes() for t in tensors}
+        return sum(nbytes for key, nbytes in keys.items() if key in self._bytes)
+
     def per_layer(self) -> list[dict[str, Any]]:
         """[{"name": "0.Linear", "saved_bytes": N}, ...] in the order the layers ran."""
         totals = dict.fromkeys(self._order, 0)
@@ -250,16 +255,19 @@ class LiveTensorProbe:
         self.peak_op = ""
         self.peak_phase = ""
         self.timeline: list[TimelineEvent] = []
+        self.phase_end: dict[str, dict[str, int]] = {}
         self._mode: _LiveMode | None = None
         self._hooked: set[int] = set()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Label the storages created inside the block (and timeline events) with ``name``."""
+        """Label the storages created inside the block (and timeline events) with ``name``;
+        ``phase_end[name]`` keeps the live bytes by category as the block ends."""
         previous, self._phase = self._phase, name
         try:
             yield
         finally:
+            self.phase_end[name] = {k: v for k, v in self._by_category.items() if v}
             self._phase = previous
 
     def _track(self, storage: torch.UntypedStorage, category: str) -> None:

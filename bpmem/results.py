@@ -30,6 +30,7 @@ COLUMNS: tuple[str, ...] = (
     "optimizer", "batch_size", "mode", "strategy", "strategy_params", "world_size", "rank",
     "status", "error",
     *BYTE_COLUMNS,
+    "saved_hook_bytes", "recompute_flops", "predicted_recompute_flops",
     "peak_phase", "step_time_median_s", "step_time_iqr_s", "repeats", "warmup",
 )
 
@@ -113,7 +114,8 @@ def read_results(path: str | Path):  # -> pandas.DataFrame
     text = ("error", "strategy_params", "peak_phase", "git_commit", "cuda_version")
     frame = pd.read_csv(path, dtype={column: str for column in text})
     for column in frame.columns:
-        if column.endswith("_bytes") or column in ("world_size", "rank", "repeats", "warmup", "batch_size"):
+        if column.endswith(("_bytes", "_flops")) or column in ("world_size", "rank", "repeats", "warmup",
+                                                                "batch_size"):
             frame[column] = frame[column].astype("Int64")
     if "bias" in frame:
         frame["bias"] = frame["bias"].astype(str).str.lower().eq("true")

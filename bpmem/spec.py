@@ -31,7 +31,16 @@ LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
 DTYPES: dict[str, int] = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sgd-momentum", "adam")
 MODES: tuple[str, ...] = ("train", "inference")
-STRATEGIES: tuple[str, ...] = ("none",)
+STRATEGIES: tuple[str, ...] = (
+    "none",
+    "checkpoint-layer",
+    "checkpoint-segments",
+    "checkpoint-sqrt",
+    "checkpoint-budget",
+    "checkpoint-selective",
+    "compile-budget",
+)
+POLICIES: tuple[str, ...] = ("save-matmuls", "save-activations")
 
 class SpecError(ValueError):
     """A field of a spec holds a value outside its allowed set.
@@ -117,19 +126,41 @@ class StepSpec:
     ``mode`` is ``train`` (zero_grad, forward, backward, optimizer.step) or ``inference``
     (a forward under ``torch.inference_mode()``). ``lr`` and ``momentum`` only matter for
     the numbers the step produces, never for its memory.
+
+    Strategy parameters: ``segments`` (checkpoint-segments), ``budget`` (checkpoint-budget and
+    compile-budget: retained bytes when > 1, else a fraction of the plain figure) and
+    ``policy`` (checkpoint-selective).
     """
 
     batch_size: int = 64
     optimizer: str = "sgd"
     mode: str = "train"
     strategy: str = "none"
+    segments: int = 4
+    budget: float = 0.5
+    policy: str = "save-matmuls"
     lr: float = 0.01
     momentum: float = 0.9
+
+    def strategy_params(self) -> dict[str, Any]:
+        """The parameters that matter for this step's strategy (results.csv's strategy_params)."""
+        if self.strategy == "checkpoint-segments":
+            return {"segments": self.segments}
+        if self.strategy in ("checkpoint-budget", "compile-budget"):
+            return {"budget": self.budget}
+        if self.strategy == "checkpoint-selective":
+            return {"policy": self.policy}
+        return {}
 
     def __post_init__(self) -> None:
         _check_positive_int("batch_size", self.batch_size)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("mode", self.mode, MODES)
         _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_positive_int("segments", self.segments)
+        _check_choice("policy", self.policy, POLICIES)
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
+                math.isfinite(self.budget) and self.budget > 0):
+            raise SpecError("budget", self.budget, "bytes (> 1) or a fraction of the plain figure in (0, 1]")
         _check_non_negative("lr", self.lr)
         _check_non_negative("momentum", self.momentum)

@@ -21,6 +21,7 @@ from torch import nn
 
 from bpmem.model import data_loss, regularizer
 from bpmem.spec import MLPSpec, StepSpec
+from bpmem.strategies.checkpointing import Strategy
 
 Labeller = Callable[[str], ContextManager[None]]
 
@@ -44,9 +45,9 @@ def make_optimizer(step: StepSpec, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def forward_objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      scope: Labeller = _unlabelled) -> torch.Tensor:
+                      scope: Labeller = _unlabelled, strategy: Strategy | None = None) -> torch.Tensor:
     """J = L + s. Only J survives the call: L, s and the logits are kept by the graph alone."""
-    output = model(x)
+    output = strategy.forward(model, x) if strategy is not None else model(x)
     with scope("loss"):
         loss = data_loss(spec, output, y)
     del output
@@ -57,12 +58,12 @@ def forward_objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch
 
 def train_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
                x: torch.Tensor, y: torch.Tensor, phase: Labeller = _unlabelled,
-               scope: Labeller = _unlabelled) -> float:
+               scope: Labeller = _unlabelled, strategy: Strategy | None = None) -> float:
     """One training step; returns J (computed before the update) as a Python float."""
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     with phase("forward"):
-        objective = forward_objective(spec, model, x, y, scope)
+        objective = forward_objective(spec, model, x, y, scope, strategy)
     with phase("backward"):
         objective.backward()
     with phase("optimizer_step"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import multiprocessing
 import queue
 import signal
@@ -56,8 +57,7 @@ def _one_line(error: BaseException) -> str:
 def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
     """The identifying and environment columns of a cell's row, plus its predictions."""
     spec, step = cell.spec, cell.step
-    predicted = estimate(spec, step)
-    return {
+    row = {
         "run_id": run_id, "cell_id": cell.cell_id,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         **{k: env[k] for k in ("bpmem_version", "torch_version", "python_version", "git_commit", "hostname",
@@ -66,14 +66,27 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
         "input_dim": spec.input_dim, "hidden_dim": spec.hidden_dim, "output_dim": spec.output_dim,
         "depth": spec.depth, "bias": spec.bias, "activation": spec.activation, "dtype": spec.dtype,
         "loss": spec.loss, "l2": spec.l2, "optimizer": step.optimizer, "batch_size": step.batch_size,
-        "mode": step.mode, "strategy": step.strategy, "strategy_params": "", "world_size": 1, "rank": 0,
+        "mode": step.mode, "strategy": step.strategy, "world_size": 1, "rank": 0,
         "repeats": config.repeats, "warmup": config.warmup,
+        "strategy_params": json.dumps(step.strategy_params(), sort_keys=True) if step.strategy_params() else "",
+    }
+    try:
+        predicted = estimate(spec, step)
+    except ValueError as error:  # e.g. a budget below the smallest feasible figure
+        row.update(status="error", error=_one_line(error))
+        return row
+    row.update({
         "predicted_params_bytes": predicted.params_bytes, "predicted_grads_bytes": predicted.grads_bytes,
         "predicted_optimizer_bytes": predicted.optimizer_bytes,
         "predicted_saved_activation_bytes": predicted.saved_activation_bytes,
         "predicted_peak_bytes": predicted.peak_bytes,
         "predicted_inference_peak_bytes": predicted.inference_peak_bytes,
-    }
+        "predicted_recompute_flops": predicted.recompute_flops,
+    })
+    if predicted.strategy_params:
+        row["strategy_params"] = json.dumps({**step.strategy_params(), **predicted.strategy_params},
+                                            sort_keys=True)
+    return row
 
 
 def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
@@ -81,6 +94,8 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
     from bpmem.measure import measure, time_steps
 
     row = base_row(cell, run_id, env, config)
+    if row.get("status") == "error":
+        return row
     try:
         measured = measure(cell.spec, cell.step, device=cell.device)
         times = time_steps(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
@@ -93,6 +108,8 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
         if key in measured:
             row[key] = measured[key]
     row["peak_phase"] = measured.get("peak_phase", "forward")
+    row["saved_hook_bytes"] = measured.get("saved_hook_bytes")
+    row["recompute_flops"] = measured.get("recompute_flops")
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     row.update(status="ok", error="", step_time_median_s=statistics.median(times),
                step_time_iqr_s=quartiles[2] - quartiles[0])

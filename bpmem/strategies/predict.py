@@ -1,0 +1,76 @@
+"""Predictions for the memory strategies: retained bytes, recomputed FLOPs, peak.
+
+Retained bytes are exact (the tests demand equality with the live-storage measurement);
+the reasoning for segment plans is in ``planner``. For selective checkpointing over the
+whole model, the checkpoint keeps its input X plus every output its policy marks MUST_SAVE:
+
+- ``save-matmuls``: every mm/addmm output, z_0 .. z_{depth-1} (B*h*s each) and the logits o
+  (B*q*s; under MSE the loss saves that very storage, so it counts once);
+- ``save-activations``: every activation output h_j (B*h*s each).
+
+The peak is an estimate, not a replay: the plain step's exact peak, less the activations
+that are no longer retained, plus the largest recompute working set (a checkpointed
+segment's interior boundaries and internals, rebuilt during its backward). It assumes
+the peak falls where the plain step's does, so it is an upper estimate when recomputation
+happens away from that moment; results.csv carries both figures so the error is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bpmem.spec import MLPSpec, StepSpec
+from bpmem.strategies.checkpointing import budget_bytes, chain_costs, loss_bytes, plan_for
+from bpmem.strategies.planner import describe
+
+
+@dataclass(frozen=True)
+class StrategyPrediction:
+    retained_bytes: int
+    recompute_flops: int | None
+    peak_bytes: int
+    params: dict[str, Any]
+    terms: list[Any] = field(default_factory=list)
+
+
+def predict_strategy(spec: MLPSpec, step: StepSpec, plain_retained: int, plain_peak: int) -> StrategyPrediction:
+    from bpmem.estimate import Term
+
+    b, s, h, q = step.batch_size, spec.itemsize, spec.hidden_dim, spec.output_dim
+    costs = chain_costs(spec, b)
+    loss = loss_bytes(spec, b)
+    if step.strategy == "checkpoint-selective":
+        x_bytes = costs.boundary_bytes[0]
+        if step.policy == "save-matmuls":
+            kept = spec.depth * b * h * s + (b * q * s if spec.loss == "cross_entropy" else 0)
+            flops, formula = 0, "X + depth*B*h*s (z) + B*q*s (o, unless MSE saves it already) + loss"
+            working = spec.depth * b * h * s  # the activations rebuilt from z in backward
+        else:
+            kept = spec.depth * b * h * s
+            # every matmul but the output one: early stopping ends the replay at its saved input
+            flops, formula = sum(costs.forward_flops[:-1]), "X + depth*B*h*s (activation outputs) + loss"
+            working = max(costs.boundary_bytes[1:] + (b * q * s,))  # one recomputed matmul output at a time
+        retained = x_bytes + kept + loss
+        terms = [Term("retained (selective checkpoint)", retained, formula,
+                      "create_selective_checkpoint_contexts keeps MUST_SAVE outputs in its own storage")]
+        return StrategyPrediction(retained, flops, plain_peak - plain_retained + retained + working,
+                                  {"policy": step.policy}, terms)
+    if step.strategy == "compile-budget":
+        target = min(budget_bytes(spec, step), plain_retained)
+        terms = [Term("retained (compile target)", target, "min(budget, plain retained)",
+                      "the min-cut partitioner aims at activation_memory_budget; what it picks is measured")]
+        return StrategyPrediction(target, None, plain_peak - plain_retained + target,
+                                  {"budget": step.budget, "budget_bytes": budget_bytes(spec, step)}, terms)
+    plan = plan_for(spec, step)
+    chain_bytes, flops = costs.plan_cost(plan)
+    retained = chain_bytes + loss
+    working = max((sum(costs.boundary_bytes[seg.start + 1:seg.end]) + sum(costs.internal_bytes[seg.start:seg.end])
+                   for seg in plan if seg.checkpointed), default=0)
+    params: dict[str, Any] = {"segments": len(plan), "checkpointed": sum(seg.checkpointed for seg in plan),
+                              "plan": describe(plan)}
+    if step.strategy == "checkpoint-budget":
+        params.update(budget=step.budget, budget_bytes=budget_bytes(spec, step))
+    terms = [Term("retained (segment plan)", retained, "sum of segment costs + loss",
+                  "checkpointed segment: its input; plain unit: its input and internals (planner.py)")]
+    return StrategyPrediction(retained, flops, plain_peak - plain_retained + retained + working, params, terms)

@@ -22,12 +22,13 @@ from bpmem.spec import (
     LOSSES,
     MODES,
     OPTIMIZERS,
+    POLICIES,
     STRATEGIES,
     MLPSpec,
     SpecError,
     StepSpec,
 )
-from bpmem.units import format_bytes
+from bpmem.units import format_bytes, parse_bytes
 
 FIGURES_HELP = """\
 figures (bytes; printed in IEC units, exact integers with --json):
@@ -81,6 +82,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            return float(parse_bytes(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a budget; allowed: bytes ('12 MiB', 1000000) or a fraction in (0, 1]") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: bytes or a fraction in (0, 1]")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -110,7 +125,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=t.batch_size, metavar="B", help="rows per batch")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer, help="torch.optim choice")
     g.add_argument("--mode", choices=MODES, default=t.mode, help="train: full step; inference: forward only")
-    g.add_argument("--strategy", choices=STRATEGIES, default=t.strategy, help="memory strategy")
+    g.add_argument("--strategy", choices=STRATEGIES, default=t.strategy,
+                   help="memory strategy (checkpointing variants, compile-budget; see below)")
+    g.add_argument("--segments", type=_positive_int, default=t.segments, metavar="K",
+                   help="checkpoint-segments: number of uniform checkpointed segments")
+    g.add_argument("--budget", type=_budget, default=t.budget, metavar="BYTES|FRACTION",
+                   help="checkpoint-budget / compile-budget: retained bytes ('12 MiB', 1000000) or a "
+                        "fraction of the plain figure (0.5)")
+    g.add_argument("--policy", choices=POLICIES, default=t.policy,
+                   help="checkpoint-selective: keep matmul outputs or activation outputs")
 
 
 def specs_from_args(args: argparse.Namespace) -> tuple[MLPSpec, StepSpec]:
@@ -151,14 +174,20 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         out["terms"] = [asdict(t) for t in est.terms]
         print(json.dumps(out, indent=2))
         return 0
+    where = (f"exact replay: at {est.peak_op} in {est.peak_phase}" if est.peak_is_exact
+             else f"estimated, not replayed ({est.peak_phase})")
+    plain_terms = step.strategy != "none" or step.mode == "hvp"
     _print_table(f"bpmem estimate: {_describe(spec, step)}", [
-        *((t.name, t.bytes, t.formula) for t in est.terms),
-        ("peak (training step)" if step.mode == "train" else "peak (inference)", est.peak_bytes,
-         f"at {est.peak_op} in {est.peak_phase}"),
+        *((("plain " if plain_terms and t.name.startswith("saved") else "") + t.name, t.bytes, t.formula)
+          for t in est.terms),
+        ("= saved activations (retained)", est.saved_activation_bytes, "what --json reports"),
+        (f"peak ({step.mode} step)", est.peak_bytes, where),
         ("inference peak", est.inference_peak_bytes, "forward under inference_mode"),
     ])
-    if step.mode == "train":
-        print(f"  training needs {est.training_to_inference_ratio:.2f}x the memory of inference")
+    if est.recompute_flops:
+        print(f"  recomputed in backward: {est.recompute_flops:,} matmul FLOPs")
+    if step.mode != "inference":
+        print(f"  {step.mode} needs {est.training_to_inference_ratio:.2f}x the memory of inference")
     return 0
 
 

@@ -288,6 +288,43 @@ def _replay_training(spec: MLPSpec, step: StepSpec, optimizer_bytes: int) -> _Re
     return r
 
 
+def _estimate_hvp(spec: MLPSpec, step: StepSpec, params_bytes: int, terms: list[Term], saved: int,
+                  per_layer: list[dict[str, Any]], inference: _Replay) -> Estimate:
+    """H v: the forward's saved tensors, plus what the create_graph backward saves.
+
+    Differentiating the backward needs the upstream gradients wherever they multiply
+    something that requires grad (``derivatives.yaml`` again, applied to backward ops):
+    ``mm`` in the backward of Linear i >= 1 keeps dJ/dz_i (B*h*s; dJ/do for the output
+    Linear, B*q*s); ``tanh_backward``, ``sigmoid_backward`` and ``gelu_backward`` keep their
+    incoming gradient (B*h*s per layer), ``threshold_backward`` (ReLU) does not, its
+    derivative in the gradient being zero; cross-entropy keeps ``nll_loss_backward``'s output
+    (B*q*s), MSE a 0-dim scalar; the regulariser's backward keeps one 0-dim gradient; and
+    (g . v) keeps v (params-sized). The peak is estimated, not replayed: all of that plus
+    params, batch, v, and two params-sized sets (first-order gradients, then H v).
+    """
+    s, b, h, q, depth = spec.itemsize, step.batch_size, spec.hidden_dim, spec.output_dim, spec.depth
+    upstream = (depth - 1) * b * h * s + b * q * s
+    smooth = depth * b * h * s if spec.activation != "relu" else 0
+    loss_grad = b * q * s if spec.loss == "cross_entropy" else s
+    hvp_terms = [
+        Term("hvp: upstream gradients kept", upstream, "(depth-1)*B*h*s + B*q*s", "mm in backward saves dJ/dz"),
+        Term("hvp: activation-backward gradients", smooth, "depth*B*h*s (not ReLU)",
+             "tanh/sigmoid/gelu_backward save their grad_output"),
+        Term("hvp: loss and regulariser gradients", loss_grad + s, "CE: B*q*s + s; MSE: 2s",
+             "nll_loss_backward output; 0-dim grads"),
+        Term("hvp: the vector v", params_bytes, "= params", "(g * v).sum() saves v"),
+    ]
+    retained = saved + sum(t.bytes for t in hvp_terms)
+    inputs = b * spec.input_dim * s + (b * INT64_BYTES if spec.loss == "cross_entropy" else b * q * s)
+    peak = 2 * params_bytes + inputs + retained + 2 * params_bytes
+    return Estimate(
+        params_bytes=params_bytes, grads_bytes=params_bytes, optimizer_bytes=0, saved_activation_bytes=retained,
+        peak_bytes=peak, inference_peak_bytes=inference.peak, per_layer=[], terms=terms + hvp_terms,
+        peak_phase="double_backward", peak_op="", peak_by_category={}, timeline=[],
+        inference_timeline=inference.events, recompute_flops=0, peak_is_exact=False,
+    )
+
+
 def estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
     """Predict every DESIGN §1 figure for one step of ``spec`` under ``step``."""
     s, b = spec.itemsize, step.batch_size
@@ -296,7 +333,7 @@ def estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
     n_params = sum(1 + bool(bias) for _, bias in layer_bytes)
     per_layer = saved_per_layer(spec, b)
     inference = _replay_inference(spec, b, params_bytes)
-    train = step.mode == "train"
+    train = step.mode in ("train", "hvp")
     optimizer_bytes = _optimizer_bytes(step, params_bytes, n_params) if train else 0
     hidden_saved = sum(row["saved_bytes"] for row in per_layer[1:-2])
     loss_saved = per_layer[-2]["saved_bytes"]
@@ -320,6 +357,8 @@ def estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
         replay = _replay_training(spec, step, optimizer_bytes)
     else:
         replay = inference
+    if step.mode == "hvp":
+        return _estimate_hvp(spec, step, params_bytes, terms, saved, per_layer, inference)
     if train and step.strategy != "none":
         from bpmem.strategies.predict import predict_strategy
 

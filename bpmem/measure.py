@@ -19,7 +19,7 @@ from torch import nn
 from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
-from bpmem.step import inference_step, make_optimizer, train_step
+from bpmem.step import hvp_step, inference_step, make_optimizer, train_step
 from bpmem.strategies import make_strategy
 from bpmem.strategies.checkpointing import Strategy
 
@@ -86,6 +86,8 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
                       per_layer=[], timeline=inference.timeline)
         return result
 
+    if step.mode == "hvp":
+        return _measure_hvp(spec, model, x, y, result)
     strategy = make_strategy(spec, step)
     optimizer = make_optimizer(step, model)
     train_step(spec, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
@@ -129,6 +131,27 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
     return result
 
 
+def _measure_hvp(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 result: dict[str, Any]) -> dict[str, Any]:
+    """Saved bytes over the forward and the create_graph backward; the peak of the whole H v."""
+    params = list(model.parameters())
+    vector = [torch.randn_like(p) for p in params]
+    hvp_step(spec, model, x, y, vector)  # warm-up
+    saved = SavedTensorProbe(model)
+    with saved:
+        hvp_step(spec, model, x, y, vector, scope=saved.scope)
+    live = LiveTensorProbe({"params": params, "inputs": [x, y, *vector]})
+    with live:
+        hvp_step(spec, model, x, y, vector, phase=live.phase)
+    params_bytes = distinct_storage_bytes(params)
+    result.update(params_bytes=params_bytes, grads_bytes=params_bytes, optimizer_bytes=0,
+                  saved_activation_bytes=saved.saved_activation_bytes, saved_hook_bytes=saved.saved_activation_bytes,
+                  per_layer=saved.per_layer(), peak_bytes=live.peak_bytes, peak_phase=live.peak_phase,
+                  peak_by_category=live.peak_by_category, timeline=live.timeline, recompute_flops=0,
+                  strategy_params={})
+    return result
+
+
 def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int, seed: int = 0) -> list[float]:
     """Seconds per plain step (no probe) on a fresh model: ``warmup`` untimed, then ``repeats``.
 
@@ -141,6 +164,11 @@ def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats:
     if step.mode == "inference":
         def run() -> None:
             inference_step(model, x)
+    elif step.mode == "hvp":
+        vector = [torch.randn_like(p) for p in model.parameters()]
+
+        def run() -> None:
+            hvp_step(spec, model, x, y, vector)
     else:
         optimizer = make_optimizer(step, model)
         strategy = make_strategy(spec, step)

@@ -30,7 +30,7 @@ LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
 # dtype name -> bytes per element. Kept free of torch so `bpmem estimate` never imports it.
 DTYPES: dict[str, int] = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sgd-momentum", "adam")
-MODES: tuple[str, ...] = ("train", "inference")
+MODES: tuple[str, ...] = ("train", "inference", "hvp")
 STRATEGIES: tuple[str, ...] = (
     "none",
     "checkpoint-layer",
@@ -123,9 +123,10 @@ class MLPSpec:
 class StepSpec:
     """How the network is exercised: one step on a batch of ``batch_size`` rows.
 
-    ``mode`` is ``train`` (zero_grad, forward, backward, optimizer.step) or ``inference``
-    (a forward under ``torch.inference_mode()``). ``lr`` and ``momentum`` only matter for
-    the numbers the step produces, never for its memory.
+    ``mode`` is ``train`` (zero_grad, forward, backward, optimizer.step), ``inference``
+    (a forward under ``torch.inference_mode()``) or ``hvp`` (forward, a backward with
+    ``create_graph=True``, then a second backward for the Hessian-vector product H v).
+    ``lr`` and ``momentum`` only matter for the numbers the step produces, never for memory.
 
     Strategy parameters: ``segments`` (checkpoint-segments), ``budget`` (checkpoint-budget and
     compile-budget: retained bytes when > 1, else a fraction of the plain figure) and
@@ -158,6 +159,8 @@ class StepSpec:
         _check_choice("mode", self.mode, MODES)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_positive_int("segments", self.segments)
+        if self.mode == "hvp" and self.strategy != "none":
+            raise SpecError("strategy", self.strategy, "none (with mode hvp)")
         _check_choice("policy", self.policy, POLICIES)
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
                 math.isfinite(self.budget) and self.budget > 0):

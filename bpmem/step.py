@@ -71,6 +71,26 @@ def train_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer
     return objective.item()
 
 
+def hvp_step(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, vector: list[torch.Tensor],
+             phase: Labeller = _unlabelled, scope: Labeller = _unlabelled) -> None:
+    """H v by double backward (the seed's exercise 4).
+
+    The first backward runs with ``create_graph=True``: it records itself as a graph, whose
+    nodes save what differentiating the backward needs (the upstream gradients dJ/do, dJ/dz_i
+    wherever a product or a smooth activation uses them), and it keeps every tensor the
+    forward saved alive until the second backward is done.
+    """
+    params = list(model.parameters())
+    with phase("forward"):
+        objective = forward_objective(spec, model, x, y, scope)
+    with phase("backward"):
+        grads = torch.autograd.grad(objective, params, create_graph=True)
+    with phase("double_backward"):
+        dot = torch.stack([(g * v).sum() for g, v in zip(grads, vector, strict=True)]).sum()
+        del grads
+        torch.autograd.grad(dot, params)
+
+
 def inference_step(model: nn.Module, x: torch.Tensor, phase: Labeller = _unlabelled) -> torch.Tensor:
     """One forward with autograd off: nothing is saved, each activation dies at the next layer."""
     with phase("forward"), torch.inference_mode():

@@ -31,6 +31,7 @@ from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
 from bpmem.results import ResultsWriter, columns, done_cells
+from bpmem.strategies.checkpointing import InfeasibleBudget
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -72,7 +73,10 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
     }
     try:
         predicted = estimate(spec, step)
-    except ValueError as error:  # e.g. a budget below the smallest feasible figure
+    except InfeasibleBudget as error:  # no plan can fit: nothing to measure, say why
+        row.update(status="skipped", error=_one_line(error))
+        return row
+    except ValueError as error:
         row.update(status="error", error=_one_line(error))
         return row
     row.update({
@@ -94,7 +98,7 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
     from bpmem.measure import measure, time_steps
 
     row = base_row(cell, run_id, env, config)
-    if row.get("status") == "error":
+    if row.get("status") in ("error", "skipped"):
         return row
     try:
         measured = measure(cell.spec, cell.step, device=cell.device)

@@ -70,6 +70,10 @@ def budget_bytes(spec: MLPSpec, step: StepSpec) -> int:
     return int(step.budget * plain)
 
 
+class InfeasibleBudget(ValueError):
+    """The budget is below what one checkpoint over the whole chain retains: no plan fits."""
+
+
 def plan_for(spec: MLPSpec, step: StepSpec) -> list[Segment]:
     """The segments a checkpointing strategy runs; raises ValueError for an impossible budget."""
     n = spec.depth + 1
@@ -85,7 +89,7 @@ def plan_for(spec: MLPSpec, step: StepSpec) -> list[Segment]:
         plan = plan_for_budget(costs, limit)
         if plan is None:
             smallest = costs.boundary_bytes[0] + loss_bytes(spec, step.batch_size)
-            raise ValueError(f"budget of {budget_bytes(spec, step)} B is below the smallest feasible "
+            raise InfeasibleBudget(f"budget of {budget_bytes(spec, step)} B is below the smallest feasible "
                              f"retained figure, {smallest} B")
         return plan
     return plain_plan(n)

@@ -216,7 +216,9 @@ def _replay_training(spec: MLPSpec, step: StepSpec, optimizer_bytes: int) -> _Re
         r.alloc("total_weight", s)  # nll_loss_forward's second output, saved
         r.free(o)  # the logits are not saved by cross-entropy
     else:
-        r.alloc("L", s)  # mse_loss keeps o itself
+        # mse_loss keeps o itself; its 0-dim result is a view of the unreduced (B, q) buffer
+        # that the CPU kernel reduces in place, so L holds B*q*s bytes until J is formed
+        r.alloc("L", b * q * s)
     for j, (w, _) in enumerate(layer_bytes):  # s = l2/2 * sum ||W_j||^2
         r.alloc(f"W{j}^2", w)
         r.alloc(f"sum W{j}^2", s)

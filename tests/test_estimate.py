@@ -58,7 +58,8 @@ def test_every_activation_and_loss_at_the_edges(activation: str, loss: str) -> N
     """All widths 1 and a batch of 1: the smallest case, where 0-dim scalars weigh most."""
     spec = MLPSpec(input_dim=1, hidden_dim=1, output_dim=1, depth=2, bias=True, activation=activation, loss=loss)
     for optimizer in OPTIMIZERS:
-        assert_estimate_matches_measure(spec, StepSpec(batch_size=1, optimizer=optimizer))
+        for batch in (1, 2, 3):  # B > 1 with q = 1: MSE's 0-dim loss still spans B*q elements
+            assert_estimate_matches_measure(spec, StepSpec(batch_size=batch, optimizer=optimizer))
 
 
 def test_inference_mode_matches() -> None:

@@ -41,8 +41,13 @@ name = "default"
 batch_sizes = { start = 1, stop = 4096, factor = 4 }
 devices = ["cpu"]
 modes = ["train", "inference"]
-strategies = "all"
-repeats = 5
+# every strategy; the budgets are ones the seed network can meet at every batch size
+strategies = [
+    "none", "checkpoint-layer", "checkpoint-segments", "checkpoint-sqrt",
+    { name = "checkpoint-budget", budget = 0.8 }, { name = "compile-budget", budget = 0.8 },
+    { name = "checkpoint-selective", policy = ["save-matmuls", "save-activations"] },
+]
+repeats = 3
 warmup = 1
 
 [model]

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from bpmem.model import build, make_batch
-from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
+from bpmem.probes import (
+    AllocatorTraceProbe,
+    CudaProbe,
+    LiveTensorProbe,
+    RssProbe,
+    SavedTensorProbe,
+    distinct_storage_bytes,
+)
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import hvp_step, inference_step, make_optimizer, train_step
 from bpmem.strategies import make_strategy
@@ -106,7 +113,11 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
             train_step(spec, model, optimizer, x, y, strategy=strategy)
         result["recompute_flops"] = tally.total - plain_flops
         result["saved_activation_bytes"] = saved.saved_activation_bytes
-        result.update(peak_bytes=None, peak_phase="", peak_by_category={}, timeline=[])
+        optimizer.zero_grad(set_to_none=True)  # the trace cannot see frees of older blocks
+        baseline = distinct_storage_bytes([*model.parameters(), *optimizer_state_tensors(optimizer), x, y])
+        with AllocatorTraceProbe(baseline) as trace:
+            train_step(spec, model, optimizer, x, y, strategy=strategy)
+        result.update(peak_bytes=trace.peak_bytes, peak_phase="", peak_by_category={}, timeline=[])
         return result
     live = measure_training_peak(spec, model, optimizer, x, y, strategy)
     # Retained activations, truly: every storage the forward made that is still alive when it

@@ -95,7 +95,7 @@ def test_compile_budget_meets_results_within_tolerance_and_recomputes() -> None:
     plain = estimate(spec, StepSpec(batch_size=16)).saved_activation_bytes
     assert measured["saved_activation_bytes"] < plain
     assert measured["recompute_flops"] > 0
-    assert measured["peak_bytes"] is None  # dynamo runs eagerly under the live probe: not measured
+    assert measured["peak_bytes"] > measured["params_bytes"]  # from the allocator trace, not the live probe
 
 
 def _random_costs(rng: random.Random, n: int) -> ChainCosts:

@@ -143,3 +143,16 @@ def test_cuda_measure_reports_allocator_peaks() -> None:
     # the live tensor bytes it served.
     assert result["cuda_max_allocated_bytes"] >= predicted.params_bytes + predicted.saved_activation_bytes
     assert result["cuda_max_reserved_bytes"] >= result["cuda_max_allocated_bytes"]
+
+
+def test_allocator_trace_agrees_with_the_live_probe_on_the_plain_step() -> None:
+    from bpmem.probes import AllocatorTraceProbe
+
+    spec = SMALL.replace(depth=3)
+    model, opt, x, y = _ready(spec, batch=8)
+    opt.zero_grad(set_to_none=True)
+    baseline = distinct_storage_bytes([*model.parameters(), x, y])
+    with AllocatorTraceProbe(baseline) as trace:
+        train_step(spec, model, opt, x, y)
+    live = measure_training_peak(spec, model, opt, x, y)
+    assert trace.peak_bytes == live.peak_bytes

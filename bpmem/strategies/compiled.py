@@ -10,8 +10,8 @@ outside would only ever see the uncompiled model.
 
 What this strategy retains is measured by ``SavedTensorProbe``: the compiled function
 saves through ``ctx.save_for_backward``, which saved-tensor hooks see. The live-tensor probe
-cannot see inside (dynamo falls back to eager under its dispatch mode), so the measured peak
-of a compile-budget cell is left empty rather than reported wrong.
+cannot see inside (dynamo falls back to eager under its dispatch mode), so the peak of a
+compile-budget cell comes from ``AllocatorTraceProbe``, the CPU allocator's own trace.
 """
 
 from __future__ import annotations

@@ -257,6 +257,7 @@ def test_the_default_sweep_as_shipped(tmp_path: Path, capsys) -> None:
     plain = frame[frame.strategy == "none"]
     for figure in ("params", "grads", "optimizer", "saved_activation", "peak", "inference_peak"):
         assert (plain[f"{figure}_bytes"] == plain[f"predicted_{figure}_bytes"]).all(), figure
-    exact = frame[(frame.strategy != "compile-budget") & (frame["mode"] == "train")]  # compile's figure is a target; its result measured
+    # compile-budget's predicted figure is only its target; what the partitioner picks is measured
+    exact = frame[(frame.strategy != "compile-budget") & (frame["mode"] == "train")]
     assert (exact.saved_activation_bytes == exact.predicted_saved_activation_bytes).all()
     assert (exact.recompute_flops == exact.predicted_recompute_flops).all()

@@ -129,6 +129,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="memory strategy (checkpointing variants, compile-budget; see below)")
     g.add_argument("--segments", type=_positive_int, default=t.segments, metavar="K",
                    help="checkpoint-segments: number of uniform checkpointed segments")
+    g.add_argument("--microbatches", type=_positive_int, default=t.microbatches, metavar="K",
+                   help="microbatch: micro-batches per step, gradients accumulated")
     g.add_argument("--budget", type=_budget, default=t.budget, metavar="BYTES|FRACTION",
                    help="checkpoint-budget / compile-budget: retained bytes ('12 MiB', 1000000) or a "
                         "fraction of the plain figure (0.5)")

@@ -166,7 +166,7 @@ def _choices(key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
-STRATEGY_KEYS: tuple[str, ...] = ("name", "segments", "budget", "policy")
+STRATEGY_KEYS: tuple[str, ...] = ("name", "segments", "budget", "policy", "microbatches")
 # "all": every strategy once, with its default parameters, and selective with both policies
 ALL_STRATEGIES: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = tuple(
     (name, ()) for name in STRATEGIES if name != "checkpoint-selective"

@@ -123,7 +123,8 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
     # Retained activations, truly: every storage the forward made that is still alive when it
     # ends, but J itself (one element), plus the inputs the graph holds on to. This sees what
     # checkpointing keeps in its own frames, which saved-tensor hooks cannot.
-    made_in_forward = live.phase_end["forward"].get("forward", 0) - spec.itemsize
+    made_in_forward = max(ends.get("forward", 0) for name, ends in live.phase_ends if name == "forward")
+    made_in_forward -= spec.itemsize  # J (each micro-batch's, with gradient accumulation)
     result["saved_activation_bytes"] = made_in_forward + saved.packed_bytes_of([x, y])
     result["recompute_flops"] = (step_flops(spec, model, optimizer, x, y, strategy) - plain_flops
                                  if step.strategy != "none" else 0)

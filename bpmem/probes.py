@@ -256,7 +256,8 @@ class LiveTensorProbe:
         self.peak_op = ""
         self.peak_phase = ""
         self.timeline: list[TimelineEvent] = []
-        self.phase_end: dict[str, dict[str, int]] = {}
+        self.phase_end: dict[str, dict[str, int]] = {}  # the last time each phase ended
+        self.phase_ends: list[tuple[str, dict[str, int]]] = []  # every time, in order
         self._mode: _LiveMode | None = None
         self._hooked: set[int] = set()
 
@@ -269,6 +270,7 @@ class LiveTensorProbe:
             yield
         finally:
             self.phase_end[name] = {k: v for k, v in self._by_category.items() if v}
+            self.phase_ends.append((name, self.phase_end[name]))
             self._phase = previous
 
     def _track(self, storage: torch.UntypedStorage, category: str) -> None:

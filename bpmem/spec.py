@@ -39,6 +39,7 @@ STRATEGIES: tuple[str, ...] = (
     "checkpoint-budget",
     "checkpoint-selective",
     "compile-budget",
+    "microbatch",
 )
 POLICIES: tuple[str, ...] = ("save-matmuls", "save-activations")
 
@@ -138,6 +139,7 @@ class StepSpec:
     mode: str = "train"
     strategy: str = "none"
     segments: int = 4
+    microbatches: int = 4
     budget: float = 0.5
     policy: str = "save-matmuls"
     lr: float = 0.01
@@ -151,6 +153,8 @@ class StepSpec:
             return {"budget": self.budget}
         if self.strategy == "checkpoint-selective":
             return {"policy": self.policy}
+        if self.strategy == "microbatch":
+            return {"microbatches": self.microbatches}
         return {}
 
     def __post_init__(self) -> None:
@@ -159,6 +163,7 @@ class StepSpec:
         _check_choice("mode", self.mode, MODES)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_positive_int("segments", self.segments)
+        _check_positive_int("microbatches", self.microbatches)
         if self.mode == "hvp" and self.strategy != "none":
             raise SpecError("strategy", self.strategy, "none (with mode hvp)")
         _check_choice("policy", self.policy, POLICIES)

@@ -59,7 +59,15 @@ def forward_objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch
 def train_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
                x: torch.Tensor, y: torch.Tensor, phase: Labeller = _unlabelled,
                scope: Labeller = _unlabelled, strategy: Strategy | None = None) -> float:
-    """One training step; returns J (computed before the update) as a Python float."""
+    """One training step; returns J (computed before the update) as a Python float.
+
+    With the ``microbatch`` strategy the batch is cut into k micro-batches
+    (``torch.chunk``: views, no copies) and the gradients accumulate: micro-batch i adds
+    (B_i / B) * L_i, and the first also s, so the summed gradient is the full batch's.
+    """
+    microbatches = getattr(strategy, "microbatches", 0)
+    if microbatches:
+        return _accumulating_step(spec, model, optimizer, x, y, microbatches, phase, scope)
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     with phase("forward"):
@@ -69,6 +77,29 @@ def train_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer
     with phase("optimizer_step"):
         optimizer.step()
     return objective.item()
+
+
+def _accumulating_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                       y: torch.Tensor, microbatches: int, phase: Labeller, scope: Labeller) -> float:
+    with phase("zero_grad"):
+        optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for index, (x_part, y_part) in enumerate(zip(x.chunk(microbatches), y.chunk(microbatches), strict=True)):
+        with phase("forward"):
+            output = model(x_part)
+            with scope("loss"):
+                objective = data_loss(spec, output, y_part) * (x_part.shape[0] / x.shape[0])
+            del output
+            if index == 0:
+                with scope("regularizer"):
+                    objective = objective + regularizer(spec, model)
+        with phase("backward"):
+            objective.backward()
+        total += objective.item()
+        del objective
+    with phase("optimizer_step"):
+        optimizer.step()
+    return total
 
 
 def hvp_step(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, vector: list[torch.Tensor],

@@ -11,6 +11,8 @@ step's ``strategy`` name and parameters (``segments``, ``budget``, ``policy``).
 - ``checkpoint-budget``: the DP plan that fits a byte budget with the fewest recomputed FLOPs.
 - ``checkpoint-selective``: the whole model in one selective checkpoint: save the matmul
   outputs and recompute activations (``save-matmuls``) or the reverse (``save-activations``).
+- ``microbatch``: k micro-batches with gradient accumulation: a smaller batch's activations
+  for the same update (the seed's exercise 5 alternative to splitting the model).
 - ``compile-budget``: ``torch.compile`` whose min-cut partitioner meets
   ``activation_memory_budget``; see ``bpmem.strategies.compiled``.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.checkpointing import (
+    MicrobatchStrategy,
     PlainStrategy,
     SegmentStrategy,
     SelectiveStrategy,
@@ -35,6 +38,8 @@ def make_strategy(spec: MLPSpec, step: StepSpec) -> Strategy:
     """The runnable strategy for one cell (budget plans depend on the batch size)."""
     if step.strategy == "none":
         return PlainStrategy()
+    if step.strategy == "microbatch":
+        return MicrobatchStrategy(step.microbatches)
     if step.strategy == "checkpoint-selective":
         return SelectiveStrategy(step.policy)
     if step.strategy == "compile-budget":

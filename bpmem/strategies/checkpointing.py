@@ -135,6 +135,20 @@ class SegmentStrategy:
         return {"segments": len(self.plan), "checkpointed": checkpointed, "plan": describe(list(self.plan))}
 
 
+@dataclass(frozen=True)
+class MicrobatchStrategy:
+    """Gradient accumulation over ``microbatches`` slices of the batch (``train_step`` loops)."""
+
+    microbatches: int = 4
+    name: str = "microbatch"
+
+    def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def params(self) -> dict[str, Any]:
+        return {"microbatches": self.microbatches}
+
+
 _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 _ACTIVATIONS = {torch.ops.aten.relu.default, torch.ops.aten.tanh.default, torch.ops.aten.sigmoid.default,
                 torch.ops.aten.gelu.default}

@@ -56,6 +56,8 @@ def predict_strategy(spec: MLPSpec, step: StepSpec, plain_retained: int, plain_p
                       "create_selective_checkpoint_contexts keeps MUST_SAVE outputs in its own storage")]
         return StrategyPrediction(retained, flops, plain_peak - plain_retained + retained + working,
                                   {"policy": step.policy}, terms)
+    if step.strategy == "microbatch":
+        return _predict_microbatch(spec, step)
     if step.strategy == "compile-budget":
         target = min(budget_bytes(spec, step), plain_retained)
         terms = [Term("retained (compile target)", target, "min(budget, plain retained)",
@@ -74,3 +76,31 @@ def predict_strategy(spec: MLPSpec, step: StepSpec, plain_retained: int, plain_p
     terms = [Term("retained (segment plan)", retained, "sum of segment costs + loss",
                   "checkpointed segment: its input; plain unit: its input and internals (planner.py)")]
     return StrategyPrediction(retained, flops, plain_peak - plain_retained + retained + working, params, terms)
+
+
+def _predict_microbatch(spec: MLPSpec, step: StepSpec) -> StrategyPrediction:
+    """Gradient accumulation: the largest micro-batch's activations, and the whole X and y.
+
+    ``torch.chunk`` makes views, so a micro-batch's saved input keeps the full batch's
+    storage alive: retained = plain(c) + (B - c) rows of X and y, c = ceil(B / k) being
+    the first (largest) micro-batch. The peak is estimated as plain(c)'s exact peak plus the
+    rest of the batch: the first micro-batch also runs the regulariser's backward, where the
+    plain step peaks, and later ones add into the existing gradients in place. Measured on
+    40 random specs, it was 4% low at worst.
+    """
+    from dataclasses import replace
+
+    from bpmem.estimate import Term, estimate
+
+    b = step.batch_size
+    chunk = -(-b // step.microbatches)
+    rest_rows = b - chunk
+    label_bytes = 8 if spec.loss == "cross_entropy" else spec.output_dim * spec.itemsize
+    row_bytes = spec.input_dim * spec.itemsize + label_bytes
+    small = estimate(spec, replace(step, batch_size=chunk, strategy="none"))
+    retained = small.saved_activation_bytes + rest_rows * row_bytes
+    peak = small.peak_bytes + rest_rows * row_bytes
+    terms = [Term("retained (largest micro-batch)", retained, "plain(ceil(B/k)) + (B - ceil(B/k)) rows of X, y",
+                  "chunks are views: the full batch's storage stays referenced")]
+    return StrategyPrediction(retained, 0, peak, {"microbatches": step.microbatches, "microbatch_size": chunk},
+                              terms)

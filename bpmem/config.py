@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpmem.spec import MODES, STRATEGIES, MLPSpec, SpecError, StepSpec
+from bpmem.spec import DISTRIBUTED_STRATEGIES, MODES, SINGLE_DEVICE_STRATEGIES, STRATEGIES, MLPSpec, SpecError, StepSpec
 
 MODEL_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec)) + ("optimizer",)
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
-                             "warmup", "continue_after_oom", "model")
+                             "warmup", "continue_after_oom", "timeout_s", "model")
 
 DEFAULT_CONFIG_TOML = """\
 # bpmem's default sweep: the seed network and a deeper one, batch 1 to 4096 (x4), train and
@@ -46,6 +46,7 @@ strategies = [
     "none", "checkpoint-layer", "checkpoint-segments", "checkpoint-sqrt",
     { name = "checkpoint-budget", budget = 0.8 }, { name = "compile-budget", budget = 0.8 },
     { name = "checkpoint-selective", policy = ["save-matmuls", "save-activations"] },
+    { name = "microbatch", microbatches = 4 },
 ]
 repeats = 3
 warmup = 1
@@ -100,6 +101,7 @@ class SweepConfig:
     repeats: int = 3
     warmup: int = 1
     continue_after_oom: bool = False
+    timeout_s: int = 300  # a distributed cell (torchrun) that runs longer is killed: status error
 
     def cells(self, devices: tuple[str, ...] | None = None) -> list[Cell]:
         """Every cell, each series in ascending batch size; ``devices`` as resolved."""
@@ -111,8 +113,8 @@ class SweepConfig:
             spec = MLPSpec(**fields)
             for device, (strategy, params), mode in itertools.product(devices or self.devices, self.strategies,
                                                                       self.modes):
-                if mode == "inference" and strategy != "none":
-                    continue  # nothing is kept for backward in inference: one cell says it all
+                if mode != "train" and strategy != "none":
+                    continue  # strategies change what backward keeps: inference has none
                 for batch in sorted(self.batch_sizes):
                     step = StepSpec(batch_size=batch, optimizer=optimizer, mode=mode, strategy=strategy,
                                     **dict(params))
@@ -166,10 +168,10 @@ def _choices(key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
-STRATEGY_KEYS: tuple[str, ...] = ("name", "segments", "budget", "policy", "microbatches")
+STRATEGY_KEYS: tuple[str, ...] = ("name", "segments", "budget", "policy", "microbatches", "world_size")
 # "all": every strategy once, with its default parameters, and selective with both policies
 ALL_STRATEGIES: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = tuple(
-    (name, ()) for name in STRATEGIES if name != "checkpoint-selective"
+    (name, ()) for name in SINGLE_DEVICE_STRATEGIES if name != "checkpoint-selective"
 ) + tuple(("checkpoint-selective", (("policy", policy),)) for policy in ("save-matmuls", "save-activations"))
 
 
@@ -186,6 +188,8 @@ def _strategies(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ..
         name = table.get("name")
         if name not in STRATEGIES:
             raise ConfigError("strategies", f"{name!r} is not allowed; allowed: {', '.join(STRATEGIES)} (or \"all\")")
+        if name in DISTRIBUTED_STRATEGIES and "world_size" not in table:
+            table = {**table, "world_size": 2}
         keys = [k for k in STRATEGY_KEYS[1:] if k in table]
         for combo in itertools.product(*(_as_list(k, table[k]) for k in keys)):
             params = tuple(zip(keys, combo, strict=True))
@@ -262,6 +266,7 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
         repeats=_count("repeats", data.get("repeats", 3), 1),
         warmup=_count("warmup", data.get("warmup", 1), 0),
         continue_after_oom=flag,
+        timeout_s=_count("timeout_s", data.get("timeout_s", 300), 1),
     )
 
 

@@ -93,6 +93,8 @@ class SavedTensorProbe:
         self._order: list[str] = []
         self._handles: list[Any] = []
         self._hooks: contextlib.AbstractContextManager | None = None
+        self.retained_bytes = 0  # saved storages still alive now
+        self.peak_retained_bytes = 0  # the most that were alive at once (pipelines: in flight)
 
     @contextlib.contextmanager
     def scope(self, label: str) -> Iterator[None]:
@@ -120,7 +122,13 @@ class SavedTensorProbe:
             self._owner[key] = label
             self._bytes[key] = storage.nbytes()
             self._alive[key] = weakref.ref(storage)
+            self.retained_bytes += self._bytes[key]
+            self.peak_retained_bytes = max(self.peak_retained_bytes, self.retained_bytes)
+            weakref.finalize(storage, self._release, self._bytes[key])
         return tensor
+
+    def _release(self, nbytes: int) -> None:
+        self.retained_bytes -= nbytes
 
     def __enter__(self) -> SavedTensorProbe:
         if self._model is not None:

@@ -31,6 +31,7 @@ COLUMNS: tuple[str, ...] = (
     "status", "error",
     *BYTE_COLUMNS,
     "saved_hook_bytes", "recompute_flops", "predicted_recompute_flops",
+    "textbook_saved_activation_bytes", "bubble_fraction", "predicted_comm_bytes", "equivalence_max_rel_err",
     "peak_phase", "step_time_median_s", "step_time_iqr_s", "repeats", "warmup",
 )
 

@@ -31,7 +31,7 @@ LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
 DTYPES: dict[str, int] = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sgd-momentum", "adam")
 MODES: tuple[str, ...] = ("train", "inference", "hvp")
-STRATEGIES: tuple[str, ...] = (
+SINGLE_DEVICE_STRATEGIES: tuple[str, ...] = (
     "none",
     "checkpoint-layer",
     "checkpoint-segments",
@@ -41,6 +41,9 @@ STRATEGIES: tuple[str, ...] = (
     "compile-budget",
     "microbatch",
 )
+# run by every rank of a torchrun job (bpmem.worker); world_size > 1
+DISTRIBUTED_STRATEGIES: tuple[str, ...] = ("pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved", "ddp")
+STRATEGIES: tuple[str, ...] = SINGLE_DEVICE_STRATEGIES + DISTRIBUTED_STRATEGIES
 POLICIES: tuple[str, ...] = ("save-matmuls", "save-activations")
 
 class SpecError(ValueError):
@@ -140,6 +143,7 @@ class StepSpec:
     strategy: str = "none"
     segments: int = 4
     microbatches: int = 4
+    world_size: int = 1
     budget: float = 0.5
     policy: str = "save-matmuls"
     lr: float = 0.01
@@ -155,6 +159,10 @@ class StepSpec:
             return {"policy": self.policy}
         if self.strategy == "microbatch":
             return {"microbatches": self.microbatches}
+        if self.strategy == "ddp":
+            return {"world_size": self.world_size}
+        if self.strategy in DISTRIBUTED_STRATEGIES:
+            return {"microbatches": self.microbatches, "world_size": self.world_size}
         return {}
 
     def __post_init__(self) -> None:
@@ -164,6 +172,13 @@ class StepSpec:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_positive_int("segments", self.segments)
         _check_positive_int("microbatches", self.microbatches)
+        _check_positive_int("world_size", self.world_size)
+        if self.strategy in DISTRIBUTED_STRATEGIES and self.world_size < 2:
+            raise SpecError("world_size", self.world_size, f"an integer >= 2 (with strategy {self.strategy})")
+        if self.strategy not in DISTRIBUTED_STRATEGIES and self.world_size != 1:
+            raise SpecError("world_size", self.world_size, f"1 (strategy {self.strategy} runs in one process)")
+        if self.strategy in DISTRIBUTED_STRATEGIES and self.mode != "train":
+            raise SpecError("mode", self.mode, f"train (with strategy {self.strategy})")
         if self.mode == "hvp" and self.strategy != "none":
             raise SpecError("strategy", self.strategy, "none (with mode hvp)")
         _check_choice("policy", self.policy, POLICIES)

@@ -13,13 +13,17 @@ valid CSV; ``--resume`` then runs only the cells that have no row yet.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import multiprocessing
+import os
 import queue
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
 from bpmem.results import ResultsWriter, columns, done_cells
+from bpmem.spec import DISTRIBUTED_STRATEGIES
 from bpmem.strategies.checkpointing import InfeasibleBudget
 
 
@@ -55,8 +60,10 @@ def _one_line(error: BaseException) -> str:
     return text.splitlines()[0][:500] if text else type(error).__name__
 
 
-def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
-    """The identifying and environment columns of a cell's row, plus its predictions."""
+def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
+             distributed: bool = False) -> dict[str, Any]:
+    """The identifying and environment columns of a cell's row, plus its predictions
+    (per-rank predictions of a distributed cell are added by ``run_distributed_cell``)."""
     spec, step = cell.spec, cell.step
     row = {
         "run_id": run_id, "cell_id": cell.cell_id,
@@ -71,6 +78,8 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
         "repeats": config.repeats, "warmup": config.warmup,
         "strategy_params": json.dumps(step.strategy_params(), sort_keys=True) if step.strategy_params() else "",
     }
+    if distributed:
+        return row
     try:
         predicted = estimate(spec, step)
     except InfeasibleBudget as error:  # no plan can fit: nothing to measure, say why
@@ -121,17 +130,95 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
 
 
 def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: SweepConfig,
-               after_oom: bool = False) -> Iterator[dict[str, Any]]:
-    """The cells of one series in ascending batch size; after an OOM the rest are skipped."""
+               after_oom: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """The rows of each cell of one series, in ascending batch size (one row, or one per rank
+    for a distributed cell); after an OOM the rest of the series is skipped."""
     for cell in cells:
         if after_oom and not config.continue_after_oom:
             row = base_row(cell, run_id, env, config)
             row.update(status="skipped", error="a smaller batch of this series ran out of memory")
-            yield row
+            yield [row]
             continue
-        row = run_cell(cell, run_id, env, config)
-        after_oom = after_oom or row["status"] == "oom"
-        yield row
+        if cell.step.strategy in DISTRIBUTED_STRATEGIES:
+            rows = run_distributed_cell(cell, run_id, env, config)
+        else:
+            rows = [run_cell(cell, run_id, env, config)]
+        after_oom = after_oom or any(row["status"] == "oom" for row in rows)
+        yield rows
+
+
+def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> list[dict[str, Any]]:
+    """Launch ``torchrun -m bpmem.worker`` for one cell, in its own process group, under a
+    timeout; one row per rank. A rank that dies or hangs makes every row ``error``, with
+    that rank's message, and nothing of the job outlives this call."""
+    from bpmem.strategies.distributed import check, predict_rank
+
+    world = cell.step.world_size
+    rows = []
+    for rank in range(world):
+        row = base_row(cell, run_id, env, config, distributed=True)
+        row["rank"], row["world_size"] = rank, world
+        rows.append(row)
+    try:
+        check(cell.spec, cell.step, world)
+    except ValueError as error:
+        for row in rows:
+            row.update(status="error", error=_one_line(error))
+        return rows
+    for row in rows:
+        predicted = predict_rank(cell.spec, cell.step, row["rank"], world)
+        row.update({f"predicted_{k}": v for k, v in predicted.items()
+                    if k in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes")})
+        row.update(bubble_fraction=predicted["bubble_fraction"], predicted_comm_bytes=predicted["comm_bytes"],
+                   textbook_saved_activation_bytes=predicted["textbook_saved_bytes"])
+    with tempfile.TemporaryDirectory(prefix="bpmem-dist-") as folder:
+        out = Path(folder) / "rows.json"
+        cell_json = json.dumps({"spec": dataclasses.asdict(cell.spec), "step": dataclasses.asdict(cell.step)})
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                   "-m", "bpmem.worker", "--cell", cell_json, "--out", str(out), "--repeats", str(config.repeats),
+                   "--warmup", str(config.warmup), "--timeout-s", str(config.timeout_s)]
+        log_path = Path(folder) / "torchrun.log"
+        with log_path.open("w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                process.wait(timeout=config.timeout_s)
+                failure = None if process.returncode == 0 else _rank_failure(out, log_path, process.returncode)
+            except subprocess.TimeoutExpired:
+                failure = f"timed out after {config.timeout_s} s (a rank hung); the job was killed"
+            finally:
+                _kill_group(process)
+        if failure is None:
+            measured = {row["rank"]: row for row in json.loads(out.read_text())}
+            for row in rows:
+                got = measured[row["rank"]]
+                row.update({k: got[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes",
+                                                "saved_activation_bytes", "saved_hook_bytes", "peak_bytes",
+                                                "peak_phase", "step_time_median_s", "step_time_iqr_s")})
+                row.update(status="ok", error="", equivalence_max_rel_err=got["equivalence_max_rel_err"])
+        else:
+            for row in rows:
+                row.update(status="error", error=failure)
+    return rows
+
+
+def _rank_failure(out: Path, log_path: Path, returncode: int) -> str:
+    """The first failing rank's one-line message, or what torchrun said about the exit."""
+    for err in sorted(out.parent.glob(out.name + ".rank*.err")):
+        return err.read_text().splitlines()[0]
+    lines = log_path.read_text(errors="replace").splitlines()
+    ranks = [line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("rank ")]
+    codes = [line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("exitcode")]
+    if ranks and codes:
+        return f"rank {ranks[0]} died: exit code {codes[0]}"
+    return f"torchrun exited with status {returncode}"
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """torchrun and every rank share the session we started: end them all."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        process.wait(timeout=10)
 
 
 def _series(cells: list[Cell]) -> list[list[Cell]]:
@@ -231,8 +318,9 @@ def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any]
             results.put(None)
             return
         cells, after_oom = task
-        for row in run_series(cells, run_id, env_by_device[cells[0].device], config, after_oom):
-            results.put(row)
+        for rows in run_series(cells, run_id, env_by_device[cells[0].device], config, after_oom):
+            for row in rows:
+                results.put(row)
 
 
 @dataclass
@@ -277,8 +365,8 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
                     rows = run_series(todo, run_id, env_by_device[todo[0].device], config, after_oom)
                     for cell in todo:
                         progress.show(_label(cell))
-                        row = next(rows)
-                        record(row)
+                        for row in next(rows):
+                            record(row)
                         progress.advance(_label(cell))
             else:
                 _run_parallel(tasks, jobs, run_id, env_by_device, config, record, progress)

@@ -17,7 +17,7 @@ import bpmem.measure
 from bpmem.cli import main
 from bpmem.config import DEFAULT_CONFIG_TOML, ConfigError, load_config, parse_config
 from bpmem.results import BYTE_COLUMNS, ResultsWriter, columns, done_cells, read_results
-from bpmem.spec import STRATEGIES
+from bpmem.spec import SINGLE_DEVICE_STRATEGIES as STRATEGIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

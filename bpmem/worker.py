@@ -1,0 +1,140 @@
+"""``python -m bpmem.worker``: one distributed cell, run by every rank under ``torchrun``.
+
+    torchrun --nproc-per-node 2 -m bpmem.worker --cell '{"spec": {"depth": 3}, "step":
+        {"strategy": "pipeline-1f1b", "batch_size": 64, "microbatches": 4}}' --out rows.json
+
+``--nnodes``, ``--node-rank`` and the rendezvous flags are torchrun's own and pass straight
+through, so the same line runs across nodes. Each rank measures its own memory; rank 0
+gathers every rank's figures and writes them, one row per rank, to ``--out`` (JSON).
+A rank that fails writes its message to ``--out`` + ``.rank<N>.err`` before exiting, so
+the launcher can say which rank died and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bpmem.measure import optimizer_state_tensors
+from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
+from bpmem.spec import MLPSpec, StepSpec
+from bpmem.step import _unlabelled, make_optimizer
+from bpmem.strategies import distributed as strategies
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = _device(int(os.environ.get("LOCAL_RANK", rank)))
+    setup = strategies.setup_rank(spec, step, rank, world, device)
+    holder = nn.ModuleList(setup.modules)
+    optimizer = make_optimizer(step, holder)
+
+    # 1. equivalence, on the initial weights: this rank's gradients against one device's
+    optimizer.zero_grad(set_to_none=True)
+    setup.run(_unlabelled)
+    reference = strategies.reference_gradients(spec, step, device)
+    owned = strategies.owned_parameter_indices(spec, step, rank, world)
+    error = strategies.max_relative_error([p.grad for p in setup.params], [reference[i] for i in owned])
+    del reference
+    optimizer.step()  # also the warm-up: optimizer state now exists
+
+    # 2. saved activations, and the most that are in flight at once
+    optimizer.zero_grad(set_to_none=True)
+    saved = SavedTensorProbe(holder)
+    with saved:
+        setup.run(_unlabelled)
+    optimizer.step()
+
+    # 3. the live peak of one whole step
+    live = LiveTensorProbe({"params": setup.params, "grads": [p.grad for p in setup.params],
+                            "optimizer": optimizer_state_tensors(optimizer), "inputs": setup.inputs})
+    with live:
+        with live.phase("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+        setup.run(live.phase)
+        with live.phase("optimizer_step"):
+            optimizer.step()
+
+    # 4. time: every rank starts together, the slowest defines the step
+    for _ in range(warmup):
+        _plain_step(setup, optimizer)
+    times = []
+    for _ in range(repeats):
+        strategies.barrier()
+        start = time.perf_counter()
+        _plain_step(setup, optimizer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        strategies.barrier()
+        times.append(time.perf_counter() - start)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {
+        "rank": rank, "world_size": world, "device": str(device),
+        "params_bytes": distinct_storage_bytes(setup.params),
+        "grads_bytes": distinct_storage_bytes(p.grad for p in setup.params),
+        "optimizer_bytes": distinct_storage_bytes(optimizer_state_tensors(optimizer)),
+        "saved_activation_bytes": saved.peak_retained_bytes, "saved_hook_bytes": saved.saved_activation_bytes,
+        "peak_bytes": live.peak_bytes, "peak_phase": live.peak_phase,
+        "step_time_median_s": statistics.median(times), "step_time_iqr_s": quartiles[2] - quartiles[0],
+        "equivalence_max_rel_err": error,
+    }
+
+
+def _plain_step(setup: strategies.RankSetup, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    setup.run(_unlabelled)
+    optimizer.step()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bpmem.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cell", required=True, help='JSON: {"spec": {MLPSpec fields}, "step": {StepSpec fields}}')
+    parser.add_argument("--out", required=True, type=Path, help="rank 0 writes every rank's row here (JSON)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="collective timeout (a hung rank fails)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cell = json.loads(args.cell)
+        spec, step = MLPSpec(**cell.get("spec", {})), StepSpec(**cell.get("step", {}))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        strategies.check(spec, step, world)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
+        row = run_rank(spec, step, args.repeats, args.warmup)
+        rows: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(row, rows, dst=0)
+        if rank == 0:
+            args.out.write_text(json.dumps(rows, indent=1))
+        dist.destroy_process_group()
+        return 0
+    except Exception as error:  # noqa: BLE001 - the launcher reports it as the cell's error
+        message = f"rank {rank}: {type(error).__name__}: {error}".splitlines()[0]
+        Path(f"{args.out}.rank{rank}.err").write_text(message + "\n" + traceback.format_exc())
+        print(message, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -202,23 +202,55 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
 
 
 def _rank_failure(out: Path, log_path: Path, returncode: int) -> str:
-    """The first failing rank's one-line message, or what torchrun said about the exit."""
-    for err in sorted(out.parent.glob(out.name + ".rank*.err")):
-        return err.read_text().splitlines()[0]
+    """The message of the rank that failed first (torchrun's "Root Cause"), else of any rank
+    that wrote one, else what torchrun said. Other ranks then fail too, on a broken pipe."""
     lines = log_path.read_text(errors="replace").splitlines()
-    ranks = [line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("rank ")]
-    codes = [line.split(":", 1)[1].strip() for line in lines if line.strip().startswith("exitcode")]
-    if ranks and codes:
-        return f"rank {ranks[0]} died: exit code {codes[0]}"
+    start = next((i for i, line in enumerate(lines) if "Root Cause" in line), 0)
+    field = {}
+    for line in lines[start:]:
+        key, _, value = line.strip().partition(":")
+        if key.strip() in ("rank", "exitcode") and key.strip() not in field:
+            field[key.strip()] = value.strip()
+    root = field.get("rank", "").split(" ")[0]
+    errors = {err.name.rsplit(".rank", 1)[1].removesuffix(".err"): err
+              for err in out.parent.glob(out.name + ".rank*.err")}
+    if root in errors:
+        return errors[root].read_text().splitlines()[0]
+    if root:
+        code = field.get("exitcode", "?")
+        signal_name = ""
+        if code.lstrip("-").isdigit() and int(code) < 0:
+            with contextlib.suppress(ValueError):
+                signal_name = f" ({signal.Signals(-int(code)).name})"
+        return f"rank {root} died: exit code {code}{signal_name}"
+    if errors:
+        return next(iter(errors.values())).read_text().splitlines()[0]
     return f"torchrun exited with status {returncode}"
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    """torchrun and every rank share the session we started: end them all."""
+    """End torchrun and every rank. torchrun starts each rank in a session of its own, so a
+    signal to torchrun's group does not reach them: collect the whole process tree first,
+    ask torchrun to stop (it tears its workers down), then kill whatever is left."""
+    import psutil
+
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            child.kill()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         process.wait(timeout=10)
+    psutil.wait_procs(tree, timeout=10)
 
 
 def _series(cells: list[Cell]) -> list[list[Cell]]:

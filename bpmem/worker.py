@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -56,6 +57,8 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
     error = strategies.max_relative_error([p.grad for p in setup.params], [reference[i] for i in owned])
     del reference
     optimizer.step()  # also the warm-up: optimizer state now exists
+
+    _inject_fault(rank)
 
     # 2. saved activations, and the most that are in flight at once
     optimizer.zero_grad(set_to_none=True)
@@ -99,6 +102,16 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
     }
 
 
+def _inject_fault(rank: int) -> None:
+    """Test hook: ``BPMEM_FAULT=kill:1`` SIGKILLs rank 1 here, mid-step; ``hang:1`` stalls it."""
+    kind, _, target = os.environ.get("BPMEM_FAULT", "").partition(":")
+    if target and int(target) == rank:
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "hang":
+            time.sleep(10**6)
+
+
 def _plain_step(setup: strategies.RankSetup, optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     setup.run(_unlabelled)
@@ -108,7 +121,9 @@ def _plain_step(setup: strategies.RankSetup, optimizer: torch.optim.Optimizer) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bpmem.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", required=True, help='JSON: {"spec": {MLPSpec fields}, "step": {StepSpec fields}}')
+    parser.add_argument("--cell", required=True,
+                        help='JSON: {"spec": {MLPSpec fields}, "step": {StepSpec fields}}, or a list of them '
+                             "(run one after another in the same process group)")
     parser.add_argument("--out", required=True, type=Path, help="rank 0 writes every rank's row here (JSON)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -116,17 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        cell = json.loads(args.cell)
-        spec, step = MLPSpec(**cell.get("spec", {})), StepSpec(**cell.get("step", {}))
+        cells = json.loads(args.cell)
+        cells = cells if isinstance(cells, list) else [cells]
+        plan = [(MLPSpec(**c.get("spec", {})), StepSpec(**c.get("step", {}))) for c in cells]
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        strategies.check(spec, step, world)
+        for spec, step in plan:
+            strategies.check(spec, step, world)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
-        row = run_rank(spec, step, args.repeats, args.warmup)
-        rows: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(row, rows, dst=0)
+        everything: list[Any] = []
+        for index, (spec, step) in enumerate(plan):
+            row = {**run_rank(spec, step, args.repeats, args.warmup), "cell_index": index}
+            rows: list[Any] | None = [None] * world if rank == 0 else None
+            dist.gather_object(row, rows, dst=0)
+            everything.extend(rows or [])
         if rank == 0:
-            args.out.write_text(json.dumps(rows, indent=1))
+            args.out.write_text(json.dumps(everything, indent=1))
         dist.destroy_process_group()
         return 0
     except Exception as error:  # noqa: BLE001 - the launcher reports it as the cell's error

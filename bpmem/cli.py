@@ -273,10 +273,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items())) or "nothing new"
     done = f" ({outcome.already_done} already done)" if outcome.already_done else ""
     print(f"bpmem run: {counts}{done}; results in {out / 'results.csv'}", file=sys.stderr)
+    if outcome.written or outcome.already_done:
+        _report(out, args.quiet)
     if outcome.interrupted:
         print(f"bpmem run: stopped early; continue with: bpmem run --resume --out {out}"
               + (f" --config {args.config}" if args.config else ""), file=sys.stderr)
         return 130
+    return 0
+
+
+def _report(directory: Path, quiet: bool) -> Path:
+    from bpmem.report import report
+
+    path = report(directory)
+    if not quiet:
+        print(f"bpmem report: {path} and {directory / 'plots'}/", file=sys.stderr)
+    return path
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    directory = args.directory
+    if not (directory / "results.csv").exists():
+        return _fail(args.prog, f"argument DIR: {directory} has no results.csv; allowed: a folder that "
+                                "`bpmem run` wrote")
+    path = _report(directory, quiet=True)
+    print(f"bpmem report: wrote {path} and {directory / 'plots'}/")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from bpmem.graph import write_graph
+
+    spec, step = specs_from_args(args)
+    path = write_graph(spec, step.batch_size, args.out)
+    print(f"bpmem graph: wrote {path}")
     return 0
 
 
@@ -324,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker processes; with N GPUs, one process per GPU (default: 1, in-process)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="draw plots and report.md from DIR/results.csv",
+                         description="Re-draw DIR/plots/*.png|svg and DIR/report.md from DIR/results.csv "
+                                     "(and DIR/timelines.csv); every number in the report comes from those files.")
+    rep.add_argument("directory", type=Path, metavar="DIR", help="a run folder written by `bpmem run`")
+    rep.set_defaults(func=cmd_report)
+    gra = sub.add_parser("graph", help="the computational graph as SVG, saved tensors with their bytes",
+                         description="Draw the seed network's computational graph (with --bias, exercise 2's): "
+                                     "forward edges, and each tensor autograd saves for backward, labelled "
+                                     "with its bytes at --batch-size. Plain SVG; no Graphviz needed.")
+    add_model_flags(gra)
+    gra.add_argument("--out", type=Path, default=Path("graph.svg"), metavar="FILE.svg", help="output file")
+    gra.set_defaults(func=cmd_graph)
     return parser
 
 

@@ -40,7 +40,7 @@ DEFAULT_CONFIG_TOML = """\
 name = "default"
 batch_sizes = { start = 1, stop = 4096, factor = 4 }
 devices = ["cpu"]
-modes = ["train", "inference"]
+modes = ["train", "inference", "hvp"]
 # every strategy; the budgets are ones the seed network can meet at every batch size
 strategies = [
     "none", "checkpoint-layer", "checkpoint-segments", "checkpoint-sqrt",

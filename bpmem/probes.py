@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "CudaProbe",
     "RssProbe",
     "storage_key",
+    "local_tensor",
     "distinct_storage_bytes",
 ]
 
@@ -52,21 +53,40 @@ class Probe(Protocol):
     def result(self) -> dict[str, Any]: ...
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor whose storage holds ``tensor``'s data on this process.
+
+    A wrapper subclass (a DTensor, funcol's AsyncCollectiveTensor) owns no memory: its
+    ``untyped_storage()`` is empty or raises, and its shape is the global one. Its data lives
+    in one inner tensor (``_local_tensor``, ``elem``), which ``__tensor_flatten__`` names, so
+    unwrap to that. Needs no import of ``torch.distributed``; a plain tensor is returned as is.
+    """
+    while is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        inner = [t for t in (getattr(tensor, name) for name in names) if isinstance(t, torch.Tensor)]
+        if len(inner) != 1:
+            break
+        tensor = inner[0]
+    return tensor
+
+
 def storage_key(tensor: torch.Tensor) -> int:
     """Identity of the storage behind ``tensor``: views of one buffer share it.
 
     ``_cdata`` is the address of the C++ StorageImpl. It is unique while the storage lives,
     and unlike ``data_ptr()`` it is also distinct for meta tensors (whose data_ptr is 0).
+    A DTensor's key is its local shard's.
     """
-    return tensor.untyped_storage()._cdata
+    return local_tensor(tensor).untyped_storage()._cdata
 
 
 def distinct_storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (None entries are skipped)."""
+    """Bytes of the distinct storages behind ``tensors`` (None entries are skipped; a
+    DTensor counts its local shard's storage)."""
     seen: dict[int, int] = {}
     for tensor in tensors:
         if tensor is not None:
-            seen.setdefault(storage_key(tensor), tensor.untyped_storage().nbytes())
+            seen.setdefault(storage_key(tensor), local_tensor(tensor).untyped_storage().nbytes())
     return sum(seen.values())
 
 
@@ -116,7 +136,7 @@ class SavedTensorProbe:
             return tensor
         alive = self._alive.get(key)
         if alive is None or alive() is None:  # first sight, or an old address reused
-            storage = tensor.untyped_storage()
+            storage = local_tensor(tensor).untyped_storage()
             label = self._labels[-1] if self._labels else "outside"
             self._note_label(label)
             self._owner[key] = label
@@ -167,7 +187,7 @@ class SavedTensorProbe:
 
     def packed_bytes_of(self, tensors: Iterable[torch.Tensor]) -> int:
         """Bytes of those of ``tensors``' storages that autograd saved (e.g. the input batch)."""
-        keys = {storage_key(t): t.untyped_storage().nbytes() for t in tensors}
+        keys = {storage_key(t): local_tensor(t).untyped_storage().nbytes() for t in tensors}
         return sum(nbytes for key, nbytes in keys.items() if key in self._bytes)
 
     def per_layer(self) -> list[dict[str, Any]]:
@@ -304,6 +324,7 @@ class LiveTensorProbe:
     def _on_op(self, op: str, out: Any) -> None:
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
+                leaf = local_tensor(leaf)
                 if self._phase == "backward":
                     self._track_alias(leaf)
                 else:
@@ -383,7 +404,7 @@ class LiveTensorProbe:
         self._active = True
         for category, tensors in self._preexisting.items():
             for tensor in tensors:
-                self._track(tensor.untyped_storage(), category)
+                self._track(local_tensor(tensor).untyped_storage(), category)
         self._preexisting = {}  # hold no references: they would keep freed storages alive
         self._note("start")
         self._mode = _LiveMode(self)

@@ -42,7 +42,8 @@ SINGLE_DEVICE_STRATEGIES: tuple[str, ...] = (
     "microbatch",
 )
 # run by every rank of a torchrun job (bpmem.worker); world_size > 1
-DISTRIBUTED_STRATEGIES: tuple[str, ...] = ("pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved", "ddp")
+DISTRIBUTED_STRATEGIES: tuple[str, ...] = ("pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved", "ddp", "fsdp",
+                                           "tensor-parallel")
 STRATEGIES: tuple[str, ...] = SINGLE_DEVICE_STRATEGIES + DISTRIBUTED_STRATEGIES
 POLICIES: tuple[str, ...] = ("save-matmuls", "save-activations")
 
@@ -159,7 +160,7 @@ class StepSpec:
             return {"policy": self.policy}
         if self.strategy == "microbatch":
             return {"microbatches": self.microbatches}
-        if self.strategy == "ddp":
+        if self.strategy in ("ddp", "fsdp", "tensor-parallel"):
             return {"world_size": self.world_size}
         if self.strategy in DISTRIBUTED_STRATEGIES:
             return {"microbatches": self.microbatches, "world_size": self.world_size}

@@ -102,6 +102,14 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
     return row
 
 
+def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
+    """Keep the live-memory timeline of training cells of the deepest model at the batch
+    nearest 64: one step per strategy, for the report's timeline plot."""
+    depth = max(dict(config.model).get("depth", (1,)))
+    batch = min(config.batch_sizes, key=lambda b: (abs(b - 64), b))
+    return cell.step.mode == "train" and cell.spec.depth == depth and cell.step.batch_size == batch
+
+
 def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
     """Measure one cell; never raises for OOM or errors, which become the row's status."""
     from bpmem.measure import measure, time_steps
@@ -121,6 +129,8 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
         if key in measured:
             row[key] = measured[key]
     row["peak_phase"] = measured.get("peak_phase", "forward")
+    if timeline_cell(config, cell) and measured.get("timeline"):
+        row["_timeline"] = [(e.index, e.op, e.phase, e.live_bytes) for e in measured["timeline"]]
     row["saved_hook_bytes"] = measured.get("saved_hook_bytes")
     row["recompute_flops"] = measured.get("recompute_flops")
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
@@ -383,8 +393,12 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
     header = columns(with_cuda=any(d.startswith("cuda") for d in devices))
     progress = Progress(sum(len(todo) for todo, _ in tasks), quiet)
     guard = _Guard()
+    timelines = out_dir / "timelines.csv"
     with ResultsWriter(csv_path, header) as writer, guard.installed():
         def record(row: dict[str, Any]) -> None:
+            events = row.pop("_timeline", None)
+            if events:
+                _append_timeline(timelines, row, events)
             guard.write(writer, row)
             outcome.written += 1
             outcome.statuses[row["status"]] = outcome.statuses.get(row["status"], 0) + 1
@@ -407,6 +421,17 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
         finally:
             progress.close()
     return outcome
+
+
+def _append_timeline(path: Path, row: dict[str, Any], events: list[tuple[int, str, str, int]]) -> None:
+    import csv
+
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        out = csv.writer(handle, lineterminator="\n")
+        if new:
+            out.writerow(["cell_id", "strategy", "strategy_params", "index", "op", "phase", "live_bytes"])
+        out.writerows([row["cell_id"], row["strategy"], row.get("strategy_params", ""), *event] for event in events)
 
 
 def _run_parallel(tasks: list[tuple[list[Cell], bool]], jobs: int, run_id: str, env_by_device: dict[str, Any],

@@ -1,22 +1,36 @@
 """Splitting one step over several processes with ``torch.distributed`` (the seed's
-exercise 5): pipeline stages and DDP, each run by every rank of a ``torchrun`` job.
+exercise 5): pipeline stages, DDP, FSDP2 and tensor parallelism, each run by every rank of
+a ``torchrun`` job.
 
 Every rank builds the same model from the same seed and the same global batch, then keeps
-its part: DDP keeps a full replica and 1/p of the rows; a pipeline rank keeps a contiguous
-run of units (two runs for the interleaved schedule) and, on the first and last stage, the
-batch and the labels. The objective stays J = L + s on the global batch:
+its part: DDP keeps a full replica and 1/p of the rows; FSDP keeps 1/p of the rows and a
+1/p shard (dim 0) of every parameter; tensor parallelism keeps the whole batch and 1/p of
+each hidden layer's features; a pipeline rank keeps a contiguous run of units (two runs
+for the interleaved schedule) and, on the first and last stage, the batch and the labels.
+The objective stays J = L + s on the global batch:
 
 - DDP: each rank's loss is the mean over its rows and DDP averages gradients over ranks,
   which is the global mean when the rows split evenly; every rank adds the full s, and the
   average of p equal gradients is that gradient.
+- FSDP: the data loss is as for DDP (FSDP reduce-scatters the averaged gradients of the
+  all-gathered parameters). s is computed on the sharded weights (DTensors), outside the
+  forward: ``w.pow(2).sum()`` is a Partial DTensor and ``full_tensor()`` all-reduces it,
+  so every rank adds the full s; its gradient reaches the sharded weight directly (not
+  through the reduce-scatter, so it is not averaged) and is lambda times the local shard.
+- Tensor parallel: every rank runs the whole batch and the same replicated loss; each
+  rank's gradient is exact for its shard, no averaging. s as for FSDP.
 - Pipelines: the schedule's loss is each micro-batch's mean, and ``scale_grads`` divides
   the summed gradients by m (the global mean for equal micro-batches); each rank then adds
   its own weights' share of s and back-propagates it.
+
+Parameters and gradients of FSDP and tensor parallelism are DTensors: the probes count
+their local shards (``bpmem.probes.local_tensor``); ``full_tensors`` gathers them whole for
+the equivalence check.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +43,8 @@ from bpmem.strategies.checkpointing import units
 from bpmem.strategies.planner import uniform_plan
 
 PIPELINES: tuple[str, ...] = ("pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved")
-DISTRIBUTED: tuple[str, ...] = (*PIPELINES, "ddp")
+DATA_PARALLEL: tuple[str, ...] = ("ddp", "fsdp")  # each rank takes 1/p of the rows
+DISTRIBUTED: tuple[str, ...] = (*PIPELINES, *DATA_PARALLEL, "tensor-parallel")
 
 
 def stage_count(strategy: str, world_size: int) -> int:
@@ -62,21 +77,36 @@ def check(spec: MLPSpec, step: StepSpec, world_size: int) -> None:
         if step.strategy != "pipeline-gpipe" and step.microbatches < world_size:
             raise ValueError(f"microbatches: {step.microbatches} is fewer than the {world_size} stages; "
                              f"{step.strategy} needs microbatches >= world_size")
-    if step.strategy == "ddp" and step.batch_size % world_size:
+    if step.strategy in DATA_PARALLEL and step.batch_size % world_size:
         raise ValueError(f"batch_size: {step.batch_size} does not split evenly over {world_size} ranks; "
                          "allowed: a multiple of world_size")
+    if step.strategy == "tensor-parallel" and spec.hidden_dim % world_size:
+        raise ValueError(f"hidden_dim: {spec.hidden_dim} does not split evenly over {world_size} ranks for "
+                         "tensor-parallel (each rank keeps hidden_dim / world_size features); "
+                         "allowed: a multiple of world_size")
+
+
+def tensor_parallel_styles(spec: MLPSpec) -> list[str]:
+    """How each Linear is split: "colwise", "rowwise", alternating in pairs from the input
+    side; with an odd number of Linears the last (the output layer) stays "replicated"
+    (every rank holds it whole and computes it on the all-reduced input)."""
+    n = spec.depth + 1
+    return [("colwise", "rowwise")[j % 2] if j < n - n % 2 else "replicated" for j in range(n)]
 
 
 @dataclass
 class RankSetup:
     """What one rank holds and how it runs a step."""
 
-    modules: list[nn.Module]  # the rank's stage modules, or the DDP wrapper
-    params: list[nn.Parameter]
+    modules: list[nn.Module]  # the rank's stage modules, or the DDP/FSDP/TP-wrapped model
+    params: list[nn.Parameter]  # DTensors for fsdp and tensor-parallel
     x: torch.Tensor | None
     y: torch.Tensor | None
     run: Any  # callable(phase) -> None: one training step without the optimizer
     inputs: list[torch.Tensor]
+    # callable() -> tensors whose storages hold parameters only during a step (FSDP's
+    # all-gathered unsharded parameters); collective, so every rank calls it, after one step
+    transient_params: Any = field(default=lambda: [])
 
 
 def setup_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int, device: torch.device) -> RankSetup:
@@ -85,6 +115,10 @@ def setup_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int, device
     x, y = make_batch(spec, step.batch_size, device, seed=0)
     if step.strategy == "ddp":
         return _setup_ddp(spec, model, x, y, rank, world_size, device)
+    if step.strategy == "fsdp":
+        return _setup_fsdp(spec, model, x, y, rank, world_size, device)
+    if step.strategy == "tensor-parallel":
+        return _setup_tensor_parallel(spec, model, x, y, world_size, device)
     return _setup_pipeline(spec, step, model, x, y, rank, world_size, device)
 
 
@@ -108,8 +142,84 @@ def _setup_ddp(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor, y: torch.Te
 
 
 def _regularizer(spec: MLPSpec, module: nn.Module) -> torch.Tensor:
-    weights = weight_matrices(module)
-    return torch.stack([w.pow(2).sum() for w in weights]).sum() * (spec.l2 / 2)
+    """s over the weights of ``module``; a DTensor weight's square sum (Partial or Replicate)
+    is made whole with ``full_tensor()`` (an all-reduce), so s is a plain tensor on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    squares = []
+    for w in weight_matrices(module):
+        square = w.pow(2).sum()
+        squares.append(square.full_tensor() if isinstance(square, DTensor) else square)
+    return torch.stack(squares).sum() * (spec.l2 / 2)
+
+
+def _mesh(device: torch.device, world_size: int) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size,))
+
+
+def _setup_fsdp(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int,
+                device: torch.device) -> RankSetup:
+    """FSDP2: one ``fully_shard`` per Linear (its own all-gather/reduce-scatter group), then
+    the root; parameters become DTensors sharded on dim 0."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh(device, world_size)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    for linear in linears:
+        fully_shard(linear, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    rows = x.shape[0] // world_size
+    x_local = x[rank * rows:(rank + 1) * rows].clone()
+    y_local = y[rank * rows:(rank + 1) * rows].clone()
+    del x, y
+
+    def run(phase: Any) -> None:
+        with phase("forward"):
+            objective = data_loss(spec, model(x_local), y_local) + _regularizer(spec, model)
+        with phase("backward"):
+            objective.backward()
+
+    def transient_params() -> list[torch.Tensor]:
+        # FSDP2 all-gathers each Linear's parameters into buffers it allocates once and then
+        # frees and re-allocates by resizing the same storage (to 0 after forward/backward, to
+        # full size before). The Linear saves views of them (W.t()), which are parameters, not
+        # activations. ``unshard()`` registers those very unsharded parameters on the module,
+        # so their storages can be named (and excluded) up front, before any is counted; a
+        # later step's all-gathers land in the same storages again.
+        held: list[torch.Tensor] = []
+        for linear in linears:
+            linear.unshard()
+            held.extend(linear.parameters(recurse=False))
+            linear.reshard()
+        return held
+
+    return RankSetup([model], list(model.parameters()), x_local, y_local, run, [x_local, y_local], transient_params)
+
+
+def _setup_tensor_parallel(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, world_size: int,
+                           device: torch.device) -> RankSetup:
+    """Megatron-style pairs: a colwise Linear (weight and bias sharded on the output
+    features; its output stays sharded on the feature dim, and so does the elementwise
+    activation), then a rowwise Linear (weight sharded on the input features, bias
+    replicated; its partial outputs are all-reduced). Every rank runs the whole batch."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = _mesh(device, world_size)
+    linears = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {name: styles[style]() for name, style in zip(linears, tensor_parallel_styles(spec), strict=True)
+            if style in styles}
+    parallelize_module(model, mesh, plan)
+
+    def run(phase: Any) -> None:
+        with phase("forward"):
+            objective = data_loss(spec, model(x), y) + _regularizer(spec, model)
+        with phase("backward"):
+            objective.backward()
+
+    return RankSetup([model], list(model.parameters()), x, y, run, [x, y])
 
 
 def _setup_pipeline(spec: MLPSpec, step: StepSpec, model: nn.Sequential, x: torch.Tensor, y: torch.Tensor,
@@ -165,6 +275,13 @@ def reference_gradients(spec: MLPSpec, step: StepSpec, device: torch.device) -> 
     return [p.grad for p in model.parameters()]
 
 
+def full_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each DTensor gathered whole (a collective: every rank calls it); plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+
+
 def max_relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     errors = [((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want, strict=True)]
     return max(errors, default=0.0)
@@ -173,7 +290,7 @@ def max_relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> flo
 def owned_parameter_indices(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> list[int]:
     """Positions, in ``build(spec).parameters()`` order, of the parameters this rank trains."""
     per_unit = 2 if spec.bias else 1
-    if step.strategy == "ddp":
+    if step.strategy in (*DATA_PARALLEL, "tensor-parallel"):  # a replica, or a shard of every parameter
         return list(range((spec.depth + 1) * per_unit))
     ranges = stage_units(spec, step.strategy, world_size)
     return [i for stage in ranks_stages(step.strategy, rank, world_size)
@@ -204,6 +321,10 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
     schedule really keeps. The interleaved schedule's in-flight count is taken as m: an
     upper figure, not exact. DDP keeps a full replica and the plain step's activations for
     its B/p rows; its gradients travel in an all-reduce of the whole gradient.
+
+    FSDP and tensor parallelism: see ``_predict_fsdp`` and ``_predict_tensor_parallel``
+    (parameters, gradients, optimizer state and retained activations exact; traffic is the
+    ring-collective count, not measured).
     """
     from dataclasses import replace
 
@@ -211,6 +332,10 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
     from bpmem.strategies.checkpointing import chain_costs, loss_bytes
 
     s, p, b = spec.itemsize, world_size, step.batch_size
+    if step.strategy == "fsdp":
+        return _predict_fsdp(spec, step, rank, world_size)
+    if step.strategy == "tensor-parallel":
+        return _predict_tensor_parallel(spec, step, world_size)
     per_unit_params = [(fan_in * fan_out + (fan_out if spec.bias else 0)) * s for fan_in, fan_out in spec.layer_dims()]
     if step.strategy == "ddp":
         local = estimate(spec, replace(step, strategy="none", batch_size=b // p, world_size=1))
@@ -255,3 +380,96 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
     return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": optimizer,
             "saved_activation_bytes": fixed + kept, "textbook_saved_bytes": fixed + textbook,
             "bubble_fraction": (p - 1) / (virtual * m + p - 1), "comm_bytes": comm}
+
+
+def fsdp_shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(rows this rank holds, rows of its padded shard) of a dim 0 of ``rows`` under FSDP2,
+    which splits like ``torch.chunk``: ceil(rows / p) each, the last ones shorter or empty,
+    every rank's shard padded to ceil(rows / p) rows."""
+    padded = -(-rows // world_size)
+    return max(0, min(padded, rows - rank * padded)), padded
+
+
+def _optimizer_bytes(step: StepSpec, state_bytes: int, n_params: int) -> int:
+    """Per-parameter state, each tensor the size of the local parameter; Adam adds a 4-byte step."""
+    return {"sgd": 0, "sgd-momentum": state_bytes, "adam": 2 * state_bytes + 4 * n_params}[step.optimizer]
+
+
+def _predict_fsdp(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> dict[str, Any]:
+    """FSDP2, one ``fully_shard`` per Linear; every figure but the peak exact.
+
+    - Parameters: each weight and bias is its own padded shard of ceil(fan_out / p) rows
+      (FSDP2 allocates the padding; the rank's rows are a view of it).
+    - Gradients: the regulariser's gradient reaches the sharded weight first (autograd runs
+      AccumulateGrad as soon as it can, before the Linear's reduce-scatter), so the weight's
+      gradient is a fresh tensor of the rank's unpadded rows into which FSDP then adds the
+      reduce-scattered data gradient. A bias has no regulariser term: its gradient is a view
+      of the Linear's reduce-scatter output (the padded weight and bias shards, one
+      buffer), which it keeps alive whole.
+    - Optimizer state: the size of the rank's unpadded rows (``clone``/``zeros_like`` of the
+      shard view).
+    - Retained activations: the plain step at B/p rows, as for DDP. FSDP saves nothing of
+      its own; the all-gathered weights the Linears save are parameters (excluded).
+    - Traffic: per Linear, an all-gather in forward and again in backward, and a
+      reduce-scatter of the gradients, each (p - 1) padded shards per rank; plus an all-reduce
+      of each weight's square sum for s.
+    """
+    from dataclasses import replace
+
+    from bpmem.estimate import estimate
+
+    s, p = spec.itemsize, world_size
+    params = grads = state = n_params = 0
+    for fan_in, fan_out in spec.layer_dims():
+        held, padded = fsdp_shard_rows(fan_out, rank, p)
+        params += padded * fan_in * s + (padded * s if spec.bias else 0)
+        grads += held * fan_in * s + (padded * (fan_in + 1) * s if spec.bias else 0)
+        state += held * (fan_in + (1 if spec.bias else 0)) * s
+        n_params += 2 if spec.bias else 1
+    local = estimate(spec, replace(step, strategy="none", batch_size=step.batch_size // p, world_size=1))
+    weights = spec.depth + 1
+    return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": _optimizer_bytes(step, state, n_params),
+            "saved_activation_bytes": local.saved_activation_bytes,
+            "textbook_saved_bytes": local.saved_activation_bytes, "bubble_fraction": 0.0,
+            "comm_bytes": 3 * (p - 1) * params + weights * 2 * (p - 1) * s // p}
+
+
+def _predict_tensor_parallel(spec: MLPSpec, step: StepSpec, world_size: int) -> dict[str, Any]:
+    """Tensor parallelism in colwise/rowwise pairs (``tensor_parallel_styles``); every figure
+    but the peak exact, the same on every rank.
+
+    - Parameters, gradients, optimizer state: a colwise Linear keeps fan_out / p rows of its
+      weight and bias; a rowwise one fan_in / p columns of its weight and the whole bias; an
+      unpaired last Linear is whole.
+    - Retained activations: the plain step's at the whole batch B, except that what lies
+      between a colwise Linear and its rowwise partner is (B, hidden / p): the colwise output
+      (GELU saves it) and the activation's output (the rowwise Linear saves it; ReLU, tanh and
+      sigmoid save it too). The rowwise output is all-reduced, whole, on every rank.
+    - Traffic: ring all-reduces, 2 (p - 1) / p of the bytes per rank: each rowwise output in
+      forward, the gradient of each colwise input in backward (none for X), and each sharded
+      weight's square sum for s.
+    """
+    from bpmem.strategies.checkpointing import chain_costs, loss_bytes
+
+    s, p, b = spec.itemsize, world_size, step.batch_size
+    styles = tensor_parallel_styles(spec)
+    costs = chain_costs(spec, b)
+    params = n_params = retained = reduced = 0
+    for j, ((fan_in, fan_out), style) in enumerate(zip(spec.layer_dims(), styles, strict=True)):
+        weight, bias = fan_in * fan_out, (fan_out if spec.bias else 0)
+        if style == "colwise":
+            weight, bias = weight // p, bias // p
+            reduced += costs.boundary_bytes[j] if j > 0 else 0
+        elif style == "rowwise":
+            weight //= p
+            reduced += b * fan_out * s
+        params += (weight + bias) * s
+        n_params += 2 if spec.bias else 1
+        sharded_input = j > 0 and styles[j - 1] == "colwise"
+        retained += costs.boundary_bytes[j] // (p if sharded_input else 1)
+        retained += costs.internal_bytes[j] // (p if style == "colwise" else 1)
+    retained += loss_bytes(spec, b)
+    reduced += sum(style != "replicated" for style in styles) * s
+    return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": _optimizer_bytes(step, params, n_params),
+            "saved_activation_bytes": retained, "textbook_saved_bytes": retained, "bubble_fraction": 0.0,
+            "comm_bytes": 2 * (p - 1) * reduced // p}

@@ -1,0 +1,98 @@
+"""Reports: every number in report.md comes from results.csv; plots are drawn even when
+rows failed; the graph's saved bytes are the estimate's."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bpmem.cli import main
+from bpmem.estimate import estimate
+from bpmem.graph import graph_svg
+from bpmem.report import report
+from bpmem.spec import MLPSpec, StepSpec
+from bpmem.units import format_bytes
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, pd.DataFrame]:
+    folder = tmp_path_factory.mktemp("report")
+    for name in ("results.csv", "timelines.csv"):
+        shutil.copy(FIXTURES / name, folder / name)
+    path = report(folder)
+    return folder, path.read_text(), pd.read_csv(folder / "results.csv")
+
+
+def test_every_plot_exists_as_png_and_svg_and_is_linked_relatively(rendered) -> None:
+    folder, text, _ = rendered
+    for name in ("memory_vs_batch", "breakdown", "checkpoint_pareto", "split_memory", "pareto_all", "timeline",
+                 "predicted_vs_measured"):
+        assert (folder / "plots" / f"{name}.png").stat().st_size > 5000
+        assert (folder / "plots" / f"{name}.svg").exists()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all(not link.startswith("/") and (folder / link).exists() for link in links)
+    assert "[results.csv](results.csv)" in text
+
+
+def test_the_worked_example_numbers_are_the_csv_numbers(rendered) -> None:
+    _, text, frame = rendered
+    seed = frame[(frame.strategy == "none") & (frame["mode"] == "train") & (frame.depth == 1)
+                 & (frame.batch_size == 64)].iloc[0]
+    inference = frame[(frame.strategy == "none") & (frame["mode"] == "inference") & (frame.depth == 1)
+                      & (frame.batch_size == 64)].iloc[0]
+    section = text.split("## The seed's worked example")[1].split("## ")[0]
+    for column in ("params_bytes", "grads_bytes", "saved_activation_bytes", "peak_bytes"):
+        value = int(seed[column])
+        assert f"{value:,} B ({format_bytes(value)})" in section, column
+    assert f"{int(inference.peak_bytes):,} B" in section
+    assert f"**{seed.peak_bytes / inference.peak_bytes:.2f}x**" in section
+
+
+def test_the_hvp_answer_uses_the_hvp_row(rendered) -> None:
+    _, text, frame = rendered
+    hvp = frame[(frame["mode"] == "hvp") & (frame.depth == 1) & (frame.batch_size == 64)].iloc[0]
+    assert f"{int(hvp.saved_activation_bytes):,} B" in text.split("**4. Second derivatives.**")[1]
+
+
+def test_failed_rows_are_listed_and_plots_still_drawn(rendered) -> None:
+    folder, text, frame = rendered
+    status = text.split("## Status")[1].split("## ")[0]
+    for row in frame[frame.status != "ok"].itertuples():
+        assert row.cell_id in status and row.status in status
+    assert "18 ok" in status and "1 oom" in status and "1 error" in status
+
+
+def test_summary_ratio_is_computed_from_the_rows(rendered) -> None:
+    _, text, frame = rendered
+    train = frame[(frame["mode"] == "train") & (frame.status == "ok")]
+    plain = train[(train.strategy == "none") & (train.depth == 3) & (train.batch_size == 4)].iloc[0]
+    sqrt = train[(train.strategy == "checkpoint-sqrt") & (train.depth == 3) & (train.batch_size == 4)].iloc[0]
+    ratio = plain.saved_activation_bytes / sqrt.saved_activation_bytes
+    summary = text.split("## Summary per strategy")[1].split("## ")[0]
+    assert f"{ratio:.2f}" in summary
+
+
+def test_report_command_and_missing_csv(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "results.csv" in capsys.readouterr().err
+    shutil.copy(FIXTURES / "results.csv", tmp_path / "results.csv")
+    assert main(["report", str(tmp_path)]) == 0  # no timelines.csv: the timeline plot is empty, not an error
+    assert (tmp_path / "report.md").exists() and (tmp_path / "plots" / "timeline.png").exists()
+
+
+@pytest.mark.parametrize("bias,activation", [(False, "relu"), (True, "gelu")])
+def test_graph_labels_saved_tensors_with_the_estimates_bytes(bias: bool, activation: str) -> None:
+    spec = MLPSpec(bias=bias, activation=activation, depth=2)
+    svg = graph_svg(spec, 64)
+    ElementTree.fromstring(svg)  # well-formed XML
+    total = estimate(spec, StepSpec(batch_size=64)).saved_activation_bytes
+    assert f"{total:,} B in all" in svg
+    assert ("b1" in svg) is bias
+    assert f"saved {format_bytes(64 * 784 * 4)}" in svg  # X

@@ -301,6 +301,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from bpmem.check import RuleError, compare, parse_rule, render
+
+    try:
+        rules = [parse_rule(text) for text in (args.fail or ["saved:0%", "peak:0%"])]
+    except RuleError as error:
+        return _fail(args.prog, f"argument --fail: {error}")
+    for flag, path in (("--baseline", args.baseline), ("--results", args.results)):
+        if not path.is_file():
+            return _fail(args.prog, f"argument {flag}: {path} is not a file; allowed: a results.csv")
+    comparison = compare(args.baseline, args.results, rules, strict=args.strict)
+    print(render(comparison, show_all=args.all))
+    return 1 if comparison.failed else 0
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from bpmem.graph import write_graph
 
@@ -359,6 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(and DIR/timelines.csv); every number in the report comes from those files.")
     rep.add_argument("directory", type=Path, metavar="DIR", help="a run folder written by `bpmem run`")
     rep.set_defaults(func=cmd_report)
+    che = sub.add_parser("check", help="fail (exit 1) on a memory regression between two results.csv",
+                         description="Join two results.csv files on (cell_id, rank), print a diff table in bytes "
+                                     "and %, report improvements, and exit 1 when a rule is broken.",
+                         epilog="rules: FIELD:N%% or FIELD:BYTES, e.g. saved:0%% peak:2%% peak:1MiB; FIELD is "
+                                "saved, peak, params, grads, optimizer, inference_peak, cuda_allocated, "
+                                "cuda_reserved, or a *_bytes column. Default: saved:0%% peak:0%%.\n"
+                                "exit status: 0 no regression, 1 regression (or a missing cell with --strict), "
+                                "2 bad arguments.")
+    che.add_argument("--baseline", type=Path, required=True, metavar="A.csv", help="the reference results.csv")
+    che.add_argument("--results", type=Path, required=True, metavar="B.csv", help="the new results.csv")
+    che.add_argument("--fail", action="append", metavar="FIELD:TOL", help="a regression rule (repeatable)")
+    che.add_argument("--strict", action="store_true", help="cells in only one file fail instead of warning")
+    che.add_argument("--all", action="store_true", help="print unchanged cells too")
+    che.set_defaults(func=cmd_check)
     gra = sub.add_parser("graph", help="the computational graph as SVG, saved tensors with their bytes",
                          description="Draw the seed network's computational graph (with --bias, exercise 2's): "
                                      "forward edges, and each tensor autograd saves for backward, labelled "

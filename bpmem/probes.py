@@ -90,6 +90,12 @@ def distinct_storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(seen.values())
 
 
+def _is_leaf_param(tensor: torch.Tensor) -> bool:
+    """A parameter-like leaf (requires grad, made by no op), or a view of one (W.t())."""
+    base = tensor._base if tensor._base is not None else tensor
+    return base.is_leaf and base.requires_grad
+
+
 class SavedTensorProbe:
     """Bytes autograd saves for backward, deduplicated by storage, parameters excluded.
 
@@ -98,12 +104,18 @@ class SavedTensorProbe:
     innermost ``scope()`` the caller opened (e.g. "loss"), else to "outside". A storage saved
     twice (a ReLU output is also the next Linear's input) counts once, for its first saver.
 
+    Without a model, ``exclude_leaf_params=True`` treats any leaf that requires grad (and
+    views of one, like ``W.t()``) as a parameter: an input made with requires_grad=True
+    would then not count either.
+
     Cannot see: memory that an op keeps outside autograd's SavedVariables, such as what
     non-reentrant checkpointing stores in its own frames, or cuDNN/oneDNN workspaces.
     """
 
-    def __init__(self, model: nn.Module | None = None, exclude: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, model: nn.Module | None = None, exclude: Iterable[torch.Tensor] = (),
+                 exclude_leaf_params: bool = False) -> None:
         self._model = model
+        self._exclude_leaf_params = exclude_leaf_params
         excluded = list(exclude) + (list(model.parameters()) if model is not None else [])
         self._excluded = {storage_key(t) for t in excluded}
         self._owner: dict[int, str] = {}
@@ -132,7 +144,7 @@ class SavedTensorProbe:
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         key = storage_key(tensor)
-        if key in self._excluded:
+        if key in self._excluded or (self._exclude_leaf_params and _is_leaf_param(tensor)):
             return tensor
         alive = self._alive.get(key)
         if alive is None or alive() is None:  # first sight, or an old address reused
@@ -216,6 +228,7 @@ class TimelineEvent:
 class _Tracked:
     nbytes: int
     category: str
+    op: str = ""
     aliases: int | None = None  # None: tracked by its storage object; else live alias count
 
 
@@ -283,6 +296,9 @@ class LiveTensorProbe:
         self.peak_by_category: dict[str, int] = {}
         self.peak_op = ""
         self.peak_phase = ""
+        self.peak_by_op: dict[str, int] = {}  # filled only with track_ops=True
+        self.track_ops = False
+        self._current_op = ""
         self.timeline: list[TimelineEvent] = []
         self.phase_end: dict[str, dict[str, int]] = {}  # the last time each phase ended
         self.phase_ends: list[tuple[str, dict[str, int]]] = []  # every time, in order
@@ -305,7 +321,7 @@ class LiveTensorProbe:
         key = storage._cdata
         if key in self._tracked:
             return
-        self._add(key, _Tracked(storage.nbytes(), category))
+        self._add(key, _Tracked(storage.nbytes(), category, self._current_op))
         weakref.finalize(storage, self._on_free, key)
 
     def _add(self, key: int, tracked: _Tracked) -> None:
@@ -322,11 +338,12 @@ class LiveTensorProbe:
         self._note("free")
 
     def _on_op(self, op: str, out: Any) -> None:
+        self._current_op = op
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 leaf = local_tensor(leaf)
-                if self._phase == "backward":
-                    self._track_alias(leaf)
+                if self._phase == "backward" or torch._C._current_graph_task_id() != -1:
+                    self._track_alias(leaf)  # inside autograd's backward, labelled or not
                 else:
                     self._track(leaf.untyped_storage(), self._phase)
         self._note(op)
@@ -345,7 +362,7 @@ class LiveTensorProbe:
         key = torch._C._storage_id(tensor)
         tracked = self._tracked.get(key)
         if tracked is None:
-            tracked = _Tracked(_fresh_storage_nbytes(tensor), self._phase, aliases=0)
+            tracked = _Tracked(_fresh_storage_nbytes(tensor), self._phase, self._current_op, aliases=0)
             self._add(key, tracked)
         elif tracked.aliases is None:
             return  # a storage tracked by its storage object already
@@ -392,6 +409,12 @@ class LiveTensorProbe:
             self.peak_bytes = self._live
             self.peak_by_category = {k: v for k, v in self._by_category.items() if v}
             self.peak_op, self.peak_phase = op, self._phase
+            if self.track_ops:
+                by_op: dict[str, int] = {}
+                for tracked in self._tracked.values():
+                    name = tracked.op or tracked.category
+                    by_op[name] = by_op.get(name, 0) + tracked.nbytes
+                self.peak_by_op = by_op
         if self._record_timeline:
             by_category = {k: v for k, v in self._by_category.items() if v}
             self.timeline.append(TimelineEvent(len(self.timeline), op, self._phase, self._live, by_category))

@@ -273,7 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items())) or "nothing new"
     done = f" ({outcome.already_done} already done)" if outcome.already_done else ""
     print(f"bpmem run: {counts}{done}; results in {out / 'results.csv'}", file=sys.stderr)
-    if outcome.written or outcome.already_done:
+    if (outcome.written or outcome.already_done) and not args.no_report:
         _report(out, args.quiet)
     if outcome.interrupted:
         print(f"bpmem run: stopped early; continue with: bpmem run --resume --out {out}"
@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="worker processes; with N GPUs, one process per GPU (default: 1, in-process)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--no-report", action="store_true", help="skip drawing plots and report.md at the end")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="draw plots and report.md from DIR/results.csv",
                          description="Re-draw DIR/plots/*.png|svg and DIR/report.md from DIR/results.csv "

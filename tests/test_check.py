@@ -19,7 +19,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "results.csv"
 
 def _edited(tmp_path: Path, change) -> Path:
     frame = pd.read_csv(FIXTURE, dtype=str, keep_default_na=False)
-    change(frame)
+    changed = change(frame)  # edits in place and returns None, or returns a new frame
+    frame = frame if changed is None else changed
     path = tmp_path / "results.csv"
     frame.to_csv(path, index=False)
     return path
@@ -61,7 +62,7 @@ def test_improvements_are_reported_and_pass(tmp_path: Path, capsys) -> None:
 
 
 def test_missing_cells_warn_or_fail_under_strict(tmp_path: Path, capsys) -> None:
-    results = _edited(tmp_path, lambda frame: frame.drop(index=0, inplace=True))
+    results = _edited(tmp_path, lambda frame: frame.drop(index=0))
     assert main(["check", "--baseline", str(FIXTURE), "--results", str(results)]) == 0
     assert "warning" in capsys.readouterr().out
     assert main(["check", "--baseline", str(FIXTURE), "--results", str(results), "--strict"]) == 1

@@ -1,6 +1,6 @@
-"""Splitting over two gloo processes on the CPU: every distributed strategy, equivalence
-with the single-device step, per-rank retained bytes against the prediction, and a rank
-that dies mid-step."""
+"""Splitting over two gloo processes on the CPU: every distributed strategy (pipelines, DDP,
+FSDP2, tensor parallelism), equivalence with the single-device step, per-rank bytes against
+the prediction, and a rank that dies mid-step."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.spec import DISTRIBUTED_STRATEGIES, MLPSpec, StepSpec
-from bpmem.strategies.distributed import predict_rank
+from bpmem.strategies.distributed import check, fsdp_shard_rows, predict_rank, tensor_parallel_styles
 from bpmem.sweep import run_distributed_cell
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -24,9 +24,15 @@ STEPS = [StepSpec(batch_size=16, strategy=name, microbatches=4, world_size=2) fo
 MSE_GELU = MLPSpec(input_dim=20, hidden_dim=12, output_dim=6, depth=4, activation="gelu", loss="mse", bias=True)
 DEEP = MLPSpec(input_dim=64, hidden_dim=64, output_dim=10, depth=16)
 DEEP_1F1B = StepSpec(batch_size=64, strategy="pipeline-1f1b", microbatches=4, world_size=2)
+# odd widths: FSDP2 pads dim 0 to ceil(n / 2) rows (13 -> 7 + 6, 5 -> 3 + 2)
+UNEVEN = MLPSpec(input_dim=21, hidden_dim=13, output_dim=5, depth=2, bias=True, activation="tanh")
 EXTRA = [(MSE_GELU, StepSpec(batch_size=8, strategy="pipeline-1f1b", microbatches=2, world_size=2, optimizer="adam")),
          (MSE_GELU, StepSpec(batch_size=8, strategy="pipeline-gpipe", microbatches=2, world_size=2)),
-         (DEEP, DEEP_1F1B)]
+         (MSE_GELU, StepSpec(batch_size=8, strategy="fsdp", world_size=2, optimizer="adam")),
+         # 5 Linears: two colwise/rowwise pairs, the output layer replicated
+         (MSE_GELU, StepSpec(batch_size=8, strategy="tensor-parallel", world_size=2, optimizer="adam")),
+         (UNEVEN, StepSpec(batch_size=6, strategy="fsdp", world_size=2, optimizer="sgd-momentum")),
+         (DEEP, DEEP_1F1B)]  # last: the depth-16 test finds it there
 
 
 def _torchrun(cells: list[tuple[MLPSpec, StepSpec]], out: Path, env: dict[str, str] | None = None):
@@ -62,8 +68,9 @@ def test_gradients_equal_the_single_device_step(rows: list[dict]) -> None:
 
 
 def test_each_rank_holds_what_was_predicted(rows: list[dict]) -> None:
-    """Parameters, gradients and optimizer state per rank; retained activations exactly for
-    DDP, GPipe and 1F1B. The interleaved schedule's prediction is an upper figure."""
+    """Parameters, gradients and optimizer state per rank (FSDP and tensor parallel: the local
+    shards of the DTensors); retained activations exactly for DDP, FSDP, tensor parallel,
+    GPipe and 1F1B. The interleaved schedule's prediction is an upper figure."""
     for row in rows:
         spec, step = _cases()[row["cell_index"]]
         predicted = predict_rank(spec, step, row["rank"], 2)
@@ -73,6 +80,44 @@ def test_each_rank_holds_what_was_predicted(rows: list[dict]) -> None:
             assert row["saved_activation_bytes"] <= predicted["saved_activation_bytes"]
         else:
             assert row["saved_activation_bytes"] == predicted["saved_activation_bytes"], (step.strategy, row)
+
+
+def _row(rows: list[dict], spec: MLPSpec, strategy: str, rank: int) -> dict:
+    index = next(i for i, (a, b) in enumerate(_cases()) if a == spec and b.strategy == strategy)
+    return next(r for r in rows if r["cell_index"] == index and r["rank"] == rank)
+
+
+def test_fsdp_and_tensor_parallel_split_the_parameters(rows: list[dict]) -> None:
+    """On SPEC (even widths) each rank of FSDP and of tensor parallel holds half of DDP's
+    replica, gradients included; FSDP retains what DDP does (the same B/2 rows), tensor
+    parallel more (the whole batch) but less than one device at B (half features between
+    each colwise/rowwise pair)."""
+    from bpmem.estimate import estimate
+
+    single = estimate(SPEC, StepSpec(batch_size=16)).saved_activation_bytes
+    for rank in (0, 1):
+        ddp, fsdp, tp = (_row(rows, SPEC, name, rank) for name in ("ddp", "fsdp", "tensor-parallel"))
+        for figure in ("params_bytes", "grads_bytes"):
+            assert 2 * fsdp[figure] == 2 * tp[figure] == ddp[figure], figure
+        assert fsdp["saved_activation_bytes"] == ddp["saved_activation_bytes"]
+        assert ddp["saved_activation_bytes"] < tp["saved_activation_bytes"] < single
+
+
+def test_fsdp_pads_uneven_shards() -> None:
+    """13 rows over 2 ranks: 7 and 6, both padded to 7; 1 row over 2: rank 1 holds none."""
+    assert [fsdp_shard_rows(13, r, 2) for r in (0, 1)] == [(7, 7), (6, 7)]
+    assert [fsdp_shard_rows(1, r, 2) for r in (0, 1)] == [(1, 1), (0, 1)]
+    params = [predict_rank(UNEVEN, StepSpec(batch_size=6, strategy="fsdp", world_size=2), r, 2)["params_bytes"]
+              for r in (0, 1)]
+    assert params[0] == params[1] == 4 * (7 * 21 + 7 + 7 * 13 + 7 + 3 * 13 + 3)
+
+
+def test_tensor_parallel_pairs_linears_and_needs_an_even_hidden_width() -> None:
+    assert tensor_parallel_styles(SPEC) == ["colwise", "rowwise"] * 3
+    assert tensor_parallel_styles(MSE_GELU) == ["colwise", "rowwise"] * 2 + ["replicated"]
+    with pytest.raises(ValueError, match="hidden_dim: 13"):
+        check(UNEVEN, StepSpec(batch_size=6, strategy="tensor-parallel", world_size=2), 2)
+    check(UNEVEN, StepSpec(batch_size=6, strategy="fsdp", world_size=2), 2)  # FSDP pads instead
 
 
 def test_pipelines_keep_more_than_the_textbook_says(rows: list[dict]) -> None:

@@ -48,7 +48,7 @@ strategies = [
     { name = "checkpoint-selective", policy = ["save-matmuls", "save-activations"] },
     { name = "microbatch", microbatches = 4 },
 ]
-repeats = 3
+repeats = 2
 warmup = 1
 
 [model]

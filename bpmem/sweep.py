@@ -107,7 +107,9 @@ def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
     nearest 64: one step per strategy, for the report's timeline plot."""
     depth = max(dict(config.model).get("depth", (1,)))
     batch = min(config.batch_sizes, key=lambda b: (abs(b - 64), b))
-    return cell.step.mode == "train" and cell.spec.depth == depth and cell.step.batch_size == batch
+    plotted = ("none", "checkpoint-sqrt", "checkpoint-layer", "checkpoint-selective", "microbatch")
+    return (cell.step.mode == "train" and cell.spec.depth == depth and cell.step.batch_size == batch
+            and cell.step.strategy in plotted)
 
 
 def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def test_a_killed_rank_is_an_error_row_and_leaves_no_process(monkeypatch: pytest
 def test_a_hung_rank_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BPMEM_FAULT", "hang:0")
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    config = SweepConfig(repeats=1, warmup=0, timeout_s=25)
+    config = SweepConfig(repeats=1, warmup=0, timeout_s=15)
     cell = Cell(SPEC, StepSpec(batch_size=16, strategy="ddp", world_size=2), "cpu")
     result = run_distributed_cell(cell, "test", environment("cpu"), config)
     assert all(r["status"] == "error" for r in result)

@@ -152,6 +152,19 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+def _scatter_with_front(axis: Any, items: list[tuple[str, Any, Any]]) -> None:
+    """One labelled point per (label, bytes, seconds), and the Pareto front through them."""
+    points = []
+    for index, (label, nbytes, seconds) in enumerate(items):
+        if nbytes == nbytes and seconds == seconds:  # skip missing (NaN) figures
+            axis.scatter(float(nbytes), float(seconds), color=f"C{index % 10}", label=label)
+            points.append((float(nbytes), float(seconds)))
+    front = _pareto(points)
+    if front:
+        axis.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
+    _bytes_axis(axis, "x")
+
+
 def plot_checkpoint_pareto(frame: Any, plots: Path) -> list[str]:
     plt = _pyplot()
     train = frame[(frame["mode"] == "train") & (frame.status == "ok") & (frame.world_size == 1)
@@ -160,14 +173,8 @@ def plot_checkpoint_pareto(frame: Any, plots: Path) -> list[str]:
     batch = deepest.batch_size.max() if len(deepest) else 0
     part = deepest[deepest.batch_size == batch]
     fig, axis = plt.subplots(figsize=FIGURE_SIZE)
-    points = []
-    for index, row in enumerate(part.itertuples()):
-        axis.scatter(row.saved_activation_bytes, row.step_time_median_s, color=f"C{index % 10}", label=row.label)
-        points.append((float(row.saved_activation_bytes), float(row.step_time_median_s)))
-    front = _pareto(points)
-    if front:
-        axis.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
-    _bytes_axis(axis, "x")
+    _scatter_with_front(axis, [(row.label, row.saved_activation_bytes, row.step_time_median_s)
+                               for row in part.itertuples()])
     axis.set_xlabel("retained activations (bytes, IEC)")
     axis.set_ylabel("step time, median (s)")
     model = part.model.iloc[0] if len(part) else ""
@@ -206,15 +213,7 @@ def plot_split(frame: Any, plots: Path) -> list[str]:
     fig, axis = plt.subplots(figsize=FIGURE_SIZE)
     everything = ok[(ok.model == model) & (ok.batch_size == batch)]
     per_device = everything.groupby("label").agg(peak=("peak_bytes", "max"), time=("step_time_median_s", "max"))
-    points = []
-    for index, (label, row) in enumerate(per_device.iterrows()):
-        if row.peak == row.peak:
-            axis.scatter(float(row.peak), float(row.time), color=f"C{index % 10}", label=label)
-            points.append((float(row.peak), float(row.time)))
-    front = _pareto(points)
-    if front:
-        axis.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
-    _bytes_axis(axis, "x")
+    _scatter_with_front(axis, [(label, row.peak, row.time) for label, row in per_device.iterrows()])
     axis.set_xlabel("peak memory per device (bytes, IEC; largest rank)")
     axis.set_ylabel("step time, median (s; slowest rank)")
     axis.set_title(f"Every strategy: memory per device against time ({model}, B={batch})")

@@ -98,6 +98,17 @@ def test_compile_budget_meets_results_within_tolerance_and_recomputes() -> None:
     assert measured["peak_bytes"] > measured["params_bytes"]  # from the allocator trace, not the live probe
 
 
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.2])
+def test_compile_budget_is_predicted_exactly_by_the_partitioner_on_meta(budget: float) -> None:
+    spec = MLPSpec(input_dim=48, hidden_dim=32, output_dim=5, depth=6, activation="gelu", bias=True)
+    step = StepSpec(batch_size=16, strategy="compile-budget", budget=budget)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        predicted, measured = estimate(spec, step), measure(spec, step)
+    assert measured["saved_activation_bytes"] == predicted.saved_activation_bytes
+    assert measured["recompute_flops"] == predicted.recompute_flops
+
+
 def _random_costs(rng: random.Random, n: int) -> ChainCosts:
     return ChainCosts(
         boundary_bytes=tuple(rng.randint(1, 50) for _ in range(n)),

@@ -278,6 +278,11 @@ class LiveTensorProbe:
     The peak is taken after each op and each free, so it is the exact maximum of the sum of
     live storages as the dispatcher sees them.
 
+    In backward the probe counts a storage as alive while a tensor the dispatcher returned
+    on it lives. Under ``create_graph=True`` autograd can keep a saved output through an
+    alias it makes itself; such a storage may be counted as freed early, so an ``hvp``
+    step's peak is a lower figure than a storage-level count would give.
+
     Cannot see: tensors made before entering that were not listed in ``preexisting``; scratch
     memory that kernels allocate internally without returning it (oneDNN, cuBLAS workspaces);
     allocator rounding and caching (use ``CudaProbe`` for those); the CUDA context.

@@ -97,7 +97,8 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         "predicted_recompute_flops": predicted.recompute_flops,
     })
     if predicted.strategy_params:
-        row["strategy_params"] = json.dumps({**step.strategy_params(), **predicted.strategy_params},
+        # the step's own parameters win: a plan's segment count must not hide the K asked for
+        row["strategy_params"] = json.dumps({**predicted.strategy_params, **step.strategy_params()},
                                             sort_keys=True)
     return row
 

@@ -74,7 +74,6 @@ def graph_svg(spec: MLPSpec, batch_size: int) -> str:
     dims = spec.layer_dims()
     x = 60.0
     gelu = spec.activation == "gelu"
-    keeps_output = not gelu  # relu/tanh/sigmoid save h; gelu saves z (and the next mm saves h)
     svg.box(x, base_y, "X", f"saved {format_bytes(b * spec.input_dim * s)}", saved=True)
     previous = x
     total_saved = b * spec.input_dim * s
@@ -111,7 +110,6 @@ def graph_svg(spec: MLPSpec, batch_size: int) -> str:
             total_saved += b * fan_out * s
             svg.arrow(act_x + 16, base_y, h_x - BOX_W / 2, base_y)
             previous = h_x
-    del keeps_output
     q = spec.output_dim
     loss_x = previous + STEP_X * 0.7
     svg.op(loss_x, base_y, "l")

@@ -132,13 +132,21 @@ def _setup_ddp(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor, y: torch.Te
     del x, y
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    run = _objective_step(spec, wrapped, model, x_local, y_local)
+    return RankSetup([wrapped], list(model.parameters()), x_local, y_local, run, [x_local, y_local])
+
+
+def _objective_step(spec: MLPSpec, forward: nn.Module, weights: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """The step of the strategies that run the whole model on every rank (DDP, FSDP, TP):
+    J = L + s forward through ``forward`` (the wrapper), s over ``weights``, then backward."""
+
     def run(phase: Any) -> None:
         with phase("forward"):
-            objective = data_loss(spec, wrapped(x_local), y_local) + _regularizer(spec, model)
+            objective = data_loss(spec, forward(x), y) + _regularizer(spec, weights)
         with phase("backward"):
             objective.backward()
 
-    return RankSetup([wrapped], list(model.parameters()), x_local, y_local, run, [x_local, y_local])
+    return run
 
 
 def _regularizer(spec: MLPSpec, module: nn.Module) -> torch.Tensor:
@@ -175,11 +183,7 @@ def _setup_fsdp(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor, y: torch.T
     y_local = y[rank * rows:(rank + 1) * rows].clone()
     del x, y
 
-    def run(phase: Any) -> None:
-        with phase("forward"):
-            objective = data_loss(spec, model(x_local), y_local) + _regularizer(spec, model)
-        with phase("backward"):
-            objective.backward()
+    run = _objective_step(spec, model, model, x_local, y_local)
 
     def transient_params() -> list[torch.Tensor]:
         # FSDP2 all-gathers each Linear's parameters into buffers it allocates once and then
@@ -213,12 +217,7 @@ def _setup_tensor_parallel(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor,
             if style in styles}
     parallelize_module(model, mesh, plan)
 
-    def run(phase: Any) -> None:
-        with phase("forward"):
-            objective = data_loss(spec, model(x), y) + _regularizer(spec, model)
-        with phase("backward"):
-            objective.backward()
-
+    run = _objective_step(spec, model, model, x, y)
     return RankSetup([model], list(model.parameters()), x, y, run, [x, y])
 
 

@@ -126,14 +126,18 @@ def _setup_ddp(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor, y: torch.Te
                device: torch.device) -> RankSetup:
     from torch.nn.parallel import DistributedDataParallel
 
-    rows = x.shape[0] // world_size
-    x_local = x[rank * rows:(rank + 1) * rows].clone()
-    y_local = y[rank * rows:(rank + 1) * rows].clone()
+    x_local, y_local = _local_rows(x, y, rank, world_size)
     del x, y
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     run = _objective_step(spec, wrapped, model, x_local, y_local)
     return RankSetup([wrapped], list(model.parameters()), x_local, y_local, run, [x_local, y_local])
+
+
+def _local_rows(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's 1/p of the rows, as fresh tensors (not views keeping the global batch)."""
+    rows = x.shape[0] // world_size
+    return x[rank * rows:(rank + 1) * rows].clone(), y[rank * rows:(rank + 1) * rows].clone()
 
 
 def _objective_step(spec: MLPSpec, forward: nn.Module, weights: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -178,9 +182,7 @@ def _setup_fsdp(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor, y: torch.T
     for linear in linears:
         fully_shard(linear, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    rows = x.shape[0] // world_size
-    x_local = x[rank * rows:(rank + 1) * rows].clone()
-    y_local = y[rank * rows:(rank + 1) * rows].clone()
+    x_local, y_local = _local_rows(x, y, rank, world_size)
     del x, y
 
     run = _objective_step(spec, model, model, x_local, y_local)

@@ -16,6 +16,7 @@ from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.spec import DISTRIBUTED_STRATEGIES, MLPSpec, StepSpec
 from bpmem.strategies.distributed import check, fsdp_shard_rows, predict_rank, tensor_parallel_styles
+from bpmem.strategies.schedules import interleaved_order, interleaved_rounds
 from bpmem.sweep import run_distributed_cell
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,12 +33,15 @@ EXTRA = [(MSE_GELU, StepSpec(batch_size=8, strategy="pipeline-1f1b", microbatche
          # 5 Linears: two colwise/rowwise pairs, the output layer replicated
          (MSE_GELU, StepSpec(batch_size=8, strategy="tensor-parallel", world_size=2, optimizer="adam")),
          (UNEVEN, StepSpec(batch_size=6, strategy="fsdp", world_size=2, optimizer="sgd-momentum")),
+         # the interleaved schedule at more micro-batches: rounds of 2, sends held to the end
+         (SPEC, StepSpec(batch_size=24, strategy="pipeline-interleaved", microbatches=6, world_size=2)),
+         (MSE_GELU, StepSpec(batch_size=8, strategy="pipeline-interleaved", microbatches=4, world_size=2)),
          (DEEP, DEEP_1F1B)]  # last: the depth-16 test finds it there
 
 
-def _torchrun(cells: list[tuple[MLPSpec, StepSpec]], out: Path, env: dict[str, str] | None = None):
+def _torchrun(cells: list[tuple[MLPSpec, StepSpec]], out: Path, env: dict[str, str] | None = None, ranks: int = 2):
     cell_json = json.dumps([{"spec": spec.__dict__, "step": step.__dict__} for spec, step in cells])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "bpmem.worker", "--cell", cell_json, "--out", str(out), "--repeats", "1", "--warmup", "0",
                "--timeout-s", "60"]
     environ = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
@@ -68,18 +72,14 @@ def test_gradients_equal_the_single_device_step(rows: list[dict]) -> None:
 
 
 def test_each_rank_holds_what_was_predicted(rows: list[dict]) -> None:
-    """Parameters, gradients and optimizer state per rank (FSDP and tensor parallel: the local
-    shards of the DTensors); retained activations exactly for DDP, FSDP, tensor parallel,
-    GPipe and 1F1B. The interleaved schedule's prediction is an upper figure."""
+    """Parameters, gradients, optimizer state and retained activations per rank, exactly, for
+    every strategy (FSDP and tensor parallel: the local shards of the DTensors; the
+    interleaved schedule: its order of forwards and backwards replayed)."""
     for row in rows:
         spec, step = _cases()[row["cell_index"]]
         predicted = predict_rank(spec, step, row["rank"], 2)
-        for figure in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+        for figure in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes"):
             assert row[figure] == predicted[figure], (step.strategy, row["rank"], figure)
-        if step.strategy == "pipeline-interleaved":
-            assert row["saved_activation_bytes"] <= predicted["saved_activation_bytes"]
-        else:
-            assert row["saved_activation_bytes"] == predicted["saved_activation_bytes"], (step.strategy, row)
 
 
 def _row(rows: list[dict], spec: MLPSpec, strategy: str, rank: int) -> dict:
@@ -162,3 +162,47 @@ def test_a_hung_rank_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "timed out" in result[0]["error"] or "rank" in result[0]["error"]
     left = subprocess.run(["pgrep", "-f", "bpmem.worker"], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("world,microbatches", [(2, 2), (2, 4), (2, 6), (3, 3), (3, 9), (4, 8)])
+def test_interleaved_order_runs_every_micro_batch_forward_then_backward(world: int, microbatches: int) -> None:
+    """Each local stage sees m forwards and m backwards, a micro-batch's backward never before
+    its forward, and the last rank's first backward comes after one round of warm-up
+    forwards and the first steady-state forward."""
+    for rank in range(world):
+        order = interleaved_order(rank, world, microbatches)
+        for stage in (rank, rank + world):
+            actions = [a for a, s in order if s == stage]
+            assert actions.count("F") == actions.count("B") == microbatches
+            in_flight = 0
+            for action in actions:
+                in_flight += 1 if action == "F" else -1
+                assert in_flight >= 0
+    last = interleaved_order(world - 1, world, microbatches)
+    assert last.index(("B", 2 * world - 1)) == interleaved_rounds(microbatches, world)[1] + 1
+
+
+def test_interleaved_needs_whole_rounds() -> None:
+    step = StepSpec(batch_size=20, strategy="pipeline-interleaved", microbatches=5, world_size=2)
+    with pytest.raises(ValueError, match="microbatches: 5 does not split into 2 equal rounds"):
+        check(SPEC, step, 2)
+
+
+def test_three_ranks_keep_what_was_predicted(tmp_path: Path) -> None:
+    """Three ranks: the interleaved schedule's replay (6 stages) and 1F1B, where stage r keeps
+    p - r micro-batches and, with GELU, no extra output for its send (GELU saves its input)."""
+    gelu = MLPSpec(input_dim=20, hidden_dim=12, output_dim=6, depth=6, activation="gelu", loss="mse", bias=True)
+    relu = MLPSpec(input_dim=32, hidden_dim=16, output_dim=4, depth=7)
+    cells = [(relu, StepSpec(batch_size=36, strategy="pipeline-interleaved", microbatches=6, world_size=3)),
+             (gelu, StepSpec(batch_size=36, strategy="pipeline-interleaved", microbatches=3, world_size=3)),
+             (gelu, StepSpec(batch_size=36, strategy="pipeline-1f1b", microbatches=6, world_size=3))]
+    out = tmp_path / "rows.json"
+    done = _torchrun(cells, out, ranks=3)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 9
+    for row in rows:
+        spec, step = cells[row["cell_index"]]
+        predicted = predict_rank(spec, step, row["rank"], 3)
+        assert row["saved_activation_bytes"] == predicted["saved_activation_bytes"], (step.strategy, row["rank"])
+        assert row["equivalence_max_rel_err"] < 1e-5

@@ -40,26 +40,18 @@ from torch import nn
 from bpmem.model import build, data_loss, make_batch, weight_matrices
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.checkpointing import units
-from bpmem.strategies.planner import uniform_plan
+from bpmem.strategies.schedules import (
+    PIPELINES,
+    interleaved_rounds,
+    pipeline_comm_bytes,
+    pipeline_saved_bytes,
+    ranks_stages,
+    stage_count,
+    stage_units,
+)
 
-PIPELINES: tuple[str, ...] = ("pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved")
 DATA_PARALLEL: tuple[str, ...] = ("ddp", "fsdp")  # each rank takes 1/p of the rows
 DISTRIBUTED: tuple[str, ...] = (*PIPELINES, *DATA_PARALLEL, "tensor-parallel")
-
-
-def stage_count(strategy: str, world_size: int) -> int:
-    """Pipeline stages: one per rank, two per rank for the interleaved schedule."""
-    return 2 * world_size if strategy == "pipeline-interleaved" else world_size
-
-
-def stage_units(spec: MLPSpec, strategy: str, world_size: int) -> list[tuple[int, int]]:
-    """[start, end) unit ranges of each stage, as even as the chain allows."""
-    return [(s.start, s.end) for s in uniform_plan(spec.depth + 1, stage_count(strategy, world_size))]
-
-
-def ranks_stages(strategy: str, rank: int, world_size: int) -> list[int]:
-    """Stage indices this rank runs (the interleaved schedule loops: r, r + p)."""
-    return [rank, rank + world_size] if strategy == "pipeline-interleaved" else [rank]
 
 
 def check(spec: MLPSpec, step: StepSpec, world_size: int) -> None:
@@ -77,6 +69,11 @@ def check(spec: MLPSpec, step: StepSpec, world_size: int) -> None:
         if step.strategy != "pipeline-gpipe" and step.microbatches < world_size:
             raise ValueError(f"microbatches: {step.microbatches} is fewer than the {world_size} stages; "
                              f"{step.strategy} needs microbatches >= world_size")
+        rounds, _ = interleaved_rounds(step.microbatches, world_size)
+        if step.strategy == "pipeline-interleaved" and step.microbatches % rounds:
+            raise ValueError(f"microbatches: {step.microbatches} does not split into {rounds} equal rounds of "
+                             f"the interleaved schedule on {world_size} ranks; allowed: a multiple of "
+                             f"max(1, microbatches // world_size)")
     if step.strategy in DATA_PARALLEL and step.batch_size % world_size:
         raise ValueError(f"batch_size: {step.batch_size} does not split evenly over {world_size} ranks; "
                          "allowed: a multiple of world_size")
@@ -306,21 +303,10 @@ def barrier() -> None:
 def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> dict[str, Any]:
     """Per-rank predictions: this rank's parameters, its retained activations, bubble, traffic.
 
-    Pipelines keep, per micro-batch in flight, each unit's input and internals at the
-    micro-batch size (B/m rows) and, on the last stage, the loss internals. On top of the
-    textbook count of micro-batches in flight (GPipe m; 1F1B p - r on stage r) the
-    implementation keeps:
-
-    - the whole X (first stage) and y (last stage): micro-batches are views of them;
-    - every micro-batch's receive buffer on a later stage: ``PipelineStage`` allocates one
-      per micro-batch and keeps it for its life, so all m stay alive, in flight or not;
-    - in 1F1B's steady state, one more output of the stage, still held by its send;
-    - every micro-batch's output on the last stage (the schedule merges them); MSE saves o,
-      so there those outputs count as retained.
-
-    Both figures are reported: ``textbook_saved_bytes`` and the prediction of what the
-    schedule really keeps. The interleaved schedule's in-flight count is taken as m: an
-    upper figure, not exact. DDP keeps a full replica and the plain step's activations for
+    Pipelines: ``bpmem.strategies.schedules.pipeline_saved_bytes`` gives both the textbook
+    figure (micro-batches in flight) and what the schedule really keeps (receive buffers,
+    outputs held by sends, the last stage's outputs), the latter exact for every schedule;
+    both are reported. DDP keeps a full replica and the plain step's activations for
     its B/p rows; its gradients travel in an all-reduce of the whole gradient.
 
     FSDP and tensor parallelism: see ``_predict_fsdp`` and ``_predict_tensor_parallel``
@@ -330,7 +316,6 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
     from dataclasses import replace
 
     from bpmem.estimate import estimate
-    from bpmem.strategies.checkpointing import chain_costs, loss_bytes
 
     s, p, b = spec.itemsize, world_size, step.batch_size
     if step.strategy == "fsdp":
@@ -345,42 +330,16 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
                 "saved_activation_bytes": local.saved_activation_bytes,
                 "textbook_saved_bytes": local.saved_activation_bytes, "bubble_fraction": 0.0,
                 "comm_bytes": 2 * (p - 1) * grads // p}
-    m = step.microbatches
-    micro = b // m
-    costs = chain_costs(spec, micro)
     ranges = stage_units(spec, step.strategy, p)
-    n_stages = len(ranges)
     mine = ranks_stages(step.strategy, rank, p)
     params = sum(per_unit_params[j] for stage in mine for j in range(*ranges[stage]))
-    fixed = textbook = kept = comm = 0
-    for stage in mine:
-        start, end = ranges[stage]
-        first, last = stage == 0, stage == n_stages - 1
-        inner = sum(costs.boundary_bytes[start + 1:end]) + sum(costs.internal_bytes[start:end])
-        if not last and spec.activation != "gelu":
-            inner += costs.boundary_bytes[end]  # the stage's last activation saves its output
-        if last:
-            label_row = 8 if spec.loss == "cross_entropy" else spec.output_dim * s
-            inner += loss_bytes(spec, micro) - micro * label_row  # y's micro-batch is a view...
-            fixed += b * label_row  # ...of the whole y, kept once
-        received = 0 if first else costs.boundary_bytes[start]
-        if first:
-            fixed += b * spec.input_dim * s  # X, whole
-        in_flight = {"pipeline-gpipe": m, "pipeline-1f1b": min(m, p - rank)}.get(step.strategy, m)
-        textbook += in_flight * (inner + received)
-        kept += in_flight * inner + m * received
-        if step.strategy == "pipeline-1f1b" and not last and m > p - rank:
-            kept += costs.boundary_bytes[end]  # one more output, held by its send
-        if last and spec.loss == "mse":
-            kept += (m - in_flight) * micro * spec.output_dim * s  # the stage keeps every output o
-        comm += (0 if last else m * costs.boundary_bytes[end]) + (0 if first else m * costs.boundary_bytes[start])
-    optimizer = {"sgd": 0, "sgd-momentum": params, "adam": 2 * params}[step.optimizer]
-    if step.optimizer == "adam":
-        optimizer += 4 * sum((2 if spec.bias else 1) * (ranges[stage][1] - ranges[stage][0]) for stage in mine)
-    virtual = 2 if step.strategy == "pipeline-interleaved" else 1
-    return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": optimizer,
-            "saved_activation_bytes": fixed + kept, "textbook_saved_bytes": fixed + textbook,
-            "bubble_fraction": (p - 1) / (virtual * m + p - 1), "comm_bytes": comm}
+    tensors = sum((2 if spec.bias else 1) * (ranges[stage][1] - ranges[stage][0]) for stage in mine)
+    kept, textbook = pipeline_saved_bytes(spec, step, rank, p)
+    virtual = len(mine)  # the interleaved schedule's bubble shrinks with its local stages
+    return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": optimizer_bytes(step, params, tensors),
+            "saved_activation_bytes": kept, "textbook_saved_bytes": textbook,
+            "bubble_fraction": (p - 1) / (virtual * step.microbatches + p - 1),
+            "comm_bytes": pipeline_comm_bytes(spec, step, rank, p)}
 
 
 def fsdp_shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -391,7 +350,7 @@ def fsdp_shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return max(0, min(padded, rows - rank * padded)), padded
 
 
-def _optimizer_bytes(step: StepSpec, state_bytes: int, n_params: int) -> int:
+def optimizer_bytes(step: StepSpec, state_bytes: int, n_params: int) -> int:
     """Per-parameter state, each tensor the size of the local parameter; Adam adds a 4-byte step."""
     return {"sgd": 0, "sgd-momentum": state_bytes, "adam": 2 * state_bytes + 4 * n_params}[step.optimizer]
 
@@ -429,7 +388,7 @@ def _predict_fsdp(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> 
         n_params += 2 if spec.bias else 1
     local = estimate(spec, replace(step, strategy="none", batch_size=step.batch_size // p, world_size=1))
     weights = spec.depth + 1
-    return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": _optimizer_bytes(step, state, n_params),
+    return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer_bytes(step, state, n_params),
             "saved_activation_bytes": local.saved_activation_bytes,
             "textbook_saved_bytes": local.saved_activation_bytes, "bubble_fraction": 0.0,
             "comm_bytes": 3 * (p - 1) * params + weights * 2 * (p - 1) * s // p}
@@ -471,6 +430,6 @@ def _predict_tensor_parallel(spec: MLPSpec, step: StepSpec, world_size: int) -> 
         retained += costs.internal_bytes[j] // (p if style == "colwise" else 1)
     retained += loss_bytes(spec, b)
     reduced += sum(style != "replicated" for style in styles) * s
-    return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": _optimizer_bytes(step, params, n_params),
+    return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": optimizer_bytes(step, params, n_params),
             "saved_activation_bytes": retained, "textbook_saved_bytes": retained, "bubble_fraction": 0.0,
             "comm_bytes": 2 * (p - 1) * reduced // p}

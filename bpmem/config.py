@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpmem.spec import DISTRIBUTED_STRATEGIES, MODES, SINGLE_DEVICE_STRATEGIES, STRATEGIES, MLPSpec, SpecError, StepSpec
+from bpmem.spec import MODES, SINGLE_DEVICE_STRATEGIES, SPLIT_STRATEGIES, STRATEGIES, MLPSpec, SpecError, StepSpec
 
 MODEL_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec)) + ("optimizer",)
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
@@ -189,7 +189,7 @@ def _strategies(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ..
         name = table.get("name")
         if name not in STRATEGIES:
             raise ConfigError("strategies", f"{name!r} is not allowed; allowed: {', '.join(STRATEGIES)} (or \"all\")")
-        if name in DISTRIBUTED_STRATEGIES and "world_size" not in table:
+        if name in SPLIT_STRATEGIES and "world_size" not in table:
             table = {**table, "world_size": 2}
         keys = [k for k in STRATEGY_KEYS[1:] if k in table]
         for combo in itertools.product(*(_as_list(k, table[k]) for k in keys)):

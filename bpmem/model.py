@@ -56,8 +56,13 @@ def data_loss(spec: MLPSpec, output: torch.Tensor, target: torch.Tensor) -> torc
 
 
 def regularizer(spec: MLPSpec, model: nn.Module) -> torch.Tensor:
-    """s = lambda/2 * sum ||W||_F^2 over the weight matrices only."""
-    squares = [w.pow(2).sum() for w in weight_matrices(model)]
+    """s = lambda/2 * sum ||W||_F^2 over the weight matrices only.
+
+    Each square sum is taken where its weight lives and then moved next to the last weight
+    (the output layer's device, where the loss is), so s works when the layers are spread
+    over devices (``model-parallel``); on one device ``.to`` is a no-op and copies nothing."""
+    weights = weight_matrices(model)
+    squares = [w.pow(2).sum().to(weights[-1].device) for w in weights]
     return torch.stack(squares).sum() * (spec.l2 / 2)
 
 

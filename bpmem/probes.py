@@ -289,8 +289,12 @@ class LiveTensorProbe:
     """
 
     def __init__(self, preexisting: Mapping[str, Iterable[torch.Tensor | None]] | None = None,
-                 record_timeline: bool = True) -> None:
-        self._preexisting = {k: [t for t in v if t is not None] for k, v in (preexisting or {}).items()}
+                 record_timeline: bool = True, device: torch.device | str | None = None) -> None:
+        # with ``device``, only storages on that device count: one device's peak when a step
+        # spans several (model-parallel)
+        self._device = torch.device(device) if device is not None else None
+        self._preexisting = {k: [t for t in v if t is not None and self._counts(t.device)]
+                             for k, v in (preexisting or {}).items()}
         self._record_timeline = record_timeline
         self._tracked: dict[int, _Tracked] = {}
         self._by_category: dict[str, int] = {}
@@ -322,9 +326,16 @@ class LiveTensorProbe:
             self.phase_ends.append((name, self.phase_end[name]))
             self._phase = previous
 
+    def _counts(self, device: torch.device) -> bool:
+        if self._device is None:
+            return True
+        # a device without an index ("cuda") takes in all of its type; "cuda:1" only that one
+        return device.type == self._device.type and (self._device.index is None or device.index is None
+                                                      or device.index == self._device.index)
+
     def _track(self, storage: torch.UntypedStorage, category: str) -> None:
         key = storage._cdata
-        if key in self._tracked:
+        if key in self._tracked or not self._counts(storage.device):
             return
         self._add(key, _Tracked(storage.nbytes(), category, self._current_op))
         weakref.finalize(storage, self._on_free, key)
@@ -364,6 +375,8 @@ class LiveTensorProbe:
         exact there; in forward, saved outputs get aliases the dispatcher never sees, which
         is why forward uses storage objects instead.
         """
+        if not self._counts(tensor.device):
+            return
         key = torch._C._storage_id(tensor)
         tracked = self._tracked.get(key)
         if tracked is None:

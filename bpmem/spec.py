@@ -44,7 +44,11 @@ SINGLE_DEVICE_STRATEGIES: tuple[str, ...] = (
 # run by every rank of a torchrun job (bpmem.worker); world_size > 1
 DISTRIBUTED_STRATEGIES: tuple[str, ...] = ("pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved", "ddp", "fsdp",
                                            "tensor-parallel")
-STRATEGIES: tuple[str, ...] = SINGLE_DEVICE_STRATEGIES + DISTRIBUTED_STRATEGIES
+# one process, the layers spread over world_size devices (cuda:0..N-1; bpmem.strategies.model_parallel)
+MULTI_DEVICE_STRATEGIES: tuple[str, ...] = ("model-parallel",)
+# split over world_size >= 2 devices or processes: one results row per device (rank)
+SPLIT_STRATEGIES: tuple[str, ...] = DISTRIBUTED_STRATEGIES + MULTI_DEVICE_STRATEGIES
+STRATEGIES: tuple[str, ...] = SINGLE_DEVICE_STRATEGIES + SPLIT_STRATEGIES
 POLICIES: tuple[str, ...] = ("save-matmuls", "save-activations")
 
 class SpecError(ValueError):
@@ -160,7 +164,7 @@ class StepSpec:
             return {"policy": self.policy}
         if self.strategy == "microbatch":
             return {"microbatches": self.microbatches}
-        if self.strategy in ("ddp", "fsdp", "tensor-parallel"):
+        if self.strategy in ("ddp", "fsdp", "tensor-parallel", "model-parallel"):
             return {"world_size": self.world_size}
         if self.strategy in DISTRIBUTED_STRATEGIES:
             return {"microbatches": self.microbatches, "world_size": self.world_size}
@@ -174,11 +178,11 @@ class StepSpec:
         _check_positive_int("segments", self.segments)
         _check_positive_int("microbatches", self.microbatches)
         _check_positive_int("world_size", self.world_size)
-        if self.strategy in DISTRIBUTED_STRATEGIES and self.world_size < 2:
+        if self.strategy in SPLIT_STRATEGIES and self.world_size < 2:
             raise SpecError("world_size", self.world_size, f"an integer >= 2 (with strategy {self.strategy})")
-        if self.strategy not in DISTRIBUTED_STRATEGIES and self.world_size != 1:
-            raise SpecError("world_size", self.world_size, f"1 (strategy {self.strategy} runs in one process)")
-        if self.strategy in DISTRIBUTED_STRATEGIES and self.mode != "train":
+        if self.strategy not in SPLIT_STRATEGIES and self.world_size != 1:
+            raise SpecError("world_size", self.world_size, f"1 (strategy {self.strategy} runs on one device)")
+        if self.strategy in SPLIT_STRATEGIES and self.mode != "train":
             raise SpecError("mode", self.mode, f"train (with strategy {self.strategy})")
         if self.mode == "hvp" and self.strategy != "none":
             raise SpecError("strategy", self.strategy, "none (with mode hvp)")

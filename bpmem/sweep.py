@@ -35,7 +35,7 @@ from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
 from bpmem.results import ResultsWriter, columns, done_cells
-from bpmem.spec import DISTRIBUTED_STRATEGIES
+from bpmem.spec import DISTRIBUTED_STRATEGIES, MULTI_DEVICE_STRATEGIES
 from bpmem.strategies.checkpointing import InfeasibleBudget
 
 
@@ -154,10 +154,61 @@ def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: Swee
             continue
         if cell.step.strategy in DISTRIBUTED_STRATEGIES:
             rows = run_distributed_cell(cell, run_id, env, config)
+        elif cell.step.strategy in MULTI_DEVICE_STRATEGIES:
+            rows = run_model_parallel_cell(cell, run_id, env, config)
         else:
             rows = [run_cell(cell, run_id, env, config)]
         after_oom = after_oom or any(row["status"] == "oom" for row in rows)
         yield rows
+
+
+MEASURED_RANK_KEYS: tuple[str, ...] = (
+    "params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "saved_hook_bytes", "peak_bytes",
+    "peak_phase", "step_time_median_s", "step_time_iqr_s", "equivalence_max_rel_err")
+
+
+def _rank_rows(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
+               predictions: list[dict[str, Any]], error: BaseException | None = None) -> list[dict[str, Any]]:
+    """One row per rank (device) of a split cell, with that rank's predictions; with
+    ``error``, every row is an ``error`` row carrying its message."""
+    rows = []
+    for rank in range(cell.step.world_size):
+        row = base_row(cell, run_id, env, config, distributed=True)
+        row["rank"], row["world_size"] = rank, cell.step.world_size
+        if error is not None:
+            row.update(status="error", error=_one_line(error))
+        else:
+            predicted = predictions[rank]
+            row.update({f"predicted_{k}": predicted[k]
+                        for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes")})
+            row.update(bubble_fraction=predicted["bubble_fraction"], predicted_comm_bytes=predicted["comm_bytes"],
+                       textbook_saved_activation_bytes=predicted["textbook_saved_bytes"])
+        rows.append(row)
+    return rows
+
+
+def run_model_parallel_cell(cell: Cell, run_id: str, env: dict[str, Any],
+                            config: SweepConfig) -> list[dict[str, Any]]:
+    """Measure a ``model-parallel`` cell in this process: one row per stage (device)."""
+    from bpmem.strategies.model_parallel import check, measure_stages, predict_stages, stage_devices
+
+    try:
+        check(cell.spec, cell.step)
+        devices = stage_devices(cell.device, cell.step.world_size)
+        predictions = predict_stages(cell.spec, cell.step, separate_devices=len(set(devices)) > 1)
+    except ValueError as error:
+        return _rank_rows(cell, run_id, env, config, [], error)
+    rows = _rank_rows(cell, run_id, env, config, predictions)
+    try:
+        measured = measure_stages(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
+        for row in rows:
+            row.update(status="oom" if _is_oom(error) else "error", error=_one_line(error))
+        _release_memory(cell.device)
+        return rows
+    for row, got in zip(rows, measured, strict=True):
+        row.update({k: got[k] for k in MEASURED_RANK_KEYS}, device=got["device"], status="ok", error="")
+    return rows
 
 
 def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> list[dict[str, Any]]:
@@ -167,23 +218,12 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
     from bpmem.strategies.distributed import check, predict_rank
 
     world = cell.step.world_size
-    rows = []
-    for rank in range(world):
-        row = base_row(cell, run_id, env, config, distributed=True)
-        row["rank"], row["world_size"] = rank, world
-        rows.append(row)
     try:
         check(cell.spec, cell.step, world)
+        predictions = [predict_rank(cell.spec, cell.step, rank, world) for rank in range(world)]
     except ValueError as error:
-        for row in rows:
-            row.update(status="error", error=_one_line(error))
-        return rows
-    for row in rows:
-        predicted = predict_rank(cell.spec, cell.step, row["rank"], world)
-        row.update({f"predicted_{k}": v for k, v in predicted.items()
-                    if k in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes")})
-        row.update(bubble_fraction=predicted["bubble_fraction"], predicted_comm_bytes=predicted["comm_bytes"],
-                   textbook_saved_activation_bytes=predicted["textbook_saved_bytes"])
+        return _rank_rows(cell, run_id, env, config, [], error)
+    rows = _rank_rows(cell, run_id, env, config, predictions)
     with tempfile.TemporaryDirectory(prefix="bpmem-dist-") as folder:
         out = Path(folder) / "rows.json"
         cell_json = json.dumps({"spec": dataclasses.asdict(cell.spec), "step": dataclasses.asdict(cell.step)})
@@ -203,11 +243,7 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
         if failure is None:
             measured = {row["rank"]: row for row in json.loads(out.read_text())}
             for row in rows:
-                got = measured[row["rank"]]
-                row.update({k: got[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes",
-                                                "saved_activation_bytes", "saved_hook_bytes", "peak_bytes",
-                                                "peak_phase", "step_time_median_s", "step_time_iqr_s")})
-                row.update(status="ok", error="", equivalence_max_rel_err=got["equivalence_max_rel_err"])
+                row.update({k: measured[row["rank"]][k] for k in MEASURED_RANK_KEYS}, status="ok", error="")
         else:
             for row in rows:
                 row.update(status="error", error=failure)

@@ -289,13 +289,21 @@ class LiveTensorProbe:
     """
 
     def __init__(self, preexisting: Mapping[str, Iterable[torch.Tensor | None]] | None = None,
-                 record_timeline: bool = True, device: torch.device | str | None = None) -> None:
+                 record_timeline: bool = True, device: torch.device | str | None = None,
+                 resizable: Mapping[str, Iterable[torch.Tensor]] | None = None) -> None:
         # with ``device``, only storages on that device count: one device's peak when a step
         # spans several (model-parallel)
         self._device = torch.device(device) if device is not None else None
         self._preexisting = {k: [t for t in v if t is not None and self._counts(t.device)]
                              for k, v in (preexisting or {}).items()}
         self._record_timeline = record_timeline
+        # storages that grow and shrink in place (``resize_``, which no aten op reports):
+        # FSDP's unsharded parameters. Their size is read again after every op.
+        self._resizable = [(category, local_tensor(t).untyped_storage())
+                           for category, tensors in (resizable or {}).items() for t in tensors
+                           if self._counts(t.device)]
+        self._resizable_bytes = 0
+        self.resizable_peak_bytes = 0  # the most the resizable storages held at once
         self._tracked: dict[int, _Tracked] = {}
         self._by_category: dict[str, int] = {}
         self._live = 0
@@ -422,7 +430,21 @@ class LiveTensorProbe:
             if top is self._mode:
                 torch._C._pop_torch_dispatch_stack(None)
 
+    def _resync_resizable(self) -> None:
+        total = 0
+        for category, storage in self._resizable:
+            total += storage.nbytes()
+            self._by_category.setdefault(category, 0)
+        if total != self._resizable_bytes:
+            category = self._resizable[0][0]  # one category for all of them
+            self._by_category[category] += total - self._resizable_bytes
+            self._live += total - self._resizable_bytes
+            self._resizable_bytes = total
+            self.resizable_peak_bytes = max(self.resizable_peak_bytes, total)
+
     def _note(self, op: str) -> None:
+        if self._resizable:
+            self._resync_resizable()
         if self._live > self.peak_bytes:
             self.peak_bytes = self._live
             self.peak_by_category = {k: v for k, v in self._by_category.items() if v}
@@ -447,6 +469,7 @@ class LiveTensorProbe:
             for tensor in tensors:
                 self._track(local_tensor(tensor).untyped_storage(), category)
         self._preexisting = {}  # hold no references: they would keep freed storages alive
+        self._resizable = [(c, st) for c, st in self._resizable if st._cdata not in self._tracked]
         self._note("start")
         self._mode = _LiveMode(self)
         self._graph_mode = _GraphHookMode(self)
@@ -459,6 +482,7 @@ class LiveTensorProbe:
         self._mode.__exit__(*exc_info)
         self._graph_mode.__exit__(*exc_info)
         self._active = False
+        self._resizable = []  # the storage objects would otherwise outlive the step
 
     def result(self) -> dict[str, Any]:
         return {

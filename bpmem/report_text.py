@@ -11,7 +11,9 @@ SEED = {"input_dim": 784, "hidden_dim": 256, "output_dim": 10, "depth": 1}
 
 def _b(value: Any) -> str:
     """Bytes as 'N B (x MiB)'; '—' when missing."""
-    if value is None or value != value:
+    import pandas as pd
+
+    if value is None or pd.isna(value):  # None, NaN, and pandas' NA of an Int64 column
         return "—"
     return f"{int(value):,} B ({format_bytes(int(value))})"
 
@@ -169,6 +171,12 @@ def _exercise_five(frame: Any) -> str:
                          f"{row.step_time_median_s * 1000:.1f} ms", bubble])
         text += (f" Measured for {model}, global B={batch}:\n\n"
                  + _table(["strategy", "rank", "peak per device", "retained", "step time", "bubble"], rows))
+        shared = split[(split.strategy == "model-parallel") & (split.device == "cpu")]
+        if len(shared):
+            text += ("\n\nOn the CPU, `model-parallel` puts every stage on the one CPU device: its rows give what "
+                     "each device would hold (parameters, gradients, optimizer state, retained activations), "
+                     "and the peak is the one device's, on rank 0's row; the step is the plain one, so its time "
+                     "differs from `none` by noise only.")
     elif len(micro):
         row = micro.iloc[(micro.batch_size - 64).abs().argsort().iloc[0]]
         base = ok[(ok.strategy == "none") & (ok.model == row.model) & (ok.batch_size == row.batch_size)]

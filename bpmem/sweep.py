@@ -182,7 +182,8 @@ def _rank_rows(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig
             row.update({f"predicted_{k}": predicted[k]
                         for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes")})
             row.update(bubble_fraction=predicted["bubble_fraction"], predicted_comm_bytes=predicted["comm_bytes"],
-                       textbook_saved_activation_bytes=predicted["textbook_saved_bytes"])
+                       textbook_saved_activation_bytes=predicted["textbook_saved_bytes"],
+                       predicted_peak_bytes=predicted.get("peak_bytes"))
         rows.append(row)
     return rows
 

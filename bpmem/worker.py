@@ -65,14 +65,17 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
     # 2. saved activations, and the most that are in flight at once (FSDP's all-gathered
     # parameters are parameters, not activations: excluded like the sharded ones)
     optimizer.zero_grad(set_to_none=True)
-    saved = SavedTensorProbe(holder, exclude=setup.transient_params())
+    transient = setup.transient_params()
+    saved = SavedTensorProbe(holder, exclude=transient)
     with saved:
         setup.run(_unlabelled)
     optimizer.step()
 
     # 3. the live peak of one whole step
+    # FSDP's all-gathered parameters live in storages it resizes in place, step after step
     live = LiveTensorProbe({"params": setup.params, "grads": [p.grad for p in setup.params],
-                            "optimizer": optimizer_state_tensors(optimizer), "inputs": setup.inputs})
+                            "optimizer": optimizer_state_tensors(optimizer), "inputs": setup.inputs},
+                           record_timeline=False, resizable={"gathered_params": transient})
     with live:
         with live.phase("zero_grad"):
             optimizer.zero_grad(set_to_none=True)
@@ -99,7 +102,10 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
         "grads_bytes": distinct_storage_bytes(p.grad for p in setup.params),
         "optimizer_bytes": distinct_storage_bytes(optimizer_state_tensors(optimizer)),
         "saved_activation_bytes": saved.peak_retained_bytes, "saved_hook_bytes": saved.saved_activation_bytes,
-        "peak_bytes": live.peak_bytes, "peak_phase": live.peak_phase,
+        # DDP's buckets are alive all along, so they add to the peak wherever it falls
+        "peak_bytes": live.peak_bytes + setup.buffer_bytes(), "peak_phase": live.peak_phase,
+        "peak_by_category": {**live.peak_by_category, "buckets": setup.buffer_bytes()},
+        "gathered_peak_bytes": live.resizable_peak_bytes,
         "step_time_median_s": statistics.median(times), "step_time_iqr_s": quartiles[2] - quartiles[0],
         "equivalence_max_rel_err": error,
     }

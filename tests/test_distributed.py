@@ -15,7 +15,13 @@ import pytest
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.spec import DISTRIBUTED_STRATEGIES, MLPSpec, StepSpec
-from bpmem.strategies.distributed import check, fsdp_shard_rows, predict_rank, tensor_parallel_styles
+from bpmem.strategies.distributed import (
+    check,
+    fsdp_shard_rows,
+    owned_parameter_indices,
+    predict_rank,
+    tensor_parallel_styles,
+)
 from bpmem.strategies.schedules import interleaved_order, interleaved_rounds
 from bpmem.sweep import run_distributed_cell
 
@@ -206,3 +212,27 @@ def test_three_ranks_keep_what_was_predicted(tmp_path: Path) -> None:
         predicted = predict_rank(spec, step, row["rank"], 3)
         assert row["saved_activation_bytes"] == predicted["saved_activation_bytes"], (step.strategy, row["rank"])
         assert row["equivalence_max_rel_err"] < 1e-5
+
+
+def test_ddp_peak_is_the_local_step_plus_the_buckets(rows: list[dict]) -> None:
+    """DDP reports its buckets (one copy of every gradient); the peak is the plain step's at
+    B/p plus them, within the 4 B per parameter that DDP still holds after backward."""
+    for row in rows:
+        spec, step = _cases()[row["cell_index"]]
+        if step.strategy != "ddp":
+            continue
+        predicted = predict_rank(spec, step, row["rank"], 2)
+        assert row["peak_by_category"]["buckets"] == predicted["buffer_bytes"] == row["grads_bytes"]
+        n_params = len(owned_parameter_indices(spec, step, row["rank"], 2))
+        assert abs(row["peak_bytes"] - predicted["peak_bytes"]) <= 4 * n_params, (row["peak_bytes"], predicted)
+
+
+def test_fsdp_gathers_one_unit_at_a_time(rows: list[dict]) -> None:
+    """The all-gathered parameters (storages FSDP2 resizes in place) are counted in the peak,
+    and at most the largest Linear is whole at any moment."""
+    fsdp = [row for row in rows if _cases()[row["cell_index"]][1].strategy == "fsdp"]
+    assert fsdp
+    for row in fsdp:
+        spec, step = _cases()[row["cell_index"]]
+        assert row["gathered_peak_bytes"] == predict_rank(spec, step, row["rank"], 2)["gathered_bytes"]
+        assert row["peak_bytes"] >= row["params_bytes"] + row["gathered_peak_bytes"]

@@ -158,3 +158,32 @@ def test_allocator_trace_agrees_with_the_live_probe_on_the_plain_step() -> None:
         train_step(spec, model, opt, x, y)
     live = measure_training_peak(spec, model, opt, x, y)
     assert trace.peak_bytes == live.peak_bytes
+
+
+def test_live_probe_on_one_device_ignores_the_others() -> None:
+    """With ``device``, only that device's storages count (one stage's GPU under model-parallel)."""
+    keep = torch.ones(1000)  # 4000 B on the CPU, listed as preexisting
+    with LiveTensorProbe({"inputs": [keep]}, device="meta") as meta_only:
+        on_meta = torch.empty(256, device="meta")
+        on_cpu = torch.empty(512)
+    assert meta_only.peak_bytes == 256 * 4
+    with LiveTensorProbe({"inputs": [keep]}, device="cpu") as cpu_only:
+        on_meta = torch.empty(256, device="meta")
+        on_cpu = torch.empty(512)
+    assert cpu_only.peak_bytes == 4000 + 512 * 4
+    del on_meta, on_cpu
+
+
+def test_live_probe_reads_storages_resized_in_place() -> None:
+    """FSDP2 grows and frees its all-gathered parameters with ``resize_``, which no aten op
+    returns; a ``resizable`` storage's size is read after every op instead."""
+    gathered = torch.empty(0)
+    with LiveTensorProbe(resizable={"gathered_params": [gathered]}) as probe:
+        gathered.untyped_storage().resize_(4096)
+        scratch = torch.empty(100)  # any op: the resize is seen at the next one
+        gathered.untyped_storage().resize_(0)
+        del scratch
+        torch.empty(0)
+    assert probe.peak_bytes == 4096 + 400
+    assert probe.resizable_peak_bytes == 4096
+    assert probe.peak_by_category == {"gathered_params": 4096, "outside": 400}

@@ -104,6 +104,10 @@ class RankSetup:
     # callable() -> tensors whose storages hold parameters only during a step (FSDP's
     # all-gathered unsharded parameters); collective, so every rank calls it, after one step
     transient_params: Any = field(default=lambda: [])
+    # callable() -> bytes of communication buffers the wrapper allocated for its whole life,
+    # out of sight of the probes (DDP's gradient buckets); read after a step, as DDP
+    # rebuilds its buckets after the first one
+    buffer_bytes: Any = field(default=lambda: 0)
 
 
 def setup_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int, device: torch.device) -> RankSetup:
@@ -128,7 +132,16 @@ def _setup_ddp(spec: MLPSpec, model: nn.Sequential, x: torch.Tensor, y: torch.Te
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     run = _objective_step(spec, wrapped, model, x_local, y_local)
-    return RankSetup([wrapped], list(model.parameters()), x_local, y_local, run, [x_local, y_local])
+
+    def buffer_bytes() -> int:
+        # DDP copies each gradient into a flat bucket, all-reduces the bucket and copies the
+        # result back (gradient_as_bucket_view=False), so the buckets, allocated in C++ when
+        # DDP builds them, hold a second copy of every gradient; DDP reports their sizes
+        sizes = wrapped._get_ddp_logging_data().get("bucket_sizes", "")
+        return sum(int(size) for size in str(sizes).split(",") if size.strip())
+
+    return RankSetup([wrapped], list(model.parameters()), x_local, y_local, run, [x_local, y_local],
+                     buffer_bytes=buffer_bytes)
 
 
 def _local_rows(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +320,13 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
     figure (micro-batches in flight) and what the schedule really keeps (receive buffers,
     outputs held by sends, the last stage's outputs), the latter exact for every schedule;
     both are reported. DDP keeps a full replica and the plain step's activations for
-    its B/p rows; its gradients travel in an all-reduce of the whole gradient.
+    its B/p rows; its gradients travel in an all-reduce of the whole gradient, through
+    buckets that hold a second copy of every gradient for DDP's whole life. Its peak is
+    predicted as the plain step's at B/p plus the buckets: an estimate, measured exact where
+    the peak falls in backward; where it falls in the optimizer step, the rank also still
+    holds one 4-byte scalar per parameter, made by a ``mul`` in backward (DDP's; not
+    modelled), and no longer J (4 B), which the rank frees before stepping. Only DDP has
+    a peak prediction.
 
     FSDP and tensor parallelism: see ``_predict_fsdp`` and ``_predict_tensor_parallel``
     (parameters, gradients, optimizer state and retained activations exact; traffic is the
@@ -329,7 +348,9 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
         return {"params_bytes": local.params_bytes, "grads_bytes": grads, "optimizer_bytes": local.optimizer_bytes,
                 "saved_activation_bytes": local.saved_activation_bytes,
                 "textbook_saved_bytes": local.saved_activation_bytes, "bubble_fraction": 0.0,
-                "comm_bytes": 2 * (p - 1) * grads // p}
+                "comm_bytes": 2 * (p - 1) * grads // p,
+                # the plain step's peak at B/p plus the buckets: a second copy of every gradient
+                "buffer_bytes": grads, "peak_bytes": local.peak_bytes + grads}
     ranges = stage_units(spec, step.strategy, p)
     mine = ranks_stages(step.strategy, rank, p)
     params = sum(per_unit_params[j] for stage in mine for j in range(*ranges[stage]))
@@ -370,6 +391,8 @@ def _predict_fsdp(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> 
       shard view).
     - Retained activations: the plain step at B/p rows, as for DDP. FSDP saves nothing of
       its own; the all-gathered weights the Linears save are parameters (excluded).
+    - All-gathered parameters: one Linear's at a time (no prefetch overlaps two), so at
+      most the largest unit's whole weight and bias, padded rows included (``gathered_bytes``).
     - Traffic: per Linear, an all-gather in forward and again in backward, and a
       reduce-scatter of the gradients, each (p - 1) padded shards per rank; plus an all-reduce
       of each weight's square sum for s.
@@ -389,6 +412,10 @@ def _predict_fsdp(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> 
     local = estimate(spec, replace(step, strategy="none", batch_size=step.batch_size // p, world_size=1))
     weights = spec.depth + 1
     return {"params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer_bytes(step, state, n_params),
+            # one unit all-gathered at a time: the largest Linear whole (weight and bias), each
+            # rank's padded shard gathered, so p * ceil(fan_out / p) rows
+            "gathered_bytes": max((fan_in + 1 if spec.bias else fan_in) * p * fsdp_shard_rows(fan_out, 0, p)[1] * s
+                                  for fan_in, fan_out in spec.layer_dims()),
             "saved_activation_bytes": local.saved_activation_bytes,
             "textbook_saved_bytes": local.saved_activation_bytes, "bubble_fraction": 0.0,
             "comm_bytes": 3 * (p - 1) * params + weights * 2 * (p - 1) * s // p}

@@ -23,6 +23,7 @@ from bpmem.spec import (
     MODES,
     OPTIMIZERS,
     POLICIES,
+    SPLIT_STRATEGIES,
     STRATEGIES,
     MLPSpec,
     SpecError,
@@ -136,6 +137,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "fraction of the plain figure (0.5)")
     g.add_argument("--policy", choices=POLICIES, default=t.policy,
                    help="checkpoint-selective: keep matmul outputs or activation outputs")
+    g.add_argument("--world-size", type=_positive_int, default=t.world_size, metavar="N",
+                   help="split strategies (ddp, fsdp, tensor-parallel, pipeline-*, model-parallel): ranks or "
+                        "devices, >= 2; the pipelines also take --microbatches")
 
 
 def specs_from_args(args: argparse.Namespace) -> tuple[MLPSpec, StepSpec]:
@@ -170,6 +174,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from bpmem.estimate import estimate
 
     spec, step = specs_from_args(args)
+    if step.strategy in SPLIT_STRATEGIES:
+        return _estimate_split(args, spec, step)
     est = estimate(spec, step)
     if args.json:
         out = {**est.to_dict(), "config": _config(spec, step), "environment": environment("cpu")}
@@ -193,6 +199,47 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_predictions(spec: MLPSpec, step: StepSpec) -> list[dict[str, Any]]:
+    """Per-rank (per-device) predictions of a split strategy; ValueError names a bad field."""
+    if step.strategy == "model-parallel":
+        from bpmem.strategies.model_parallel import check, predict_stages
+
+        check(spec, step)
+        return predict_stages(spec, step, separate_devices=True)
+    from bpmem.strategies.distributed import check, predict_rank
+
+    check(spec, step, step.world_size)
+    return [predict_rank(spec, step, rank, step.world_size) for rank in range(step.world_size)]
+
+
+def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> int:
+    from bpmem.environment import environment
+
+    try:
+        ranks = _split_predictions(spec, step)
+    except ValueError as error:
+        field, _, rest = str(error).partition(": ")
+        return _fail(args.prog, f"argument --{field.replace('_', '-')}: {rest}")
+    if args.json:
+        print(json.dumps({"ranks": [{"rank": r, **figures} for r, figures in enumerate(ranks)],
+                          "config": _config(spec, step), "environment": environment("cpu")}, indent=2))
+        return 0
+    print(f"bpmem estimate: {_describe(spec, step)}, {step.strategy} over {step.world_size}")
+    for rank, figures in enumerate(ranks):
+        _print_table(f" rank {rank}", [
+            (name.removesuffix("_bytes").replace("_", " "), figures[name], note) for name, note in (
+                ("params_bytes", ""), ("grads_bytes", ""), ("optimizer_bytes", ""),
+                ("saved_activation_bytes", "what the implementation keeps at its most"),
+                ("textbook_saved_bytes", "the textbook count (in flight only)"),
+                ("peak_bytes", "estimate"), ("comm_bytes", "sent and received per step"))
+            if figures.get(name) is not None])
+    print(f"  bubble: {ranks[0]['bubble_fraction']:.2f} of the step idle on each rank")
+    if step.strategy == "model-parallel":
+        print("  on separate GPUs; where the stages share one device (a CPU run) no input is copied, and a "
+              "stage after a ReLU, tanh or sigmoid keeps one boundary less")
+    return 0
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
     import torch
 
@@ -213,6 +260,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
         if index >= torch.cuda.device_count():
             return _fail(args.prog, f"argument --device: {device} does not exist; allowed: cpu, "
                                     + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
+    if step.strategy in SPLIT_STRATEGIES:
+        return _measure_split(args, spec, step, device)
     result = measure(spec, step, device=device, rss=args.rss)
     result.pop("timeline", None)
     if args.json:
@@ -224,6 +273,35 @@ def cmd_measure(args: argparse.Namespace) -> int:
         "inference_peak_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "rss_peak_bytes",
     ) if k in result]
     _print_table(f"bpmem measure on {device}: {_describe(spec, step)}", rows)
+    return 0
+
+
+def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, device: str) -> int:
+    """model-parallel runs here, one row per stage; the others need one process per rank."""
+    from bpmem.environment import environment
+    from bpmem.strategies.model_parallel import measure_stages
+
+    if step.strategy != "model-parallel":
+        return _fail(args.prog, f"argument --strategy: {step.strategy} runs one process per rank; run it with "
+                                f"`torchrun --nproc-per-node {step.world_size} -m bpmem.worker --cell JSON --out "
+                                "rows.json`, or in a `bpmem run` config; allowed here: model-parallel and the "
+                                "single-device strategies")
+    try:
+        stages = measure_stages(spec, step, device, warmup=1, repeats=3)
+    except ValueError as error:
+        field, _, rest = str(error).partition(": ")
+        return _fail(args.prog, f"argument --{field.replace('_', '-')}: {rest}")
+    if args.json:
+        print(json.dumps({"ranks": stages, "config": _config(spec, step, device),
+                          "environment": environment(device)}, indent=2))
+        return 0
+    print(f"bpmem measure on {device}: {_describe(spec, step)}, model-parallel over {step.world_size}")
+    for stage in stages:
+        _print_table(f" stage {stage['rank']} on {stage['device']}", [
+            (name.removesuffix("_bytes"), stage[name], "") for name in (
+                "params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes")
+            if stage[name] is not None])
+    print(f"  step time {stages[0]['step_time_median_s'] * 1000:.1f} ms (median)")
     return 0
 
 

@@ -162,6 +162,11 @@ BAD_INPUTS = {
     "l2-negative": (["estimate", "--l2", "-1"], "--l2", [">= 0"]),
     "device-cuda-7": (["measure", "--device", "cuda:7"], "--device", ["cpu"]),
     "device-tpu": (["measure", "--device", "tpu"], "--device", ["cpu", "cuda"]),
+    "world-size-missing": (["estimate", "--strategy", "ddp"], "--world-size", [">= 2"]),
+    "world-size-too-big": (["estimate", "--strategy", "model-parallel", "--world-size", "3"], "--depth",
+                           ["depth >= 2"]),
+    "measure-under-torchrun": (["measure", "--strategy", "fsdp", "--world-size", "2"], "--strategy",
+                               ["torchrun", "model-parallel"]),
 }
 
 
@@ -252,3 +257,23 @@ def test_estimate_never_imports_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["saved_activation_bytes"] > 0
+
+
+def test_estimate_of_a_split_strategy_gives_every_rank(capsys):
+    """One entry per rank; for DDP each holds the whole model, for 1F1B the stages share it out."""
+    ddp = _json(capsys, ["estimate", "--strategy", "ddp", "--world-size", "2"])
+    plain = _json(capsys, ["estimate"])
+    assert [r["rank"] for r in ddp["ranks"]] == [0, 1]
+    assert all(r["params_bytes"] == plain["params_bytes"] for r in ddp["ranks"])
+    pipe = _json(capsys, ["estimate", "--strategy", "pipeline-1f1b", "--world-size", "2", "--depth", "3"])
+    whole = _json(capsys, ["estimate", "--depth", "3"])
+    assert sum(r["params_bytes"] for r in pipe["ranks"]) == whole["params_bytes"]
+
+
+def test_measure_model_parallel_reports_each_stage(capsys):
+    data = _json(capsys, ["measure", "--strategy", "model-parallel", "--world-size", "2", "--depth", "3",
+                          "--batch-size", "8"])
+    predicted = _json(capsys, ["estimate", "--depth", "3", "--batch-size", "8"])
+    assert [stage["rank"] for stage in data["ranks"]] == [0, 1]
+    assert sum(stage["params_bytes"] for stage in data["ranks"]) == predicted["params_bytes"]
+    assert sum(stage["saved_activation_bytes"] for stage in data["ranks"]) == predicted["saved_activation_bytes"]

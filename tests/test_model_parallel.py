@@ -51,6 +51,7 @@ def test_on_one_device_the_step_is_the_plain_step(spec: MLPSpec, step: StepSpec)
     plain = estimate(spec, replace(step, strategy="none", world_size=1))
     # one device, one peak: on the first stage's row; the others share it and leave it empty
     assert measured[0]["peak_bytes"] == plain.peak_bytes
+    assert predict_stages(spec, step, separate_devices=False)[0]["peak_bytes"] == plain.peak_bytes
     assert all(row["peak_bytes"] is None for row in measured[1:])
 
 
@@ -89,7 +90,7 @@ def test_sweep_cell_writes_one_row_per_stage() -> None:
     rows = run_model_parallel_cell(cell, "test", environment("cpu"), SweepConfig(repeats=2, warmup=0))
     assert [(row["rank"], row["world_size"], row["status"]) for row in rows] == [(k, 3, "ok") for k in range(3)]
     for row in rows:
-        for figure in FIGURES:
+        for figure in (*FIGURES, "peak_bytes"):
             assert row[figure] == row[f"predicted_{figure}"], figure
         assert row["device"] == "cpu" and row["step_time_median_s"] > 0
 

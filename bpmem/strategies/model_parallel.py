@@ -107,7 +107,8 @@ def _stage_of_label(label: str, ranges: tuple[tuple[int, int], ...]) -> int:
 
 
 def predict_stages(spec: MLPSpec, step: StepSpec, separate_devices: bool) -> list[dict[str, Any]]:
-    """Per-stage predictions; every figure exact but the peak, which is not predicted.
+    """Per-stage predictions, every figure exact; the peak only where every stage shares
+    one device (then it is the plain step's, exact).
 
     Retained activations are the plain step's, each saved tensor attributed to the module
     that saves it first (``bpmem.estimate.saved_per_layer``) and so to that module's stage;
@@ -139,6 +140,14 @@ def predict_stages(spec: MLPSpec, step: StepSpec, separate_devices: bool) -> lis
             "comm_bytes": 2 * (costs.boundary_bytes[start] if k > 0 else 0)
                           + 2 * (costs.boundary_bytes[end] if end < len(costs.boundary_bytes) else 0),
         })
+    if not separate_devices:
+        # one device runs the plain step's very operations: its peak is the plain step's,
+        # reported on the first stage's row like the measurement
+        from dataclasses import replace
+
+        from bpmem.estimate import estimate
+
+        stages[0]["peak_bytes"] = estimate(spec, replace(step, strategy="none", world_size=1)).peak_bytes
     return stages
 
 

@@ -38,4 +38,18 @@ if torch.cuda.is_available():
     echo "== gpu_check"
     # the script keeps to its own --budget-s (360 s by default); this is the backstop
     timeout --signal=INT --kill-after=20 450 "$py" benchmarks/gpu_check.py --out "$out_dir" "$@"
+    # model-parallel needs one process that sees two GPUs; the lent machines have one, so
+    # this part only runs on a larger node. Each stage's bytes are checked against the
+    # prediction for separate devices.
+    gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())')
+    if [[ "$gpus" -ge 2 ]]; then
+        echo "== model-parallel over cuda:0 and cuda:1"
+        timeout 120 "$py" -m bpmem measure --strategy model-parallel --world-size 2 --depth 7 \
+            --hidden-dim 4096 --batch-size 256 --device cuda --json > "$out_dir/model_parallel.json" \
+            && timeout 120 "$py" -m bpmem estimate --strategy model-parallel --world-size 2 --depth 7 \
+            --hidden-dim 4096 --batch-size 256 --json > "$out_dir/model_parallel_predicted.json" \
+            || echo "(model-parallel failed)"
+    else
+        echo "== model-parallel skipped: $gpus GPU(s) visible, 2 needed"
+    fi
 } 2>&1 | tee "$out_dir/gpu_check.log"

@@ -212,6 +212,14 @@ def _split_predictions(spec: MLPSpec, step: StepSpec) -> list[dict[str, Any]]:
     return [predict_rank(spec, step, rank, step.world_size) for rank in range(step.world_size)]
 
 
+def _most_per_device(ranks: list[dict[str, Any]]) -> dict[str, int]:
+    """The top-level figures of a split strategy's JSON: for each byte figure, the most that
+    any one rank (device) holds, which is what has to fit; each rank's own are in "ranks"."""
+    names = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes")
+    return {name: max(values) for name in names
+            if (values := [r[name] for r in ranks if r.get(name) is not None])}
+
+
 def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> int:
     from bpmem.environment import environment
 
@@ -221,8 +229,9 @@ def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> 
         field, _, rest = str(error).partition(": ")
         return _fail(args.prog, f"argument --{field.replace('_', '-')}: {rest}")
     if args.json:
-        print(json.dumps({"ranks": [{"rank": r, **figures} for r, figures in enumerate(ranks)],
-                          "config": _config(spec, step), "environment": environment("cpu")}, indent=2))
+        per_rank = [{"rank": r, **figures} for r, figures in enumerate(ranks)]
+        print(json.dumps({**_most_per_device(ranks), "ranks": per_rank, "config": _config(spec, step),
+                          "environment": environment("cpu")}, indent=2))
         return 0
     print(f"bpmem estimate: {_describe(spec, step)}, {step.strategy} over {step.world_size}")
     for rank, figures in enumerate(ranks):
@@ -292,7 +301,7 @@ def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, devi
         field, _, rest = str(error).partition(": ")
         return _fail(args.prog, f"argument --{field.replace('_', '-')}: {rest}")
     if args.json:
-        print(json.dumps({"ranks": stages, "config": _config(spec, step, device),
+        print(json.dumps({**_most_per_device(stages), "ranks": stages, "config": _config(spec, step, device),
                           "environment": environment(device)}, indent=2))
         return 0
     print(f"bpmem measure on {device}: {_describe(spec, step)}, model-parallel over {step.world_size}")

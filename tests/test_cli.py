@@ -265,6 +265,8 @@ def test_estimate_of_a_split_strategy_gives_every_rank(capsys):
     plain = _json(capsys, ["estimate"])
     assert [r["rank"] for r in ddp["ranks"]] == [0, 1]
     assert all(r["params_bytes"] == plain["params_bytes"] for r in ddp["ranks"])
+    # the top-level figures are what the fullest device holds
+    assert ddp["saved_activation_bytes"] == max(r["saved_activation_bytes"] for r in ddp["ranks"])
     pipe = _json(capsys, ["estimate", "--strategy", "pipeline-1f1b", "--world-size", "2", "--depth", "3"])
     whole = _json(capsys, ["estimate", "--depth", "3"])
     assert sum(r["params_bytes"] for r in pipe["ranks"]) == whole["params_bytes"]

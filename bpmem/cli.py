@@ -226,8 +226,7 @@ def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> 
     try:
         ranks = _split_predictions(spec, step)
     except ValueError as error:
-        field, _, rest = str(error).partition(": ")
-        return _fail(args.prog, f"argument --{field.replace('_', '-')}: {rest}")
+        return _fail_field(args.prog, error)
     if args.json:
         per_rank = [{"rank": r, **figures} for r, figures in enumerate(ranks)]
         print(json.dumps({**_most_per_device(ranks), "ranks": per_rank, "config": _config(spec, step),
@@ -298,8 +297,7 @@ def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, devi
     try:
         stages = measure_stages(spec, step, device, warmup=1, repeats=3)
     except ValueError as error:
-        field, _, rest = str(error).partition(": ")
-        return _fail(args.prog, f"argument --{field.replace('_', '-')}: {rest}")
+        return _fail_field(args.prog, error)
     if args.json:
         print(json.dumps({**_most_per_device(stages), "ranks": stages, "config": _config(spec, step, device),
                           "environment": environment(device)}, indent=2))
@@ -415,6 +413,12 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def _fail(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _fail_field(prog: str, error: ValueError) -> int:
+    """A strategy check's "field: why; allowed: ..." as an error on that field's flag."""
+    field, _, rest = str(error).partition(": ")
+    return _fail(prog, f"argument --{field.replace('_', '-')}: {rest}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ Order of work, each on a fresh step of the same model so that probes never watch
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -172,7 +173,6 @@ def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats:
     """
     model = build(spec, device, seed=seed)
     x, y = make_batch(spec, step.batch_size, device, seed=seed)
-    cuda = torch.device(device).type == "cuda"
     if step.mode == "inference":
         def run() -> None:
             inference_step(model, x)
@@ -187,15 +187,32 @@ def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats:
 
         def run() -> None:
             train_step(spec, model, optimizer, x, y, strategy=strategy)
+    return time_calls(run, warmup, repeats, [device])
+
+
+def time_summary(times: list[float]) -> dict[str, float]:
+    """results.csv's step-time columns: the median and the interquartile range (0 for one time)."""
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"step_time_median_s": statistics.median(times), "step_time_iqr_s": quartiles[2] - quartiles[0]}
+
+
+def time_calls(run: Any, warmup: int, repeats: int, devices: Any = ()) -> list[float]:
+    """Seconds per call of ``run()``: ``warmup`` untimed calls, then ``repeats`` timed ones
+    (at least one). Each timed call is bracketed by ``torch.cuda.synchronize`` on every CUDA
+    device among ``devices``, so the clock sees the kernels, not just their launch."""
+    cuda = [d for d in dict.fromkeys(torch.device(d) for d in devices) if d.type == "cuda"]
+
+    def synchronize() -> None:
+        for device in cuda:
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         run()
     times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
+    for _ in range(max(1, repeats)):
+        synchronize()
         start = time.perf_counter()
         run()
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize()
         times.append(time.perf_counter() - start)
     return times

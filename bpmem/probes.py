@@ -302,7 +302,7 @@ class LiveTensorProbe:
         self._resizable = [(category, local_tensor(t).untyped_storage())
                            for category, tensors in (resizable or {}).items() for t in tensors
                            if self._counts(t.device)]
-        self._resizable_bytes = 0
+        self._resizable_bytes: dict[int, int] = {}  # storage key -> bytes as last read
         self.resizable_peak_bytes = 0  # the most the resizable storages held at once
         self._tracked: dict[int, _Tracked] = {}
         self._by_category: dict[str, int] = {}
@@ -431,16 +431,13 @@ class LiveTensorProbe:
                 torch._C._pop_torch_dispatch_stack(None)
 
     def _resync_resizable(self) -> None:
-        total = 0
         for category, storage in self._resizable:
-            total += storage.nbytes()
-            self._by_category.setdefault(category, 0)
-        if total != self._resizable_bytes:
-            category = self._resizable[0][0]  # one category for all of them
-            self._by_category[category] += total - self._resizable_bytes
-            self._live += total - self._resizable_bytes
-            self._resizable_bytes = total
-            self.resizable_peak_bytes = max(self.resizable_peak_bytes, total)
+            now, before = storage.nbytes(), self._resizable_bytes.get(storage._cdata, 0)
+            if now != before:
+                self._resizable_bytes[storage._cdata] = now
+                self._by_category[category] = self._by_category.get(category, 0) + now - before
+                self._live += now - before
+        self.resizable_peak_bytes = max(self.resizable_peak_bytes, sum(self._resizable_bytes.values()))
 
     def _note(self, op: str) -> None:
         if self._resizable:

@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,7 +114,7 @@ def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
 
 def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
     """Measure one cell; never raises for OOM or errors, which become the row's status."""
-    from bpmem.measure import measure, time_steps
+    from bpmem.measure import measure, time_steps, time_summary
 
     row = base_row(cell, run_id, env, config)
     if row.get("status") in ("error", "skipped"):
@@ -136,9 +135,7 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
         row["_timeline"] = [(e.index, e.op, e.phase, e.live_bytes) for e in measured["timeline"]]
     row["saved_hook_bytes"] = measured.get("saved_hook_bytes")
     row["recompute_flops"] = measured.get("recompute_flops")
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    row.update(status="ok", error="", step_time_median_s=statistics.median(times),
-               step_time_iqr_s=quartiles[2] - quartiles[0])
+    row.update(status="ok", error="", **time_summary(times))
     return row
 
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import sys
 import time
 import traceback
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bpmem.measure import optimizer_state_tensors
+from bpmem.measure import optimizer_state_tensors, time_summary
 from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import _unlabelled, make_optimizer
@@ -95,7 +94,7 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
             torch.cuda.synchronize(device)
         strategies.barrier()
         times.append(time.perf_counter() - start)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    buckets = setup.buffer_bytes()
     return {
         "rank": rank, "world_size": world, "device": str(device),
         "params_bytes": distinct_storage_bytes(setup.params),
@@ -103,11 +102,10 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
         "optimizer_bytes": distinct_storage_bytes(optimizer_state_tensors(optimizer)),
         "saved_activation_bytes": saved.peak_retained_bytes, "saved_hook_bytes": saved.saved_activation_bytes,
         # DDP's buckets are alive all along, so they add to the peak wherever it falls
-        "peak_bytes": live.peak_bytes + setup.buffer_bytes(), "peak_phase": live.peak_phase,
-        "peak_by_category": {**live.peak_by_category, "buckets": setup.buffer_bytes()},
+        "peak_bytes": live.peak_bytes + buckets, "peak_phase": live.peak_phase,
+        "peak_by_category": {**live.peak_by_category, "buckets": buckets},
         "gathered_peak_bytes": live.resizable_peak_bytes,
-        "step_time_median_s": statistics.median(times), "step_time_iqr_s": quartiles[2] - quartiles[0],
-        "equivalence_max_rel_err": error,
+        **time_summary(times), "equivalence_max_rel_err": error,
     }
 
 

@@ -69,8 +69,8 @@ def check(spec: MLPSpec, step: StepSpec, world_size: int) -> None:
         if step.strategy != "pipeline-gpipe" and step.microbatches < world_size:
             raise ValueError(f"microbatches: {step.microbatches} is fewer than the {world_size} stages; "
                              f"{step.strategy} needs microbatches >= world_size")
-        rounds, _ = interleaved_rounds(step.microbatches, world_size)
-        if step.strategy == "pipeline-interleaved" and step.microbatches % rounds:
+        rounds = interleaved_rounds(step.microbatches, world_size)[0] if step.strategy == "pipeline-interleaved" else 1
+        if step.microbatches % rounds:
             raise ValueError(f"microbatches: {step.microbatches} does not split into {rounds} equal rounds of "
                              f"the interleaved schedule on {world_size} ranks; allowed: a multiple of "
                              f"max(1, microbatches // world_size)")
@@ -336,12 +336,11 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
 
     from bpmem.estimate import estimate
 
-    s, p, b = spec.itemsize, world_size, step.batch_size
+    p, b = world_size, step.batch_size
     if step.strategy == "fsdp":
         return _predict_fsdp(spec, step, rank, world_size)
     if step.strategy == "tensor-parallel":
         return _predict_tensor_parallel(spec, step, world_size)
-    per_unit_params = [(fan_in * fan_out + (fan_out if spec.bias else 0)) * s for fan_in, fan_out in spec.layer_dims()]
     if step.strategy == "ddp":
         local = estimate(spec, replace(step, strategy="none", batch_size=b // p, world_size=1))
         grads = local.grads_bytes
@@ -353,11 +352,9 @@ def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> d
                 "buffer_bytes": grads, "peak_bytes": local.peak_bytes + grads}
     ranges = stage_units(spec, step.strategy, p)
     mine = ranks_stages(step.strategy, rank, p)
-    params = sum(per_unit_params[j] for stage in mine for j in range(*ranges[stage]))
-    tensors = sum((2 if spec.bias else 1) * (ranges[stage][1] - ranges[stage][0]) for stage in mine)
     kept, textbook = pipeline_saved_bytes(spec, step, rank, p)
     virtual = len(mine)  # the interleaved schedule's bubble shrinks with its local stages
-    return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": optimizer_bytes(step, params, tensors),
+    return {**units_state_bytes(spec, step, [ranges[stage] for stage in mine]),
             "saved_activation_bytes": kept, "textbook_saved_bytes": textbook,
             "bubble_fraction": (p - 1) / (virtual * step.microbatches + p - 1),
             "comm_bytes": pipeline_comm_bytes(spec, step, rank, p)}
@@ -369,6 +366,17 @@ def fsdp_shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
     every rank's shard padded to ceil(rows / p) rows."""
     padded = -(-rows // world_size)
     return max(0, min(padded, rows - rank * padded)), padded
+
+
+def units_state_bytes(spec: MLPSpec, step: StepSpec, ranges: list[tuple[int, int]]) -> dict[str, int]:
+    """Parameters, gradients and optimizer state of the whole units in ``ranges`` ([start,
+    end) unit indices): what a pipeline rank or a model-parallel device holds."""
+    s = spec.itemsize
+    dims = spec.layer_dims()
+    params = sum((fan_in * fan_out + (fan_out if spec.bias else 0)) * s
+                 for start, end in ranges for fan_in, fan_out in dims[start:end])
+    tensors = sum((end - start) * (2 if spec.bias else 1) for start, end in ranges)
+    return {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": optimizer_bytes(step, params, tensors)}
 
 
 def optimizer_bytes(step: StepSpec, state_bytes: int, n_params: int) -> int:

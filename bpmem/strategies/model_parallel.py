@@ -22,8 +22,6 @@ which is what proves this code path and its predictions on machines without GPUs
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +31,12 @@ from torch import nn
 from bpmem.model import build, make_batch
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.checkpointing import chain_costs, units
-from bpmem.strategies.planner import uniform_plan
+from bpmem.strategies.schedules import even_stages
 
 
 def stage_ranges(spec: MLPSpec, world_size: int) -> tuple[tuple[int, int], ...]:
-    """[start, end) unit ranges of the N stages, as even as the chain allows."""
-    return tuple((s.start, s.end) for s in uniform_plan(spec.depth + 1, world_size))
+    """[start, end) unit ranges of the N stages, split as the pipelines split."""
+    return tuple(even_stages(spec, world_size))
 
 
 def stage_devices(device: str, world_size: int) -> tuple[torch.device, ...]:
@@ -119,22 +117,18 @@ def predict_stages(spec: MLPSpec, step: StepSpec, separate_devices: bool) -> lis
     backward. Bubble: (N - 1) / N, one device busy at a time.
     """
     from bpmem.estimate import saved_per_layer
-    from bpmem.strategies.distributed import optimizer_bytes
+    from bpmem.strategies.distributed import units_state_bytes
 
     ranges = stage_ranges(spec, step.world_size)
     costs = chain_costs(spec, step.batch_size)
     saved = [0] * len(ranges)
     for row in saved_per_layer(spec, step.batch_size):
         saved[_stage_of_label(row["name"], ranges)] += row["saved_bytes"]
-    s = spec.itemsize
-    unit_params = [(fan_in * fan_out + (fan_out if spec.bias else 0)) * s for fan_in, fan_out in spec.layer_dims()]
     stages = []
     for k, (start, end) in enumerate(ranges):
-        params = sum(unit_params[start:end])
         copy = costs.boundary_bytes[start] if k > 0 and separate_devices and spec.activation != "gelu" else 0
-        tensors = (end - start) * (2 if spec.bias else 1)
         stages.append({
-            "params_bytes": params, "grads_bytes": params, "optimizer_bytes": optimizer_bytes(step, params, tensors),
+            **units_state_bytes(spec, step, [(start, end)]),
             "saved_activation_bytes": saved[k] + copy, "textbook_saved_bytes": saved[k] + copy,
             "bubble_fraction": (len(ranges) - 1) / len(ranges),
             "comm_bytes": 2 * (costs.boundary_bytes[start] if k > 0 else 0)
@@ -156,7 +150,7 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
     its parameters; the activations its modules save; the peak of its device (on the first
     stage placed there; a device shared by several stages has one peak); the step time; and
     the largest relative gradient error against the whole model on one device."""
-    from bpmem.measure import optimizer_state_tensors
+    from bpmem.measure import optimizer_state_tensors, time_calls, time_summary
     from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
     from bpmem.step import forward_objective, make_optimizer, train_step
     from bpmem.strategies.distributed import max_relative_error, reference_gradients
@@ -194,8 +188,8 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
             train_step(spec, model, optimizer, x, y, phase=live.phase, strategy=strategy)
         peaks[stage_device] = (live.peak_bytes, live.peak_phase)
 
-    times = _time_steps(spec, model, optimizer, x, y, strategy, warmup, repeats)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    times = time_calls(lambda: train_step(spec, model, optimizer, x, y, strategy=strategy), warmup, repeats,
+                       devices)
     rows = []
     for k, stage_params in enumerate(strategy.stage_parameters(model)):
         first_on_device = devices.index(devices[k]) == k
@@ -208,28 +202,7 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
             "optimizer_bytes": distinct_storage_bytes(state),
             "saved_activation_bytes": saved_by_stage[k], "saved_hook_bytes": saved_by_stage[k],
             "peak_bytes": peak, "peak_phase": phase,
-            "step_time_median_s": statistics.median(times), "step_time_iqr_s": quartiles[2] - quartiles[0],
-            "equivalence_max_rel_err": error,
+            **time_summary(times), "equivalence_max_rel_err": error,
         })
     return rows
 
-
-def _time_steps(spec: MLPSpec, model: nn.Sequential, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                y: torch.Tensor, strategy: ModelParallelStrategy, warmup: int, repeats: int) -> list[float]:
-    from bpmem.step import train_step
-
-    def synchronize() -> None:
-        for device in dict.fromkeys(strategy.devices):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        train_step(spec, model, optimizer, x, y, strategy=strategy)
-    times = []
-    for _ in range(max(1, repeats)):
-        synchronize()
-        start = time.perf_counter()
-        train_step(spec, model, optimizer, x, y, strategy=strategy)
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return times

@@ -34,9 +34,15 @@ def stage_count(strategy: str, world_size: int) -> int:
     return LOCAL_STAGES * world_size if strategy == "pipeline-interleaved" else world_size
 
 
+def even_stages(spec: MLPSpec, stages: int) -> list[tuple[int, int]]:
+    """[start, end) unit ranges of ``stages`` stages, as even as the chain allows (the
+    pipelines and ``model-parallel`` split alike)."""
+    return [(s.start, s.end) for s in uniform_plan(spec.depth + 1, stages)]
+
+
 def stage_units(spec: MLPSpec, strategy: str, world_size: int) -> list[tuple[int, int]]:
-    """[start, end) unit ranges of each stage, as even as the chain allows."""
-    return [(s.start, s.end) for s in uniform_plan(spec.depth + 1, stage_count(strategy, world_size))]
+    """[start, end) unit ranges of each stage of the pipeline ``strategy``."""
+    return even_stages(spec, stage_count(strategy, world_size))
 
 
 def ranks_stages(strategy: str, rank: int, world_size: int) -> list[int]:

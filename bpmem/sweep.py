@@ -17,10 +17,8 @@ import dataclasses
 import gc
 import json
 import multiprocessing
-import os
 import queue
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -140,7 +138,7 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
 
 
 def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: SweepConfig,
-               after_oom: bool = False) -> Iterator[list[dict[str, Any]]]:
+               after_oom: bool = False, log_dir: Path | None = None) -> Iterator[list[dict[str, Any]]]:
     """The rows of each cell of one series, in ascending batch size (one row, or one per rank
     for a distributed cell); after an OOM the rest of the series is skipped."""
     for cell in cells:
@@ -150,7 +148,7 @@ def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: Swee
             yield [row]
             continue
         if cell.step.strategy in DISTRIBUTED_STRATEGIES:
-            rows = run_distributed_cell(cell, run_id, env, config)
+            rows = run_distributed_cell(cell, run_id, env, config, log_dir)
         elif cell.step.strategy in MULTI_DEVICE_STRATEGIES:
             rows = run_model_parallel_cell(cell, run_id, env, config)
         else:
@@ -209,10 +207,12 @@ def run_model_parallel_cell(cell: Cell, run_id: str, env: dict[str, Any],
     return rows
 
 
-def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> list[dict[str, Any]]:
-    """Launch ``torchrun -m bpmem.worker`` for one cell, in its own process group, under a
-    timeout; one row per rank. A rank that dies or hangs makes every row ``error``, with
-    that rank's message, and nothing of the job outlives this call."""
+def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
+                         log_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Launch ``torchrun -m bpmem.worker`` for one cell (``bpmem.launch``): one row per rank,
+    judged by what the ranks recorded. torchrun's output is kept as ``log_dir/<cell_id>.log``
+    (a temporary file without ``log_dir``)."""
+    from bpmem.launch import launch
     from bpmem.strategies.distributed import check, predict_rank
 
     world = cell.step.world_size
@@ -222,82 +222,19 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
     except ValueError as error:
         return _rank_rows(cell, run_id, env, config, [], error)
     rows = _rank_rows(cell, run_id, env, config, predictions)
-    with tempfile.TemporaryDirectory(prefix="bpmem-dist-") as folder:
-        out = Path(folder) / "rows.json"
-        cell_json = json.dumps({"spec": dataclasses.asdict(cell.spec), "step": dataclasses.asdict(cell.step)})
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                   "-m", "bpmem.worker", "--cell", cell_json, "--out", str(out), "--repeats", str(config.repeats),
-                   "--warmup", str(config.warmup), "--timeout-s", str(config.timeout_s)]
-        log_path = Path(folder) / "torchrun.log"
-        with log_path.open("w") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                process.wait(timeout=config.timeout_s)
-                failure = None if process.returncode == 0 else _rank_failure(out, log_path, process.returncode)
-            except subprocess.TimeoutExpired:
-                failure = f"timed out after {config.timeout_s} s (a rank hung); the job was killed"
-            finally:
-                _kill_group(process)
-        if failure is None:
-            measured = {row["rank"]: row for row in json.loads(out.read_text())}
-            for row in rows:
-                row.update({k: measured[row["rank"]][k] for k in MEASURED_RANK_KEYS}, status="ok", error="")
-        else:
-            for row in rows:
-                row.update(status="error", error=failure)
+    cell_json = {"spec": dataclasses.asdict(cell.spec), "step": dataclasses.asdict(cell.step)}
+    with contextlib.ExitStack() as stack:
+        folder = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpmem-log-")))
+        outcome = launch([cell_json], world, folder / f"{cell.cell_id}.log", config.timeout_s, config.repeats,
+                         config.warmup)
+    if outcome.rows is None:
+        for row in rows:
+            row.update(status="error", error=outcome.error)
+        return rows
+    measured = {row["rank"]: row for row in outcome.rows}
+    for row in rows:
+        row.update({k: measured[row["rank"]][k] for k in MEASURED_RANK_KEYS}, status="ok", error="")
     return rows
-
-
-def _rank_failure(out: Path, log_path: Path, returncode: int) -> str:
-    """The message of the rank that failed first (torchrun's "Root Cause"), else of any rank
-    that wrote one, else what torchrun said. Other ranks then fail too, on a broken pipe."""
-    lines = log_path.read_text(errors="replace").splitlines()
-    start = next((i for i, line in enumerate(lines) if "Root Cause" in line), 0)
-    field = {}
-    for line in lines[start:]:
-        key, _, value = line.strip().partition(":")
-        if key.strip() in ("rank", "exitcode") and key.strip() not in field:
-            field[key.strip()] = value.strip()
-    root = field.get("rank", "").split(" ")[0]
-    errors = {err.name.rsplit(".rank", 1)[1].removesuffix(".err"): err
-              for err in out.parent.glob(out.name + ".rank*.err")}
-    if root in errors:
-        return errors[root].read_text().splitlines()[0]
-    if root:
-        code = field.get("exitcode", "?")
-        signal_name = ""
-        if code.lstrip("-").isdigit() and int(code) < 0:
-            with contextlib.suppress(ValueError):
-                signal_name = f" ({signal.Signals(-int(code)).name})"
-        return f"rank {root} died: exit code {code}{signal_name}"
-    if errors:
-        return next(iter(errors.values())).read_text().splitlines()[0]
-    return f"torchrun exited with status {returncode}"
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """End torchrun and every rank. torchrun starts each rank in a session of its own, so a
-    signal to torchrun's group does not reach them: collect the whole process tree first,
-    ask torchrun to stop (it tears its workers down), then kill whatever is left."""
-    import psutil
-
-    try:
-        tree = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5)
-    for child in tree:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            child.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        process.wait(timeout=10)
-    psutil.wait_procs(tree, timeout=10)
 
 
 def _series(cells: list[Cell]) -> list[list[Cell]]:
@@ -388,7 +325,8 @@ class _Guard:
             raise KeyboardInterrupt
 
 
-def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any], config: SweepConfig) -> None:
+def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any], config: SweepConfig,
+            log_dir: Path) -> None:
     """A worker process: runs whole series, sends each row back as soon as it is made."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     while True:
@@ -397,7 +335,7 @@ def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any]
             results.put(None)
             return
         cells, after_oom = task
-        for rows in run_series(cells, run_id, env_by_device[cells[0].device], config, after_oom):
+        for rows in run_series(cells, run_id, env_by_device[cells[0].device], config, after_oom, log_dir):
             for row in rows:
                 results.put(row)
 
@@ -445,14 +383,15 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
         try:
             if jobs <= 1:
                 for todo, after_oom in tasks:
-                    rows = run_series(todo, run_id, env_by_device[todo[0].device], config, after_oom)
+                    rows = run_series(todo, run_id, env_by_device[todo[0].device], config, after_oom,
+                                      out_dir / "logs")
                     for cell in todo:
                         progress.show(_label(cell))
                         for row in next(rows):
                             record(row)
                         progress.advance(_label(cell))
             else:
-                _run_parallel(tasks, jobs, run_id, env_by_device, config, record, progress)
+                _run_parallel(tasks, jobs, run_id, env_by_device, config, record, progress, out_dir / "logs")
         except KeyboardInterrupt:
             outcome.interrupted = True
         finally:
@@ -472,7 +411,8 @@ def _append_timeline(path: Path, row: dict[str, Any], events: list[tuple[int, st
 
 
 def _run_parallel(tasks: list[tuple[list[Cell], bool]], jobs: int, run_id: str, env_by_device: dict[str, Any],
-                  config: SweepConfig, record: Callable[[dict[str, Any]], None], progress: Progress) -> None:
+                  config: SweepConfig, record: Callable[[dict[str, Any]], None], progress: Progress,
+                  log_dir: Path) -> None:
     """One process per job; with as many devices as jobs, each process keeps to one device."""
     context = multiprocessing.get_context("spawn")
     devices = list(env_by_device)
@@ -481,8 +421,8 @@ def _run_parallel(tasks: list[tuple[list[Cell], bool]], jobs: int, run_id: str, 
     for index, task in enumerate(tasks):
         worker = devices.index(task[0][0].device) % jobs if len(devices) >= jobs else index % jobs
         task_queues[worker].put(task)
-    workers = [context.Process(target=_worker, args=(task_queues[k], results, run_id, env_by_device, config),
-                               daemon=True) for k in range(jobs)]
+    workers = [context.Process(target=_worker, args=(task_queues[k], results, run_id, env_by_device,
+                                                                  config, log_dir), daemon=True) for k in range(jobs)]
     for task_queue in task_queues:
         task_queue.put(None)
     for worker in workers:

@@ -8,6 +8,11 @@ through, so the same line runs across nodes. Each rank measures its own memory; 
 gathers every rank's figures and writes them, one row per rank, to ``--out`` (JSON).
 A rank that fails writes its message to ``--out`` + ``.rank<N>.err`` before exiting, so
 the launcher can say which rank died and why.
+
+How a rank ends (``bpmem.teardown``): after the last cell every distributed object is
+released and collected, then a final barrier, then each rank writes ``--out`` +
+``.rank<N>.done``, then the process group is destroyed. The launcher trusts those files,
+not the exit codes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_byt
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import _unlabelled, make_optimizer
 from bpmem.strategies import distributed as strategies
+from bpmem.teardown import mark_done, release, sigterm_held
 
 
 def _device(local_rank: int) -> torch.device:
@@ -59,7 +65,7 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
     del reference
     optimizer.step()  # also the warm-up: optimizer state now exists
 
-    _inject_fault(rank)
+    _inject_fault(rank, "step")
 
     # 2. saved activations, and the most that are in flight at once (FSDP's all-gathered
     # parameters are parameters, not activations: excluded like the sharded ones)
@@ -109,14 +115,23 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
     }
 
 
-def _inject_fault(rank: int) -> None:
-    """Test hook: ``BPMEM_FAULT=kill:1`` SIGKILLs rank 1 here, mid-step; ``hang:1`` stalls it."""
+def _inject_fault(rank: int, where: str) -> None:
+    """Test hook, ``BPMEM_FAULT=KIND:RANK``. Mid-step (``where="step"``): ``kill`` SIGKILLs
+    the rank, ``hang`` stalls it, ``raise`` raises RuntimeError. After the rank recorded its
+    work (``where="exit"``): ``abort-at-exit`` aborts it as torch's teardown once did,
+    ``hang-at-exit`` stalls it."""
     kind, _, target = os.environ.get("BPMEM_FAULT", "").partition(":")
-    if target and int(target) == rank:
-        if kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif kind == "hang":
-            time.sleep(10**6)
+    if not target or int(target) != rank or kind.endswith("-at-exit") != (where == "exit"):
+        return
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind in ("hang", "hang-at-exit"):
+        time.sleep(10**6)
+    elif kind == "raise":
+        raise RuntimeError("injected fault (BPMEM_FAULT)")
+    elif kind == "abort-at-exit":
+        print("terminate called without an active exception (injected: BPMEM_FAULT)", file=sys.stderr, flush=True)
+        os.abort()
 
 
 def _plain_step(setup: strategies.RankSetup, optimizer: torch.optim.Optimizer) -> None:
@@ -148,13 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
         everything: list[Any] = []
         for index, (spec, step) in enumerate(plan):
+            # run_rank's own names die with its frame; release() collects the cycles left
             row = {**run_rank(spec, step, args.repeats, args.warmup), "cell_index": index}
+            release()
             rows: list[Any] | None = [None] * world if rank == 0 else None
             dist.gather_object(row, rows, dst=0)
             everything.extend(rows or [])
-        if rank == 0:
-            args.out.write_text(json.dumps(everything, indent=1))
+        if rank == 0:  # complete or absent: written aside, then renamed into place
+            partial = args.out.with_name(args.out.name + ".partial")
+            partial.write_text(json.dumps(everything, indent=1))
+            partial.replace(args.out)
+        leftover = release()
+        with sigterm_held():
+            dist.barrier()
+            mark_done(args.out, rank, leftover)
         dist.destroy_process_group()
+        _inject_fault(rank, "exit")
         return 0
     except Exception as error:  # noqa: BLE001 - the launcher reports it as the cell's error
         message = f"rank {rank}: {type(error).__name__}: {error}".splitlines()[0]

@@ -23,7 +23,9 @@ from bpmem.strategies.distributed import (
     tensor_parallel_styles,
 )
 from bpmem.strategies.schedules import interleaved_order, interleaved_rounds
+from bpmem.launch import complete_rows
 from bpmem.sweep import run_distributed_cell
+from bpmem.teardown import done_marker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC = MLPSpec(input_dim=32, hidden_dim=16, output_dim=4, depth=5)
@@ -54,13 +56,20 @@ def _torchrun(cells: list[tuple[MLPSpec, StepSpec]], out: Path, env: dict[str, s
     return subprocess.run(command, capture_output=True, text=True, env=environ, timeout=180)
 
 
+def _recorded(done: subprocess.CompletedProcess, out: Path, cells: int, ranks: int = 2) -> list[dict]:
+    """The rows of a finished job, judged as the sweep judges it: complete rows from rank 0
+    and every rank's done marker, whatever the exit codes. Fails with the whole output."""
+    rows = complete_rows(out, ranks, cells)
+    assert rows is not None, done.stdout + done.stderr
+    return rows
+
+
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """One torchrun job, both ranks, every strategy in turn (one process start for all)."""
     out = tmp_path_factory.mktemp("dist") / "rows.json"
     done = _torchrun([(SPEC, step) for step in STEPS] + EXTRA, out)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(out.read_text())
+    return _recorded(done, out, len(_cases()))
 
 
 def _cases() -> list[tuple[MLPSpec, StepSpec]]:
@@ -146,24 +155,58 @@ def test_1f1b_on_two_ranks_keeps_at_most_60_percent_per_rank_at_depth_16(rows: l
         assert row["saved_activation_bytes"] <= 0.6 * single, (row["rank"], row["saved_activation_bytes"], single)
 
 
-def test_a_killed_rank_is_an_error_row_and_leaves_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BPMEM_FAULT", "kill:1")
+def test_every_strategy_releases_its_distributed_objects_before_the_final_barrier(
+        rows: list[dict], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """DDP reducers, FSDP modules, pipeline stages and schedules, DTensors: none is alive on
+    either rank when the process group goes (the cause of the SIGABRT at exit)."""
+    out = next(tmp_path_factory.getbasetemp().glob("dist*/rows.json"))
+    for rank in (0, 1):
+        assert json.loads(done_marker(out, rank).read_text()) == {"rank": rank, "leftover": []}
+
+
+def _fault_cell(monkeypatch: pytest.MonkeyPatch, fault: str, tmp_path: Path, strategy: str = "pipeline-gpipe",
+                timeout_s: int = 120) -> tuple[list[dict], str]:
+    monkeypatch.setenv("BPMEM_FAULT", fault)
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    config = SweepConfig(repeats=1, warmup=0, timeout_s=120)
-    cell = Cell(SPEC, StepSpec(batch_size=16, strategy="pipeline-gpipe", microbatches=4, world_size=2), "cpu")
-    result = run_distributed_cell(cell, "test", environment("cpu"), config)
+    config = SweepConfig(repeats=1, warmup=0, timeout_s=timeout_s)
+    cell = Cell(SPEC, StepSpec(batch_size=16, strategy=strategy, microbatches=4, world_size=2), "cpu")
+    result = run_distributed_cell(cell, "test", environment("cpu"), config, tmp_path / "logs")
+    return result, (tmp_path / "logs" / f"{cell.cell_id}.log").read_text()
+
+
+def test_an_abort_after_the_work_is_recorded_keeps_the_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The rank aborts in teardown as torch once did (SIGABRT, exit -6): the cell stays ok."""
+    result, log = _fault_cell(monkeypatch, "abort-at-exit:1", tmp_path, strategy="ddp")
+    assert [r["status"] for r in result] == ["ok", "ok"], result[0]["error"]
+    assert all(r["peak_bytes"] > 0 for r in result)
+    assert "[default1]:terminate called without an active exception" in log
+    assert "every rank recorded its work" in log.splitlines()[-1]
+
+
+def test_a_rank_that_hangs_after_recording_is_not_waited_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    result, log = _fault_cell(monkeypatch, "hang-at-exit:0", tmp_path, strategy="fsdp", timeout_s=100)
+    assert [r["status"] for r in result] == ["ok", "ok"]
+    assert "every rank recorded its work" in log
+
+
+def test_a_rank_that_raises_gives_its_exception_as_the_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    result, log = _fault_cell(monkeypatch, "raise:1", tmp_path)
     assert [r["status"] for r in result] == ["error", "error"]
-    assert "rank 1" in result[0]["error"]
+    assert result[0]["error"] == "rank 1: RuntimeError: injected fault (BPMEM_FAULT)"
+    assert "Traceback" in log and "[default1]:" in log  # the whole output, every rank's lines
+
+
+def test_a_killed_rank_is_an_error_row_and_leaves_no_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    result, log = _fault_cell(monkeypatch, "kill:1", tmp_path)
+    assert [r["status"] for r in result] == ["error", "error"]
+    assert result[0]["error"] == "rank 1 died: exit code -9 (SIGKILL)"
+    assert "Root Cause" in log and log.rstrip().endswith(result[0]["error"])
     left = subprocess.run(["pgrep", "-f", "bpmem.worker"], capture_output=True, text=True)
     assert left.stdout.strip() == ""
 
 
-def test_a_hung_rank_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BPMEM_FAULT", "hang:0")
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    config = SweepConfig(repeats=1, warmup=0, timeout_s=15)
-    cell = Cell(SPEC, StepSpec(batch_size=16, strategy="ddp", world_size=2), "cpu")
-    result = run_distributed_cell(cell, "test", environment("cpu"), config)
+def test_a_hung_rank_times_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    result, log = _fault_cell(monkeypatch, "hang:0", tmp_path, strategy="ddp", timeout_s=15)
     assert all(r["status"] == "error" for r in result)
     assert "timed out" in result[0]["error"] or "rank" in result[0]["error"]
     left = subprocess.run(["pgrep", "-f", "bpmem.worker"], capture_output=True, text=True)
@@ -204,9 +247,10 @@ def test_three_ranks_keep_what_was_predicted(tmp_path: Path) -> None:
              (gelu, StepSpec(batch_size=36, strategy="pipeline-1f1b", microbatches=6, world_size=3))]
     out = tmp_path / "rows.json"
     done = _torchrun(cells, out, ranks=3)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    rows = _recorded(done, out, len(cells), ranks=3)
     assert len(rows) == 9
+    for rank in range(3):  # nothing distributed outlived the cells, on any rank
+        assert json.loads(done_marker(out, rank).read_text())["leftover"] == []
     for row in rows:
         spec, step = cells[row["cell_index"]]
         predicted = predict_rank(spec, step, row["rank"], 3)

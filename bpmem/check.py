@@ -6,6 +6,12 @@ columns, by their short name (``saved``, ``peak``, ``params``, ``grads``, ``opti
 ``inference_peak``, ``cuda_allocated``, ``cuda_reserved``) or full column name. Cells are
 joined on ``cell_id`` and ``rank``. Improvements are reported too; a cell present in only
 one file is a warning, or a failure with ``strict``.
+
+A gate that passes by mistake is worse than none, so:
+- a cell that was ``ok`` in the baseline and is ``oom``, ``error`` or ``skipped`` now is a
+  regression, always;
+- a rule's column missing from either file, a malformed file, and comparing nothing at all
+  are bad input (``CheckInputError``; ``bpmem check`` exits 2), never a pass.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bpmem.results import REQUIRED_COLUMNS, ResultsFileError, load_rows
 from bpmem.units import format_bytes, parse_bytes
 
 ALIASES: dict[str, str] = {
@@ -26,6 +33,11 @@ ALIASES: dict[str, str] = {
 
 class RuleError(ValueError):
     """A rule that does not parse; the message shows the allowed forms."""
+
+
+class CheckInputError(ValueError):
+    """The files cannot be compared as asked: a rule's column is missing, a file is
+    malformed (``ResultsFileError``), or no cell is in both files."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ class Comparison:
     lines: list[dict[str, Any]] = field(default_factory=list)
     only_in_baseline: list[str] = field(default_factory=list)
     only_in_results: list[str] = field(default_factory=list)
+    # cells ok in the baseline that did not finish now: "cell (rank r): oom: message"
+    no_longer_ok: list[str] = field(default_factory=list)
     strict: bool = False
 
     @property
@@ -91,27 +105,41 @@ class Comparison:
     @property
     def failed(self) -> bool:
         missing = bool(self.only_in_baseline or self.only_in_results)
-        return bool(self.regressions) or (self.strict and missing)
+        return bool(self.regressions) or bool(self.no_longer_ok) or (self.strict and missing)
 
 
-def _rows(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    import csv
-
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {(row["cell_id"], int(row.get("rank") or 0)): row for row in rows if row.get("status", "ok") == "ok"}
+def _rows(path: Path, columns: tuple[str, ...]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every row of a results.csv by (cell_id, rank), the file checked first."""
+    try:
+        rows = load_rows(path, REQUIRED_COLUMNS + columns)
+    except ResultsFileError as error:
+        raise CheckInputError(str(error)) from None
+    return {(row["cell_id"], int(row.get("rank") or 0)): row for row in rows}
 
 
 def compare(baseline: Path, results: Path, rules: list[Rule], strict: bool = False) -> Comparison:
-    """Join the two files' ok rows on (cell_id, rank) and apply every rule."""
-    old, new = _rows(baseline), _rows(results)
+    """Join the two files on (cell_id, rank) and apply every rule to the cells that are ok
+    in both; a cell ok in the baseline and not now is a regression. Raises CheckInputError
+    when there is nothing to compare or a rule's column is missing."""
+    columns = tuple(dict.fromkeys(rule.column for rule in rules))
+    old_all, new_all = _rows(baseline, columns), _rows(results, columns)
+    old = {key: row for key, row in old_all.items() if row["status"] == "ok"}
+    new = {key: row for key, row in new_all.items() if row["status"] == "ok"}
     outcome = Comparison(strict=strict)
-    outcome.only_in_baseline = sorted(f"{c} (rank {r})" for c, r in old.keys() - new.keys())
-    outcome.only_in_results = sorted(f"{c} (rank {r})" for c, r in new.keys() - old.keys())
+    outcome.only_in_baseline = sorted(f"{c} (rank {r})" for c, r in old_all.keys() - new_all.keys())
+    outcome.only_in_results = sorted(f"{c} (rank {r})" for c, r in new_all.keys() - old_all.keys())
+    outcome.no_longer_ok = sorted(f"{c} (rank {r}): {new_all[c, r]['status']}: {new_all[c, r].get('error', '')}"
+                                  for c, r in old.keys() & new_all.keys() - new.keys())
+    if not old.keys() & new.keys() and not outcome.no_longer_ok:
+        raise CheckInputError(f"nothing to compare: no cell is ok in both {baseline} ({len(old)} ok) and "
+                              f"{results} ({len(new)} ok); allowed: two results.csv of the same cells")
     for key in sorted(old.keys() & new.keys()):
         for rule in rules:
             before, after = old[key].get(rule.column, ""), new[key].get(rule.column, "")
-            if before in ("", None) or after in ("", None):
+            if before in ("", None):
+                continue
+            if after in ("", None):  # measured before, not now: as bad as a failed cell
+                outcome.no_longer_ok.append(f"{key[0]} (rank {key[1]}): {rule.column} is empty")
                 continue
             before_value, after_value = int(before), int(after)
             delta = after_value - before_value
@@ -125,6 +153,9 @@ def compare(baseline: Path, results: Path, rules: list[Rule], strict: bool = Fal
                                   "baseline": before_value, "results": after_value, "delta": delta,
                                   "percent": (delta / before_value * 100) if before_value else 0.0,
                                   "verdict": verdict})
+    if not outcome.lines and not outcome.no_longer_ok:
+        raise CheckInputError(f"nothing to compare: the cells ok in both files have no value in "
+                              f"{', '.join(columns)}; allowed: rules on columns that were measured")
     return outcome
 
 
@@ -139,7 +170,10 @@ def render(comparison: Comparison, show_all: bool = False) -> str:
         for line in shown:
             out.append(f"{line['cell']:<{width}}  {line['rank']:>4}  {line['column']:<24} {line['baseline']:>14,} "
                        f"{line['results']:>14,} {line['delta']:>+12,} {line['percent']:>+7.2f}%  {line['verdict']}")
-    regressions, improved = len(comparison.regressions), sum(x["verdict"] == "improved" for x in comparison.lines)
+    for cell in comparison.no_longer_ok:
+        out.append(f"REGRESSION: ok in the baseline, not now: {cell}")
+    regressions = len(comparison.regressions) + len(comparison.no_longer_ok)
+    improved = sum(x["verdict"] == "improved" for x in comparison.lines)
     cells = len({(line["cell"], line["rank"]) for line in comparison.lines})
     out.append(f"bpmem check: {cells} cells compared, {regressions} regression(s), {improved} improvement(s)")
     for label, missing in (("only in the baseline", comparison.only_in_baseline),

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from bpmem.spec import (
     ACTIVATIONS,
+    BUDGET_ALLOWED,
     DTYPES,
     LOSSES,
     MODES,
@@ -25,11 +26,13 @@ from bpmem.spec import (
     POLICIES,
     SPLIT_STRATEGIES,
     STRATEGIES,
+    InfeasibleBudget,
     MLPSpec,
     SpecError,
     StepSpec,
+    parse_budget,
 )
-from bpmem.units import format_bytes, parse_bytes
+from bpmem.units import format_bytes
 
 FIGURES_HELP = """\
 figures (bytes; printed in IEC units, exact integers with --json):
@@ -83,18 +86,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _budget(text: str) -> float:
+def _budget(text: str) -> float | int:
     try:
-        value = float(text)
-    except ValueError:
-        try:
-            return float(parse_bytes(text))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a budget; allowed: bytes ('12 MiB', 1000000) or a fraction in (0, 1]") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: bytes or a fraction in (0, 1]")
-    return value
+        return parse_budget(text)
+    except SpecError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a budget; allowed: {BUDGET_ALLOWED}") from None
 
 
 def _non_negative_float(text: str) -> float:
@@ -133,8 +129,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--microbatches", type=_positive_int, default=t.microbatches, metavar="K",
                    help="microbatch: micro-batches per step, gradients accumulated")
     g.add_argument("--budget", type=_budget, default=t.budget, metavar="BYTES|FRACTION",
-                   help="checkpoint-budget / compile-budget: retained bytes ('12 MiB', 1000000) or a "
-                        "fraction of the plain figure (0.5)")
+                   help="checkpoint-budget / compile-budget: a fraction of the plain step's retained bytes "
+                        "in (0, 1] (0.5), or bytes with a unit ('64MiB') or as an integer >= 2 (1000000)")
     g.add_argument("--policy", choices=POLICIES, default=t.policy,
                    help="checkpoint-selective: keep matmul outputs or activation outputs")
     g.add_argument("--world-size", type=_positive_int, default=t.world_size, metavar="N",
@@ -252,7 +248,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     import torch
 
     from bpmem.environment import environment
-    from bpmem.measure import measure
+    from bpmem.measure import is_out_of_memory, measure
 
     spec, step = specs_from_args(args)
     device = args.device
@@ -270,7 +266,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
                                     + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
     if step.strategy in SPLIT_STRATEGIES:
         return _measure_split(args, spec, step, device)
-    result = measure(spec, step, device=device, rss=args.rss)
+    try:
+        result = measure(spec, step, device=device, rss=args.rss)
+    except Exception as error:  # an allocation that failed is the user's size, not a crash
+        if not is_out_of_memory(error):
+            raise
+        return _fail(args.prog, _out_of_memory(spec, step, device, error))
     result.pop("timeline", None)
     if args.json:
         print(json.dumps({**result, "config": _config(spec, step, device), "environment": environment(device)},
@@ -284,6 +285,27 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_of_memory(spec: MLPSpec, step: StepSpec, device: str, error: BaseException) -> str:
+    """One line: the step did not fit, what it needs by the estimate, and what to change."""
+    import gc
+
+    from bpmem.estimate import estimate
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = cause.split("DefaultCPUAllocator: ", 1)[-1][:200]
+    try:
+        need = f"; the step needs about {format_bytes(estimate(spec, step).peak_bytes)} (bpmem estimate)"
+    except ValueError:
+        need = ""
+    return (f"out of memory on {device}: {cause}{need}; allowed: a smaller --batch-size, --hidden-dim, "
+            "--input-dim or --depth, or a checkpointing --strategy")
+
+
 def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, device: str) -> int:
     """model-parallel runs here, one row per stage; the others need one process per rank."""
     from bpmem.environment import environment
@@ -294,10 +316,16 @@ def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, devi
                                 f"`torchrun --nproc-per-node {step.world_size} -m bpmem.worker --cell JSON --out "
                                 "rows.json`, or in a `bpmem run` config; allowed here: model-parallel and the "
                                 "single-device strategies")
+    from bpmem.measure import is_out_of_memory
+
     try:
         stages = measure_stages(spec, step, device, warmup=1, repeats=3)
     except ValueError as error:
         return _fail_field(args.prog, error)
+    except Exception as error:  # an allocation that failed is the user's size, not a crash
+        if not is_out_of_memory(error):
+            raise
+        return _fail(args.prog, _out_of_memory(spec, step, device, error))
     if args.json:
         print(json.dumps({**_most_per_device(stages), "ranks": stages, "config": _config(spec, step, device),
                           "environment": environment(device)}, indent=2))
@@ -331,6 +359,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(args.prog, f"{source}: {error}" if source else f"{error}")
     if args.jobs < 1:
         return _fail(args.prog, f"argument --jobs: {args.jobs} is not allowed; allowed: an integer >= 1")
+    if args.resume and args.overwrite:
+        return _fail(args.prog, "argument --overwrite: not allowed with --resume (one continues a run, the other "
+                                "replaces it); allowed: one of them")
     now = datetime.now(UTC)
     if args.resume:
         out = args.out or _latest_run(Path("reports"), config.name)
@@ -341,15 +372,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if run_info.get("config") != json.loads(json.dumps(config.to_dict())):
             return _fail(args.prog, f"argument --resume: {out} was made by another config; pass the same --config")
     else:
-        out = args.out or Path("reports") / f"{config.name}-{now:%Y%m%d-%H%M%S}"
-        if (out / "results.csv").exists():
-            if not args.overwrite:
-                return _fail(args.prog, f"argument --out: {out} already holds results.csv; allowed: --resume to "
-                                        "continue it, --overwrite to replace it, or another --out")
-            (out / "results.csv").unlink()
-        run_info = {"run_id": f"{config.name}-{now:%Y%m%dT%H%M%SZ}", "created": now.isoformat(timespec="seconds"),
-                    "config": config.to_dict()}
-        out.mkdir(parents=True, exist_ok=True)
+        default = Path("reports") / f"{config.name}-{now:%Y%m%d-%H%M%S}"
+        try:
+            out = _new_run_folder(args.out, default, args.overwrite)
+        except FileExistsError:
+            return _fail(args.prog, f"argument --out: {args.out} already holds results.csv; allowed: --resume to "
+                                    "continue it, --overwrite to replace it, or another --out")
+        same_second = out.name.removeprefix(default.name) if args.out is None else ""  # "", "-2", ...
+        run_info = {"run_id": f"{config.name}-{now:%Y%m%dT%H%M%SZ}{same_second}",
+                    "created": now.isoformat(timespec="seconds"), "config": config.to_dict()}
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     if not args.quiet:
         print(f"bpmem run: {len(config.cells(devices))} cells of {config.name!r} on {', '.join(devices)} -> {out}",
@@ -367,6 +398,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# what a run writes into its folder; --overwrite removes all of it, so nothing of the old run stays
+RUN_OUTPUTS: tuple[str, ...] = ("results.csv", "timelines.csv", "report.md", "run.json", "plots", "logs")
+
+
+def _new_run_folder(asked: Path | None, default: Path, overwrite: bool) -> Path:
+    """Create the run folder. The default name gets -2, -3, ... when a run started in the
+    same second already took it (mkdir is atomic, so two runs never share one). An
+    ``--out`` that holds results raises FileExistsError unless ``overwrite``, which
+    clears every output of the old run first."""
+    import shutil
+
+    if asked is None:
+        for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
+            folder = default.with_name(default.name + suffix)
+            try:
+                folder.mkdir(parents=True)
+                return folder
+            except FileExistsError:
+                continue
+        raise FileExistsError(default)
+    if (asked / "results.csv").exists():
+        if not overwrite:
+            raise FileExistsError(asked)
+        for name in RUN_OUTPUTS:
+            target = asked / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    asked.mkdir(parents=True, exist_ok=True)
+    return asked
+
+
 def _report(directory: Path, quiet: bool) -> Path:
     from bpmem.report import report
 
@@ -377,17 +441,22 @@ def _report(directory: Path, quiet: bool) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from bpmem.results import ResultsFileError
+
     directory = args.directory
     if not (directory / "results.csv").exists():
         return _fail(args.prog, f"argument DIR: {directory} has no results.csv; allowed: a folder that "
                                 "`bpmem run` wrote")
-    path = _report(directory, quiet=True)
+    try:
+        path = _report(directory, quiet=True)
+    except ResultsFileError as error:
+        return _fail(args.prog, f"argument DIR: {error}")
     print(f"bpmem report: wrote {path} and {directory / 'plots'}/")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bpmem.check import RuleError, compare, parse_rule, render
+    from bpmem.check import CheckInputError, RuleError, compare, parse_rule, render
 
     try:
         rules = [parse_rule(text) for text in (args.fail or ["saved:0%", "peak:0%"])]
@@ -396,7 +465,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for flag, path in (("--baseline", args.baseline), ("--results", args.results)):
         if not path.is_file():
             return _fail(args.prog, f"argument {flag}: {path} is not a file; allowed: a results.csv")
-    comparison = compare(args.baseline, args.results, rules, strict=args.strict)
+    try:
+        comparison = compare(args.baseline, args.results, rules, strict=args.strict)
+    except CheckInputError as error:
+        return _fail(args.prog, str(error))
     print(render(comparison, show_all=args.all))
     return 1 if comparison.failed else 0
 
@@ -501,5 +573,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as error:
         return _fail(args.prog, f"argument --{error.field.replace('_', '-')}: {error.value!r} is not allowed; "
                                 f"allowed: {error.allowed}")
+    except InfeasibleBudget as error:
+        return _fail_field(args.prog, error)
+    except OSError as error:  # a folder that cannot be written, a disk that is full
+        if error.filename is None:
+            raise
+        return _fail(args.prog, f"cannot write {error.filename}: {error.strerror}; allowed: a folder you can "
+                                "write to (--out, DIR)")
     except KeyboardInterrupt:
         return 130

@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpmem.spec import MODES, SINGLE_DEVICE_STRATEGIES, SPLIT_STRATEGIES, STRATEGIES, MLPSpec, SpecError, StepSpec
+from bpmem.spec import (
+    MODES,
+    SINGLE_DEVICE_STRATEGIES,
+    SPLIT_STRATEGIES,
+    STRATEGIES,
+    MLPSpec,
+    SpecError,
+    StepSpec,
+    parse_budget,
+)
 
 MODEL_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec)) + ("optimizer",)
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
@@ -193,8 +202,8 @@ def _strategies(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ..
             table = {**table, "world_size": 2}
         keys = [k for k in STRATEGY_KEYS[1:] if k in table]
         for combo in itertools.product(*(_as_list(k, table[k]) for k in keys)):
-            params = tuple(zip(keys, combo, strict=True))
             try:
+                params = tuple((k, parse_budget(v) if k == "budget" else v) for k, v in zip(keys, combo, strict=True))
                 StepSpec(strategy=name, **dict(params))
             except SpecError as error:
                 raise ConfigError(f"strategies.{error.field}", f"{error.value!r} is not allowed; "
@@ -235,7 +244,7 @@ def _model(table: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
                     MLPSpec(**{key: item})
             except SpecError as error:
                 raise ConfigError(f"model.{key}", f"{item!r} is not allowed; allowed: {error.allowed}") from None
-        pairs.append((key, tuple(values)))
+        pairs.append((key, tuple(dict.fromkeys(values))))  # depth = [1, 1] is one model, not two
     return tuple(pairs)
 
 
@@ -256,7 +265,7 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
     flag = data.get("continue_after_oom", False)
     if not isinstance(flag, bool):
         raise ConfigError("continue_after_oom", f"{flag!r} is not allowed; allowed: true, false")
-    return SweepConfig(
+    config = SweepConfig(
         name=name,
         description=str(data.get("description", "")),
         model=_model(data.get("model", {})),
@@ -269,6 +278,11 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
         continue_after_oom=flag,
         timeout_s=_count("timeout_s", data.get("timeout_s", 300), 1),
     )
+    if not config.cells():
+        raise ConfigError("strategies", f"with modes {list(config.modes)} the grid has no cell: strategies other "
+                                        "than none run in train mode only; allowed: add \"train\" to modes, or "
+                                        "\"none\" to strategies")
+    return config
 
 
 def load_config(path: str | Path | None) -> SweepConfig:

@@ -32,6 +32,15 @@ from bpmem.strategies import make_strategy
 from bpmem.strategies.checkpointing import Strategy
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA or CPU allocation that failed (the CPU allocator raises a RuntimeError that
+    says "can't allocate memory"; Python's MemoryError counts too)."""
+    oom_types = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError,
+                       MemoryError})
+    return isinstance(error, oom_types) or (
+        isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error)))
+
+
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every tensor in the optimizer's per-parameter state (momentum, exp_avg, step, ...)."""
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]

@@ -83,6 +83,11 @@ def load(directory: Path):
     from bpmem.results import read_results
 
     frame = read_results(directory / "results.csv")
+    if frame.empty:
+        from bpmem.results import ResultsFileError
+
+        raise ResultsFileError(f"{directory / 'results.csv'}: has a header but no rows; allowed: a results.csv "
+                               "with at least one row")
     frame["label"] = [_strategy_label(r) for r in frame.itertuples()]
     frame["model"] = [_model_label(r) for r in frame.itertuples()]
     return frame
@@ -229,7 +234,15 @@ def plot_timeline(directory: Path, plots: Path) -> list[str]:
     fig, axis = plt.subplots(figsize=FIGURE_SIZE)
     path = directory / "timelines.csv"
     if path.exists():
-        timeline = pd.read_csv(path, dtype={"strategy_params": str}).fillna({"strategy_params": ""})
+        from bpmem.results import TIMELINE_COLUMNS, ResultsFileError
+
+        try:
+            timeline = pd.read_csv(path, dtype={"strategy_params": str}).fillna({"strategy_params": ""})
+            timeline["live_bytes"] = pd.to_numeric(timeline["live_bytes"])
+            timeline = timeline[list(TIMELINE_COLUMNS)]
+        except (ValueError, KeyError, pd.errors.ParserError) as error:
+            raise ResultsFileError(f"{path}: not a timelines.csv ({str(error).splitlines()[0][:120]}); "
+                                   f"allowed: the columns {', '.join(TIMELINE_COLUMNS)}") from None
         keep = ["none", "checkpoint-sqrt", "checkpoint-layer", "checkpoint-selective", "microbatch"]
         for index, ((strategy, params), group) in enumerate(timeline.groupby(["strategy", "strategy_params"])):
             if strategy not in keep:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,128 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
+class ResultsFileError(ValueError):
+    """A results.csv that cannot be read as one: the message names the file, the line and
+    the column, and says what was expected (``bpmem check`` and ``report`` exit 2)."""
+
+
+# every results.csv has these; the rest are checked where they are present
+REQUIRED_COLUMNS: tuple[str, ...] = ("cell_id", "status")
+INTEGER_COLUMNS: tuple[str, ...] = ("world_size", "rank", "repeats", "warmup", "batch_size", "depth", "input_dim",
+                                    "hidden_dim", "output_dim")
+FLOAT_COLUMNS: tuple[str, ...] = ("l2", "bubble_fraction", "equivalence_max_rel_err", "step_time_median_s",
+                                  "step_time_iqr_s")
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from bpmem.spec import ACTIVATIONS, DTYPES, LOSSES, MODES, OPTIMIZERS, STRATEGIES
+
+    return {"mode": MODES, "strategy": STRATEGIES, "activation": ACTIVATIONS, "dtype": tuple(DTYPES),
+            "loss": LOSSES, "optimizer": OPTIMIZERS, "bias": ("true", "false")}
+
+
+def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, str]]:
+    """The rows of a results.csv, checked before anyone trusts them: a header with
+    ``required``, as many fields in every row as in the header, quotes closed, a known
+    ``status``, integers in the byte and count columns, and each (cell_id, rank) once.
+    Raises ResultsFileError naming the first problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path}: no such file; allowed: a results.csv that `bpmem run` wrote") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ResultsFileError(f"{path}: cannot be read ({error}); allowed: a results.csv") from None
+    try:
+        lines = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as error:
+        raise ResultsFileError(f"{path}: not a CSV file ({error}); allowed: a results.csv") from None
+    if not lines or not any(field.strip() for field in lines[0]):
+        raise ResultsFileError(f"{path}: is empty; allowed: a results.csv with a header and rows")
+    header = lines[0]
+    missing = [column for column in required if column not in header]
+    if missing:
+        raise ResultsFileError(f"{path}: has no column {missing[0]!r}; allowed: a results.csv with the columns "
+                               + ", ".join(required))
+    rows, seen = [], {}
+    for number, fields in enumerate(lines[1:], start=2):
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise ResultsFileError(f"{path}, line {number}: {len(fields)} fields, the header has {len(header)}")
+        row = dict(zip(header, fields, strict=True))
+        _check_row(path, number, row)
+        key = (row["cell_id"], row.get("rank") or "0")
+        if key in seen:
+            raise ResultsFileError(f"{path}, line {number}: cell {key[0]!r} rank {key[1]} already on line "
+                                   f"{seen[key]}; allowed: each (cell_id, rank) once")
+        seen[key] = number
+        rows.append(row)
+    return rows
+
+
+def _check_row(path: Path, number: int, row: dict[str, str]) -> None:
+    where = f"{path}, line {number}"
+    if not row["cell_id"].strip():
+        raise ResultsFileError(f"{where}: cell_id is empty")
+    if row["status"] not in STATUSES:
+        raise ResultsFileError(f"{where}: status {row['status']!r}; allowed: {', '.join(STATUSES)}")
+    choices = _choices()
+    for column, value in row.items():
+        integer = column.endswith("_bytes") or column.endswith("_flops") or column in INTEGER_COLUMNS
+        if integer and value != "" and not re.fullmatch(r"-?[0-9]+", value):
+            raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: an integer or empty")
+        if column in FLOAT_COLUMNS and value != "" and not _is_float(value):
+            raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: a number or empty")
+        if column in choices and value != "" and value not in choices[column]:
+            raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: {', '.join(choices[column])}")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+TIMELINE_COLUMNS: tuple[str, ...] = ("cell_id", "strategy", "strategy_params", "index", "op", "phase",
+                                     "live_bytes")
+
+
+class TimelineWriter:
+    """timelines.csv beside results.csv, with the same guarantees: each cell's events in
+    one write, fsync'd, before that cell's row. Opening it drops a line cut short and every
+    event of a cell that has no row in results.csv (a kill between the two writes), so
+    ``--resume`` writes that cell's timeline once, not twice."""
+
+    def __init__(self, path: str | Path, recorded_cells: set[str]) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            _drop_partial_last_line(self.path)
+            with self.path.open(newline="") as handle:
+                rows = list(csv.reader(handle))
+            kept = [row for row in rows[1:] if row and row[0] in recorded_cells]
+            if len(kept) != len(rows) - 1:
+                buffer = io.StringIO()
+                csv.writer(buffer, lineterminator="\n").writerows([list(TIMELINE_COLUMNS), *kept])
+                partial = self.path.with_name(self.path.name + ".partial")
+                partial.write_text(buffer.getvalue())
+                partial.replace(self.path)
+
+    def write(self, row: Mapping[str, Any], events: Iterable[tuple[int, str, str, int]]) -> None:
+        buffer = io.StringIO()
+        out = csv.writer(buffer, lineterminator="\n")
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if new:
+            out.writerow(TIMELINE_COLUMNS)
+        out.writerows([row["cell_id"], row["strategy"], row.get("strategy_params", ""), *event] for event in events)
+        with self.path.open("a", newline="") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def done_cells(path: str | Path) -> dict[str, str]:
     """Cells already recorded in ``path``, with their status: what ``--resume`` skips."""
     path = Path(path)
@@ -109,9 +232,11 @@ def done_cells(path: str | Path) -> dict[str, str]:
 
 def read_results(path: str | Path):  # -> pandas.DataFrame
     """Load results.csv with integer byte columns (pandas' nullable Int64: failed cells
-    have no measured bytes) and booleans for ``bias``."""
+    have no measured bytes) and booleans for ``bias``. The file is checked first
+    (``load_rows``): a malformed one raises ResultsFileError."""
     import pandas as pd
 
+    load_rows(path)
     text = ("error", "strategy_params", "peak_phase", "git_commit", "cuda_version")
     frame = pd.read_csv(path, dtype={column: str for column in text})
     for column in frame.columns:
@@ -124,3 +249,4 @@ def read_results(path: str | Path):  # -> pandas.DataFrame
         if column in frame:
             frame[column] = frame[column].fillna("")
     return frame
+

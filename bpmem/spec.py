@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,65 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...] | dict[str, A
         raise SpecError(field, value, ", ".join(choices))
 
 
+BUDGET_ALLOWED = "a fraction of the plain figure in (0, 1], or bytes: an integer >= 2 or a size with a unit ('64MiB')"
+
+
+def parse_budget(value: Any) -> float | int:
+    """A checkpoint budget, never ambiguous: a fraction of the plain step's retained bytes in
+    (0, 1] (a float), or bytes (an int >= 2). Accepts 0.5, "0.5", 1 (the fraction 1.0),
+    1000000, "1000000", "64MiB", "1.5 GiB"; refuses 1.5, which is neither. Raises SpecError."""
+    from bpmem.units import parse_bytes
+
+    if isinstance(value, bool):
+        raise SpecError("budget", value, BUDGET_ALLOWED)
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"[0-9]+", text):
+            value = int(text)
+        elif re.fullmatch(r"[0-9]*\.[0-9]+|[0-9]+\.[0-9]*", text):
+            value = float(text)
+        else:
+            try:
+                value = parse_bytes(text)
+            except ValueError:
+                raise SpecError("budget", value, BUDGET_ALLOWED) from None
+            if not re.search(r"[A-Za-z]", text) or value < 2:
+                raise SpecError("budget", text, BUDGET_ALLOWED)
+            return value
+    if isinstance(value, int):
+        if value == 1:
+            return 1.0
+        if value < 2:
+            raise SpecError("budget", value, BUDGET_ALLOWED)
+        return value
+    if isinstance(value, float) and math.isfinite(value) and 0 < value <= 1:
+        return value
+    raise SpecError("budget", value, BUDGET_ALLOWED)
+
+
+class InfeasibleBudget(ValueError):
+    """The budget is below what one checkpoint over the whole chain retains: no plan fits.
+
+    ``budget_bytes`` is what was asked, ``smallest_bytes`` the least any plan retains (one
+    checkpoint over the whole chain keeps only its input, plus the loss internals), and
+    ``plain_bytes`` what the plain step retains, so a message can give both forms."""
+
+    def __init__(self, budget_bytes: int, smallest_bytes: int, plain_bytes: int) -> None:
+        self.budget_bytes, self.smallest_bytes, self.plain_bytes = budget_bytes, smallest_bytes, plain_bytes
+        # the smallest fraction, rounded up to 3 decimals, that still meets smallest_bytes
+        fraction = math.ceil(smallest_bytes / plain_bytes * 1000) / 1000
+        super().__init__(f"budget: {budget_bytes:,} B is below the smallest feasible budget, "
+                         f"{smallest_bytes:,} B ({_iec(smallest_bytes)}); allowed: at least "
+                         f"{smallest_bytes} bytes or a fraction >= {min(fraction, 1.0):g} of the plain "
+                         f"{plain_bytes:,} B")
+
+
+def _iec(nbytes: int) -> str:
+    from bpmem.units import format_bytes
+
+    return format_bytes(nbytes)
+
+
 @dataclass(frozen=True)
 class MLPSpec:
     """The network: ``depth`` hidden layers of width ``hidden_dim`` between input and output.
@@ -138,8 +198,8 @@ class StepSpec:
     ``lr`` and ``momentum`` only matter for the numbers the step produces, never for memory.
 
     Strategy parameters: ``segments`` (checkpoint-segments), ``budget`` (checkpoint-budget and
-    compile-budget: retained bytes when > 1, else a fraction of the plain figure) and
-    ``policy`` (checkpoint-selective).
+    compile-budget: a float in (0, 1] is a fraction of the plain figure, an int >= 2 is bytes;
+    ``parse_budget`` reads every other form) and ``policy`` (checkpoint-selective).
     """
 
     batch_size: int = 64
@@ -187,8 +247,9 @@ class StepSpec:
         if self.mode == "hvp" and self.strategy != "none":
             raise SpecError("strategy", self.strategy, "none (with mode hvp)")
         _check_choice("policy", self.policy, POLICIES)
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not (
-                math.isfinite(self.budget) and self.budget > 0):
-            raise SpecError("budget", self.budget, "bytes (> 1) or a fraction of the plain figure in (0, 1]")
+        is_fraction = isinstance(self.budget, float) and math.isfinite(self.budget) and 0 < self.budget <= 1
+        is_bytes = isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget >= 2
+        if not (is_fraction or is_bytes):
+            raise SpecError("budget", self.budget, BUDGET_ALLOWED)
         _check_non_negative("lr", self.lr)
         _check_non_negative("momentum", self.momentum)

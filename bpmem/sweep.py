@@ -31,17 +31,10 @@ from typing import Any, TextIO
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
-from bpmem.results import ResultsWriter, columns, done_cells
+from bpmem.measure import is_out_of_memory
+from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells
 from bpmem.spec import DISTRIBUTED_STRATEGIES, MULTI_DEVICE_STRATEGIES
 from bpmem.strategies.checkpointing import InfeasibleBudget
-
-
-def _is_oom(error: BaseException) -> bool:
-    import torch
-
-    oom_types = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
-    return isinstance(error, oom_types) or (
-        isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error)))
 
 
 def _release_memory(device: str) -> None:
@@ -121,7 +114,7 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
         measured = measure(cell.spec, cell.step, device=cell.device)
         times = time_steps(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
-        row.update(status="oom" if _is_oom(error) else "error", error=_one_line(error))
+        row.update(status="oom" if is_out_of_memory(error) else "error", error=_one_line(error))
         _release_memory(cell.device)
         return row
     for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
@@ -199,7 +192,7 @@ def run_model_parallel_cell(cell: Cell, run_id: str, env: dict[str, Any],
         measured = measure_stages(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
         for row in rows:
-            row.update(status="oom" if _is_oom(error) else "error", error=_one_line(error))
+            row.update(status="oom" if is_out_of_memory(error) else "error", error=_one_line(error))
         _release_memory(cell.device)
         return rows
     for row, got in zip(rows, measured, strict=True):
@@ -315,9 +308,12 @@ class _Guard:
             for signum, handler in self.previous.items():
                 signal.signal(signum, handler)
 
-    def write(self, writer: ResultsWriter, row: dict[str, Any]) -> None:
+    def write(self, writer: ResultsWriter, row: dict[str, Any], before: Callable[[], None] | None = None) -> None:
+        """Write ``row`` (after ``before``, e.g. its timeline) with no interruption between."""
         self.writing = True
         try:
+            if before is not None:
+                before()
             writer.write(row)
         finally:
             self.writing = False
@@ -368,13 +364,11 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
     header = columns(with_cuda=any(d.startswith("cuda") for d in devices))
     progress = Progress(sum(len(todo) for todo, _ in tasks), quiet)
     guard = _Guard()
-    timelines = out_dir / "timelines.csv"
+    timelines = TimelineWriter(out_dir / "timelines.csv", set(done))
     with ResultsWriter(csv_path, header) as writer, guard.installed():
         def record(row: dict[str, Any]) -> None:
             events = row.pop("_timeline", None)
-            if events:
-                _append_timeline(timelines, row, events)
-            guard.write(writer, row)
+            guard.write(writer, row, lambda: timelines.write(row, events) if events else None)
             outcome.written += 1
             outcome.statuses[row["status"]] = outcome.statuses.get(row["status"], 0) + 1
             if on_row:
@@ -397,17 +391,6 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
         finally:
             progress.close()
     return outcome
-
-
-def _append_timeline(path: Path, row: dict[str, Any], events: list[tuple[int, str, str, int]]) -> None:
-    import csv
-
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        out = csv.writer(handle, lineterminator="\n")
-        if new:
-            out.writerow(["cell_id", "strategy", "strategy_params", "index", "op", "phase", "live_bytes"])
-        out.writerows([row["cell_id"], row["strategy"], row.get("strategy_params", ""), *event] for event in events)
 
 
 def _run_parallel(tasks: list[tuple[list[Cell], bool]], jobs: int, run_id: str, env_by_device: dict[str, Any],
@@ -440,7 +423,8 @@ def _run_parallel(tasks: list[tuple[list[Cell], bool]], jobs: int, run_id: str, 
                 running -= 1
                 continue
             record(row)
-            progress.advance(row["cell_id"])
+            if row["rank"] == row["world_size"] - 1:  # a split cell's last rank: the cell is done
+                progress.advance(row["cell_id"])
     finally:
         for worker in workers:
             if worker.is_alive():

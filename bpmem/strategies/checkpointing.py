@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from bpmem.spec import MLPSpec, StepSpec
+from bpmem.spec import InfeasibleBudget, MLPSpec, StepSpec
 from bpmem.strategies.planner import (
     ChainCosts,
     Segment,
@@ -70,10 +70,6 @@ def budget_bytes(spec: MLPSpec, step: StepSpec) -> int:
     return int(step.budget * plain)
 
 
-class InfeasibleBudget(ValueError):
-    """The budget is below what one checkpoint over the whole chain retains: no plan fits."""
-
-
 def plan_for(spec: MLPSpec, step: StepSpec) -> list[Segment]:
     """The segments a checkpointing strategy runs; raises ValueError for an impossible budget."""
     n = spec.depth + 1
@@ -89,8 +85,8 @@ def plan_for(spec: MLPSpec, step: StepSpec) -> list[Segment]:
         plan = plan_for_budget(costs, limit)
         if plan is None:
             smallest = costs.boundary_bytes[0] + loss_bytes(spec, step.batch_size)
-            raise InfeasibleBudget(f"budget of {budget_bytes(spec, step)} B is below the smallest feasible "
-                             f"retained figure, {smallest} B")
+            plain = costs.plan_cost(plain_plan(costs.n))[0] + loss_bytes(spec, step.batch_size)
+            raise InfeasibleBudget(budget_bytes(spec, step), smallest, plain)
         return plan
     return plain_plan(n)
 

@@ -17,12 +17,20 @@ What is measured: tensor storages created inside the test body (``LiveTensorProb
 and the ops that made what was live then), what autograd saved there
 (``SavedTensorProbe``), and on CUDA the caching allocator's peak (``CudaProbe``).
 Tensors that existed before the test body do not count.
+
+Bad input stops the run before any test, with one line and exit status 2: a marker keyword
+other than ``peak``, ``saved``, ``cuda_allocated``; a limit that is negative, fractional
+(``peak=1.5``) or not a size; a ``--bpmem-compare`` file that is not a ``--bpmem-save``
+file; a ``--bpmem-save`` path that cannot be written; a rule on a figure the plugin does
+not record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -133,33 +141,114 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         rules = [parse_rule(text) for text in rule_texts]
     except ValueError as error:
-        raise pytest.UsageError(f"--bpmem-compare-fail / bpmem_compare_fail: {error}") from None
+        pytest.exit(f"bpmem: --bpmem-compare-fail / bpmem_compare_fail: {error}", returncode=2)
+    for rule in rules:
+        if rule.column not in LIMITS.values():
+            pytest.exit(f"bpmem: --bpmem-compare-fail / bpmem_compare_fail: {rule.column} is not a figure the plugin "
+                        f"records; allowed: {', '.join(LIMITS)}", returncode=2)
     settings = _Settings(Path(save) if save else None, Path(compare) if compare else None, rules, bool(strict))
+    if settings.save is not None:
+        problem = _unwritable(settings.save)
+        if problem:
+            pytest.exit(f"bpmem: --bpmem-save / bpmem_save: cannot write {settings.save}: {problem}; allowed: a "
+                        "path in a folder you can write to", returncode=2)
     if settings.compare is not None:
         if settings.compare.is_file():
-            settings.baseline = json.loads(settings.compare.read_text())
+            try:
+                settings.baseline = _baseline(settings.compare)
+            except ValueError as error:
+                pytest.exit(f"bpmem: --bpmem-compare / bpmem_compare: {settings.compare}: {error}; allowed: a file "
+                            "written by --bpmem-save", returncode=2)
         elif settings.strict:
-            raise pytest.UsageError(f"--bpmem-compare: {settings.compare} does not exist (--bpmem-strict)")
+            pytest.exit(f"bpmem: --bpmem-compare: {settings.compare} does not exist (--bpmem-strict)", returncode=2)
         else:
             config.issue_config_time_warning(
                 BpmemWarning(f"bpmem: no baseline at {settings.compare}; comparisons skipped"), stacklevel=2)
     config.stash[_SETTINGS] = settings
 
 
+LIMIT_ALLOWED = "a whole number of bytes >= 0, or a size such as '12 MiB'"
+
+
 def _limit(value: Any) -> int:
-    return parse_bytes(value) if isinstance(value, str) else int(value)
+    """A limit in whole bytes: an int >= 0 or a size string; ValueError for anything else
+    (a float such as 1.5 used to be truncated to 1 B)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{value!r} is not a limit; allowed: {LIMIT_ALLOWED}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value!r} is not a limit; allowed: {LIMIT_ALLOWED}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+    nbytes = parse_bytes(value) if match else None
+    if nbytes is None or float(match.group(1)) * (parse_bytes(f"1{match.group(2)}") or 1) != nbytes:
+        raise ValueError(f"{value!r} is not a limit; allowed: {LIMIT_ALLOWED}")
+    return nbytes
+
+
+def _marker_limits(item: pytest.Item) -> dict[str, int] | None:
+    """The marker's limits by column, None if the test has no marker; ValueError names the
+    bad keyword or value."""
+    marker = item.get_closest_marker("limit_tensor_memory")
+    if marker is None:
+        return None
+    unknown = sorted(set(marker.kwargs) - set(LIMITS))
+    if unknown or marker.args:
+        bad = f"keyword {unknown[0]!r}" if unknown else f"positional argument {marker.args[0]!r}"
+        raise ValueError(f"limit_tensor_memory: unknown {bad}; allowed keywords: {', '.join(LIMITS)}")
+    limits = {}
+    for key, value in marker.kwargs.items():
+        if value is None:
+            continue
+        try:
+            limits[LIMITS[key]] = _limit(value)
+        except ValueError as error:
+            raise ValueError(f"limit_tensor_memory({key}=...): {error}") from None
+    return limits
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Check every marker before any test runs: a typo must not pass silently."""
+    for item in items:
+        try:
+            _marker_limits(item)
+        except ValueError as error:
+            pytest.exit(f"bpmem: {item.nodeid}: {error}", returncode=2)
+
+
+def _unwritable(path: Path) -> str:
+    """Why ``path`` could not be written at the end of the session ("" if it can)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if path.is_dir():
+        return "it is a folder"
+    target = path if path.exists() else folder
+    return "" if os.access(target, os.W_OK) else f"{target} is not writable"
+
+
+def _baseline(path: Path) -> dict[str, dict[str, int]]:
+    """A --bpmem-save file: {test id: {figure column: bytes}}; ValueError says what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot be read ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not an object of test ids")
+    for test, figures in data.items():
+        if not isinstance(figures, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in figures.values()):
+            raise ValueError(f"{test!r} does not map figure names to whole bytes")
+    return data
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Any:
-    marker = item.get_closest_marker("limit_tensor_memory")
-    if marker is None:
+    limits = _marker_limits(item)  # checked at collection: cannot raise here
+    if limits is None:
         return (yield)
-    unknown = set(marker.kwargs) - set(LIMITS)
-    if unknown or marker.args:
-        raise pytest.UsageError(f"limit_tensor_memory: unknown limit {sorted(unknown) or marker.args}; "
-                                f"allowed keywords: {', '.join(LIMITS)}")
-    limits = {LIMITS[key]: _limit(value) for key, value in marker.kwargs.items() if value is not None}
     with measure_block() as measured:
         result = yield
     settings = item.config.stash[_SETTINGS]
@@ -204,5 +293,10 @@ def _compare(item: pytest.Item, settings: _Settings, figures: dict[str, int]) ->
 def pytest_sessionfinish(session: pytest.Session) -> None:
     settings = session.config.stash.get(_SETTINGS, None)
     if settings is not None and settings.save is not None and settings.saved:
-        settings.save.parent.mkdir(parents=True, exist_ok=True)
-        settings.save.write_text(json.dumps(settings.saved, indent=1, sort_keys=True) + "\n")
+        try:
+            settings.save.parent.mkdir(parents=True, exist_ok=True)
+            settings.save.write_text(json.dumps(settings.saved, indent=1, sort_keys=True) + "\n")
+        except OSError as error:  # checked at start; the folder changed since
+            session.config.get_terminal_writer().line(f"bpmem: --bpmem-save: cannot write {settings.save}: "
+                                                      f"{error.strerror}", red=True)
+            session.exitstatus = 2

@@ -80,9 +80,9 @@ def _strategy_label(row: Any) -> str:
 
 
 def load(directory: Path):
-    from bpmem.results import read_results
+    from bpmem.results import COLUMNS, read_results
 
-    frame = read_results(directory / "results.csv")
+    frame = read_results(directory / "results.csv", COLUMNS)  # every column the report reads
     if frame.empty:
         from bpmem.results import ResultsFileError
 

@@ -230,13 +230,13 @@ def done_cells(path: str | Path) -> dict[str, str]:
         return {row["cell_id"]: row["status"] for row in csv.DictReader(handle) if row.get("cell_id")}
 
 
-def read_results(path: str | Path):  # -> pandas.DataFrame
+def read_results(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS):  # -> pandas.DataFrame
     """Load results.csv with integer byte columns (pandas' nullable Int64: failed cells
     have no measured bytes) and booleans for ``bias``. The file is checked first
     (``load_rows``): a malformed one raises ResultsFileError."""
     import pandas as pd
 
-    load_rows(path)
+    load_rows(path, required)
     text = ("error", "strategy_params", "peak_phase", "git_commit", "cuda_version")
     frame = pd.read_csv(path, dtype={column: str for column in text})
     for column in frame.columns:

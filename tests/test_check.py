@@ -100,3 +100,61 @@ def test_a_grown_activation_fails_the_self_check(tmp_path: Path, monkeypatch: py
     assert main(["check", "--baseline", str(base / "results.csv"), "--results", str(grown / "results.csv"),
                  *rules]) == 1
     assert "saved_activation_bytes" in capsys.readouterr().out
+
+
+# -- a gate that cannot pass by mistake (each of these exited 0 before) --------------------
+
+def _check(baseline: Path, results: Path, *rules: str) -> list[str]:
+    return ["check", "--baseline", str(baseline), "--results", str(results), *(f"--fail={r}" for r in rules)]
+
+
+def test_a_rule_column_missing_from_the_results_is_bad_input(tmp_path: Path, capsys) -> None:
+    results = _edited(tmp_path, lambda frame: frame.drop(columns=["saved_activation_bytes"]))
+    assert main([*_check(FIXTURE, results, "saved:0%"), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "has no column 'saved_activation_bytes'" in err and str(results) in err
+
+
+def test_a_cell_ok_before_and_oom_now_is_a_regression_without_strict(tmp_path: Path, capsys) -> None:
+    def fail_first(frame: pd.DataFrame) -> None:
+        frame.loc[0, ["status", "error", "saved_activation_bytes", "peak_bytes"]] = ["oom", "out of memory", "", ""]
+
+    results = _edited(tmp_path, fail_first)
+    assert main(_check(FIXTURE, results, "saved:0%")) == 1
+    out = capsys.readouterr().out
+    cell = pd.read_csv(FIXTURE).cell_id[0]
+    assert f"REGRESSION: ok in the baseline, not now: {cell} (rank 0): oom: out of memory" in out
+
+
+def test_a_measured_figure_gone_empty_is_a_regression(tmp_path: Path, capsys) -> None:
+    results = _edited(tmp_path, lambda frame: frame.loc.__setitem__((0, "peak_bytes"), ""))
+    assert main(_check(FIXTURE, results, "peak:0%")) == 1
+    assert "peak_bytes is empty" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,names", [
+    ("", "is empty"),
+    ("cell_id,status,saved_activation_bytes\n", "nothing to compare"),
+    ('cell_id,status,saved_activation_bytes\n"a,ok,1\n', "not a CSV file"),
+    ("cell_id,status,saved_activation_bytes\na,ok,1,2\n", "line 2: 4 fields, the header has 3"),
+    ("cell_id,status,saved_activation_bytes\na,ok,1.5\n", "saved_activation_bytes is '1.5'; allowed: an integer"),
+    ("cell_id,status,saved_activation_bytes\na,fine,1\n", "status 'fine'; allowed: ok, oom, error, skipped"),
+    ("cell_id,status,saved_activation_bytes\na,ok,1\na,ok,2\n", "already on line 2"),
+])
+def test_malformed_or_empty_results_are_exit_2_never_1(tmp_path: Path, capsys, text: str, names: str) -> None:
+    results = tmp_path / "results.csv"
+    results.write_text(text)
+    assert main(_check(FIXTURE, results, "saved:0%")) == 2
+    assert names in capsys.readouterr().err
+
+
+def test_cells_with_nothing_in_common_are_nothing_to_compare(tmp_path: Path, capsys) -> None:
+    results = _edited(tmp_path, lambda frame: frame.assign(cell_id=frame.cell_id + "-other"))
+    assert main(_check(FIXTURE, results, "saved:0%")) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+
+
+def test_a_rule_on_a_column_never_measured_is_nothing_to_compare(tmp_path: Path, capsys) -> None:
+    """A rule on a CUDA column against CPU-only results names the column they lack."""
+    assert main(_check(FIXTURE, FIXTURE, "cuda_allocated:0%")) == 2
+    assert "cuda_max_allocated_bytes" in capsys.readouterr().err

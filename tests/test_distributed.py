@@ -14,6 +14,7 @@ import pytest
 
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
+from bpmem.launch import complete_rows
 from bpmem.spec import DISTRIBUTED_STRATEGIES, MLPSpec, StepSpec
 from bpmem.strategies.distributed import (
     check,
@@ -23,7 +24,6 @@ from bpmem.strategies.distributed import (
     tensor_parallel_styles,
 )
 from bpmem.strategies.schedules import interleaved_order, interleaved_rounds
-from bpmem.launch import complete_rows
 from bpmem.sweep import run_distributed_cell
 from bpmem.teardown import done_marker
 

@@ -97,7 +97,8 @@ def test_step():
     result.assert_outcomes(passed=1)
     assert "no baseline" in result.stdout.str()
     strict = pytester.runpytest_subprocess("--bpmem-compare", "nowhere.json", "--bpmem-strict")
-    assert strict.ret == pytest.ExitCode.USAGE_ERROR
+    assert strict.ret == 2
+    assert "nowhere.json does not exist" in strict.stdout.str() + strict.stderr.str()
 
 
 def test_cuda_test_skips_cleanly_without_a_gpu(pytester: pytest.Pytester) -> None:

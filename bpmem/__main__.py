@@ -2,6 +2,6 @@
 
 import sys
 
-from bpmem.cli import main
+from bpmem.cli import run
 
-sys.exit(main())
+sys.exit(run())

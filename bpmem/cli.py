@@ -104,7 +104,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The model and step flags of DESIGN §2; defaults are the seed's network."""
+    """The model and step flags (README, "The commands"); defaults are the seed's network."""
     d, t = MLPSpec(), StepSpec()
     g = parser.add_argument_group("model (defaults: the seed's 784-256-10 network on MNIST-sized data)")
     g.add_argument("--input-dim", type=_positive_int, default=d.input_dim, metavar="D", help="input features d")
@@ -497,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bpmem", description=(
         "Where training memory goes, measured. bpmem predicts (estimate) and measures (measure) "
         "the bytes of one MLP step: parameters, gradients, optimizer state, the activations "
-        "autograd saves for backward, and the peak."), formatter_class=argparse.RawDescriptionHelpFormatter)
+        "autograd saves for backward, and the peak."), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 success; 1 a memory regression (check); 2 bad input (a flag, config, file, "
+               "budget, a step that does not fit, nothing to compare); 3 an internal error (a bug: one line, "
+               "BPMEM_DEBUG=1 shows the traceback); 130 stopped by Ctrl-C.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('bpmem').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -541,11 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     che = sub.add_parser("check", help="fail (exit 1) on a memory regression between two results.csv",
                          description="Join two results.csv files on (cell_id, rank), print a diff table in bytes "
                                      "and %, report improvements, and exit 1 when a rule is broken.",
-                         epilog="rules: FIELD:N%% or FIELD:BYTES, e.g. saved:0%% peak:2%% peak:1MiB; FIELD is "
+                         epilog="rules: FIELD:N% or FIELD:BYTES, e.g. saved:0% peak:2% peak:1MiB; FIELD is "
                                 "saved, peak, params, grads, optimizer, inference_peak, cuda_allocated, "
-                                "cuda_reserved, or a *_bytes column. Default: saved:0%% peak:0%%.\n"
-                                "exit status: 0 no regression, 1 regression (or a missing cell with --strict), "
-                                "2 bad arguments.")
+                                "cuda_reserved, or a *_bytes column. Default: saved:0% peak:0%.\n"
+                                "exit status: 0 no regression; 1 a regression (a figure over its rule, a cell ok in "
+                                "the baseline and not now, or with --strict a cell in one file only); 2 bad input (a "
+                                "missing or malformed file, an unknown rule or field, a rule's column missing from a "
+                                "file, nothing to compare); 3 an internal error.")
     che.add_argument("--baseline", type=Path, required=True, metavar="A.csv", help="the reference results.csv")
     che.add_argument("--results", type=Path, required=True, metavar="B.csv", help="the new results.csv")
     che.add_argument("--fail", action="append", metavar="FIELD:TOL", help="a regression rule (repeatable)")
@@ -582,3 +587,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "write to (--out, DIR)")
     except KeyboardInterrupt:
         return 130
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The console entry (``bpmem``, ``python -m bpmem``): ``main``, but an unexpected
+    exception is one line and exit status 3, never Python's 1, which ``bpmem check`` keeps
+    for a regression. ``BPMEM_DEBUG=1`` shows the traceback."""
+    import os
+
+    try:
+        return main(argv)
+    except Exception as error:  # noqa: BLE001 - the last line of defence: a bug, said as one
+        if os.environ.get("BPMEM_DEBUG"):
+            raise
+        text = str(error).strip().splitlines()
+        print(f"bpmem: internal error: {type(error).__name__}: {text[0] if text else ''} (a bug in bpmem: please "
+              "report it with the command line; BPMEM_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 3

@@ -87,7 +87,7 @@ class _Replay:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Predicted figures for one (spec, step), named as in DESIGN §1, plus how they arise."""
+    """Predicted figures for one (spec, step), named as in the README's table of figures, plus how they arise."""
 
     params_bytes: int
     grads_bytes: int
@@ -328,7 +328,7 @@ def _estimate_hvp(spec: MLPSpec, step: StepSpec, params_bytes: int, terms: list[
 
 
 def estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
-    """Predict every DESIGN §1 figure for one step of ``spec`` under ``step``."""
+    """Predict every figure (the README's table) for one step of ``spec`` under ``step``."""
     s, b = spec.itemsize, step.batch_size
     layer_bytes = _layer_bytes(spec)
     params_bytes = sum(w + bias for w, bias in layer_bytes)

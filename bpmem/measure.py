@@ -1,7 +1,7 @@
 """``bpmem measure``: run real steps and read every figure off the probes.
 
 Order of work, each on a fresh step of the same model so that probes never watch each other:
-1. a warm-up step, so the optimizer state exists (DESIGN §1's steady state);
+1. a warm-up step, so the optimizer state exists (the steady state that peak_bytes is defined on);
 2. a step under ``SavedTensorProbe``: saved activation bytes, per layer;
 3. a step under ``LiveTensorProbe``: the training peak and its timeline;
 4. a forward under ``inference_mode`` and ``LiveTensorProbe``: the inference peak;
@@ -91,7 +91,7 @@ def step_flops(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer
 
 def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
             rss: bool = False) -> dict[str, Any]:
-    """Measure one configuration; returns the DESIGN §1 figures that apply, plus per_layer."""
+    """Measure one configuration; returns the figures that apply, plus per_layer."""
     model = build(spec, device, seed=seed)
     x, y = make_batch(spec, step.batch_size, device, seed=seed)
     result: dict[str, Any] = {}

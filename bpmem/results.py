@@ -1,4 +1,4 @@
-"""results.csv: the row schema (DESIGN §2), environment metadata, and safe appends.
+"""results.csv: the row schema (the README lists every column), environment metadata, and safe appends.
 
 One row per measured cell (and rank). Rows are appended and flushed, then fsync'd, as each
 cell finishes, each as a single write, so an interrupted sweep leaves a valid file. A line
@@ -107,6 +107,9 @@ class ResultsFileError(ValueError):
 REQUIRED_COLUMNS: tuple[str, ...] = ("cell_id", "status")
 INTEGER_COLUMNS: tuple[str, ...] = ("world_size", "rank", "repeats", "warmup", "batch_size", "depth", "input_dim",
                                     "hidden_dim", "output_dim")
+# text columns that label every row: a row without them cannot be placed in a table or plot
+NON_EMPTY_COLUMNS: tuple[str, ...] = ("cell_id", "device", "mode", "strategy", "activation", "dtype", "loss",
+                                      "optimizer", "bias")
 FLOAT_COLUMNS: tuple[str, ...] = ("l2", "bubble_fraction", "equivalence_max_rel_err", "step_time_median_s",
                                   "step_time_iqr_s")
 
@@ -167,12 +170,26 @@ def _check_row(path: Path, number: int, row: dict[str, str]) -> None:
     choices = _choices()
     for column, value in row.items():
         integer = column.endswith("_bytes") or column.endswith("_flops") or column in INTEGER_COLUMNS
-        if integer and value != "" and not re.fullmatch(r"-?[0-9]+", value):
-            raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: an integer or empty")
+        least = 0 if column in ("rank", "warmup") or column not in INTEGER_COLUMNS else 1
+        if integer and value != "" and not (re.fullmatch(r"[0-9]+", value) and int(value) >= least):
+            raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: an integer >= {least} or empty")
+        if column in NON_EMPTY_COLUMNS and not value.strip():
+            raise ResultsFileError(f"{where}: {column} is empty; allowed: the value `bpmem run` wrote")
+        if column == "strategy_params" and value and not _json_object(value):
+            raise ResultsFileError(f"{where}: strategy_params is {value[:40]!r}; allowed: a JSON object or empty")
         if column in FLOAT_COLUMNS and value != "" and not _is_float(value):
             raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: a number or empty")
         if column in choices and value != "" and value not in choices[column]:
             raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: {', '.join(choices[column])}")
+
+
+def _json_object(text: str) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _is_float(text: str) -> bool:

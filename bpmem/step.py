@@ -1,6 +1,6 @@
 """One step of the plain strategy: the unit that every probe watches.
 
-A training step is, as DESIGN §1 defines it for ``peak_bytes``:
+A training step is, as the README defines it for ``peak_bytes``:
 ``zero_grad(set_to_none=True)``, forward to J = L + s, ``J.backward()``, ``optimizer.step()``.
 An inference step is one forward under ``torch.inference_mode()``.
 

@@ -220,3 +220,17 @@ def test_progress_counts_cells_not_rows_with_jobs_and_split_cells(tmp_path: Path
     assert counts[-1] == "2/2" and all(int(c.split("/")[0]) <= 2 for c in counts), counts
     rows = json.loads(json.dumps(list(csv.DictReader((tmp_path / "o" / "results.csv").open()))))
     assert len(rows) == 3
+
+
+def test_an_unexpected_error_is_exit_3_never_1(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Exit 1 means "regression" to CI: a bug in bpmem must not look like one."""
+    import bpmem.cli
+
+    def broken(args: object) -> int:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(bpmem.cli, "cmd_check", broken)
+    monkeypatch.delenv("BPMEM_DEBUG", raising=False)
+    code = bpmem.cli.run(["check", "--baseline", str(FIXTURE), "--results", str(FIXTURE)])
+    err = capsys.readouterr().err
+    assert code == 3 and err.count("\n") == 1 and "internal error: KeyError" in err

@@ -48,7 +48,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bpmem.estimate import estimate  # noqa: E402
-from bpmem.measure import measure  # noqa: E402
+from bpmem.measure_cell import measure  # noqa: E402
 from bpmem.model import build, make_batch  # noqa: E402
 from bpmem.spec import MLPSpec, StepSpec  # noqa: E402
 from bpmem.step import make_optimizer, train_step  # noqa: E402

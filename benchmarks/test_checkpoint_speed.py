@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from bpmem.estimate import estimate
-from bpmem.measure import measure
+from bpmem.measure_cell import measure
 from bpmem.model import build, make_batch
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import make_optimizer, train_step

@@ -6,6 +6,9 @@ is "the step plus everything it costs to watch it":
 
 - ``baseline``: ``train_step`` alone;
 - ``saved``: ``SavedTensorProbe(model)``, the step run with ``scope=probe.scope``;
+- ``held``: ``bpmem.measure(model, peak=False)``, the public API's saved figure (what
+  autograd holds, deduplicated, attributed by module path);
+- ``api``: ``bpmem.measure(model)``, both figures with attribution;
 - ``live``: ``measure_training_peak`` (a ``LiveTensorProbe`` with params, grads, optimizer
   state and the batch as preexisting storages, the step run with ``phase=probe.phase``);
 - ``rss``: ``RssProbe()`` (a psutil sampler thread, every millisecond);
@@ -33,7 +36,7 @@ import pytest
 import torch
 
 from bpmem.estimate import estimate
-from bpmem.measure import measure_training_peak
+from bpmem.measure_cell import measure_training_peak
 from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, RssProbe, SavedTensorProbe
 from bpmem.spec import MLPSpec, StepSpec
@@ -108,6 +111,30 @@ def test_saved_tensor_probe(benchmark: Any, cpu_rig: Rig, predicted: dict[str, i
 
     probe = _run(benchmark, watched, predicted)
     benchmark.extra_info["saved_activation_bytes"] = probe.saved_activation_bytes
+
+
+def test_held_tensor_probe(benchmark: Any, cpu_rig: Rig, predicted: dict[str, int]) -> None:
+    import bpmem
+
+    def watched() -> Any:
+        with bpmem.measure(cpu_rig.model, peak=False) as m:
+            cpu_rig.step()
+        return m
+
+    m = _run(benchmark, watched, predicted)
+    benchmark.extra_info["saved_activation_bytes"] = m.saved_activation_bytes
+
+
+def test_public_api(benchmark: Any, cpu_rig: Rig, predicted: dict[str, int]) -> None:
+    import bpmem
+
+    def watched() -> Any:
+        with bpmem.measure(cpu_rig.model, cpu_rig.optimizer) as m:
+            cpu_rig.step()
+        return m
+
+    m = _run(benchmark, watched, predicted)
+    benchmark.extra_info.update(saved_activation_bytes=m.saved_activation_bytes, peak_bytes=m.peak_bytes)
 
 
 def test_live_tensor_probe(benchmark: Any, cpu_rig: Rig, predicted: dict[str, int]) -> None:

@@ -248,7 +248,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     import torch
 
     from bpmem.environment import environment
-    from bpmem.measure import is_out_of_memory, measure
+    from bpmem.measure_cell import is_out_of_memory, measure
 
     spec, step = specs_from_args(args)
     device = args.device
@@ -316,7 +316,7 @@ def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, devi
                                 f"`torchrun --nproc-per-node {step.world_size} -m bpmem.worker --cell JSON --out "
                                 "rows.json`, or in a `bpmem run` config; allowed here: model-parallel and the "
                                 "single-device strategies")
-    from bpmem.measure import is_out_of_memory
+    from bpmem.measure_cell import is_out_of_memory
 
     try:
         stages = measure_stages(spec, step, device, warmup=1, repeats=3)

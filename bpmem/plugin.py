@@ -4,8 +4,8 @@
   measures the test body and fails *that test* when a figure exceeds its limit. The failure
   names the measured figure, the limit and the largest contributors, and the full numbers
   go in a report section named "bpmem".
-- The ``bpmem`` fixture: ``with bpmem.measure() as m: step()``, then
-  ``m.saved_activation_bytes``, ``m.peak_bytes``, ``m.cuda_max_allocated_bytes``.
+- The ``bpmem`` fixture: ``with bpmem.measure(model) as m: step()`` (model optional), then
+  ``m.saved_activation_bytes``, ``m.peak_bytes``, ``m.top_saved()``, ``m.top_live()``.
 - Baselines for marked tests: ``--bpmem-save PATH`` writes every marked test's figures
   (JSON); ``--bpmem-compare PATH`` checks them against a saved file with the rules of
   ``--bpmem-compare-fail`` (``saved:0%``, ``peak:1MiB``; default ``saved:0% peak:0%``). Each
@@ -13,10 +13,12 @@
   ``bpmem_strict``). A missing baseline file or test is a warning, an error with
   ``--bpmem-strict``.
 
-What is measured: tensor storages created inside the test body (``LiveTensorProbe``: peak
-and the ops that made what was live then), what autograd saved there
-(``SavedTensorProbe``), and on CUDA the caching allocator's peak (``CudaProbe``).
-Tensors that existed before the test body do not count.
+What is measured is ``bpmem.measure`` (``bpmem.api``) around the test body, with its two
+definitions: ``saved`` is the most that autograd held for a backward at any moment
+(parameters and buffers never count), ``peak`` the most that storages allocated in the body
+held at once (a view of an older tensor allocates nothing); on CUDA also the caching
+allocator's peak. A failed ``saved`` limit lists the largest saved tensors by module path
+and op; a failed ``peak`` limit the largest storages live at the peak.
 
 Bad input stops the run before any test, with one line and exit status 2: a marker keyword
 other than ``peak``, ``saved``, ``cuda_allocated``; a limit that is negative, fractional
@@ -32,7 +34,6 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,50 +49,19 @@ class BpmemWarning(UserWarning):
     """A baseline problem that is not an error unless --bpmem-strict is given."""
 
 
-@dataclass
-class TestMeasurement:
-    """Figures of one measured block (bytes)."""
+def measure_block(model: Any = None, optimizer: Any = None) -> contextlib.AbstractContextManager[Any]:
+    """``bpmem.measure`` (``bpmem.api``): the plugin and the fixture are this, nothing more."""
+    from bpmem.api import measure
 
-    saved_activation_bytes: int = 0
-    peak_bytes: int = 0
-    cuda_max_allocated_bytes: int | None = None
-    top_contributors: list[tuple[str, int]] = field(default_factory=list)
-
-    def figures(self) -> dict[str, int]:
-        out = {"saved_activation_bytes": self.saved_activation_bytes, "peak_bytes": self.peak_bytes}
-        if self.cuda_max_allocated_bytes is not None:
-            out["cuda_max_allocated_bytes"] = self.cuda_max_allocated_bytes
-        return out
-
-
-@contextlib.contextmanager
-def measure_block() -> Iterator[TestMeasurement]:
-    import torch
-
-    from bpmem.probes import CudaProbe, LiveTensorProbe, SavedTensorProbe
-
-    result = TestMeasurement()
-    live, saved = LiveTensorProbe(record_timeline=False), SavedTensorProbe(exclude_leaf_params=True)
-    live.track_ops = True
-    cuda = CudaProbe() if torch.cuda.is_available() else None
-    with contextlib.ExitStack() as stack:
-        if cuda is not None:
-            stack.enter_context(cuda)
-        stack.enter_context(live)
-        stack.enter_context(saved)
-        yield result
-    result.saved_activation_bytes = saved.saved_activation_bytes
-    result.peak_bytes = live.peak_bytes
-    result.top_contributors = sorted(live.peak_by_op.items(), key=lambda item: -item[1])[:5]
-    if cuda is not None:
-        result.cuda_max_allocated_bytes = cuda.cuda_max_allocated_bytes
+    return measure(model, optimizer)
 
 
 class BpmemFixture:
-    """The ``bpmem`` fixture: ``with bpmem.measure() as m: ...`` gives a TestMeasurement."""
+    """The ``bpmem`` fixture: ``with bpmem.measure(model) as m: ...`` gives a ``bpmem.api.Measurement``
+    (``m.saved_activation_bytes``, ``m.peak_bytes``, ``m.top_saved()``, ``m.top_live()``)."""
 
-    def measure(self) -> contextlib.AbstractContextManager[TestMeasurement]:
-        return measure_block()
+    def measure(self, model: Any = None, optimizer: Any = None) -> contextlib.AbstractContextManager[Any]:
+        return measure_block(model, optimizer)
 
 
 @pytest.fixture
@@ -260,13 +230,19 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     problems += _compare(item, settings, figures)
     lines = [f"{column}: {value:,} B ({format_bytes(value)})" for column, value in figures.items()]
     lines += [f"limit {column}: {limit:,} B" for column, limit in limits.items()]
-    lines += ["largest contributors at the peak (by the op that made them):"]
-    lines += [f"  {op}: {nbytes:,} B ({format_bytes(nbytes)})" for op, nbytes in measured.top_contributors]
+    lines += ["largest saved tensors when the saved figure peaked (module (op that made it)):"]
+    lines += [f"  {name}: {nbytes:,} B ({format_bytes(nbytes)})" for name, nbytes in measured.top_saved()]
+    lines += ["largest storages live at the peak (module (op that made it)):"]
+    lines += [f"  {name}: {nbytes:,} B ({format_bytes(nbytes)})" for name, nbytes in measured.top_live()]
+    lines += [f"at the peak: {measured.peak_breakdown}"]
     item.add_report_section("call", "bpmem", "\n".join(lines))
     if problems:
-        top = ", ".join(f"{op} {format_bytes(nbytes)}" for op, nbytes in measured.top_contributors[:3])
-        pytest.fail("bpmem: " + "; ".join(problems) + (f"; largest contributors: {top}" if top else ""),
-                    pytrace=False)
+        over_saved = "saved_activation_bytes" in limits and figures["saved_activation_bytes"] > limits[
+            "saved_activation_bytes"]
+        top_list = measured.top_saved(3) if over_saved else measured.top_live(3)
+        kind = "largest saved tensors" if over_saved else "largest live at the peak"
+        top = ", ".join(f"{name} {format_bytes(nbytes)}" for name, nbytes in top_list)
+        pytest.fail("bpmem: " + "; ".join(problems) + (f"; {kind}: {top}" if top else ""), pytrace=False)
     return result
 
 

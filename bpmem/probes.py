@@ -29,6 +29,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+from bpmem.tracking import SAVED
+
 __all__ = [
     "Probe",
     "SavedTensorProbe",
@@ -142,10 +144,11 @@ class SavedTensorProbe:
         if label not in self._order:
             self._order.append(label)
 
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+    def on_pack(self, tensor: torch.Tensor, packed: Any) -> None:
+        """A pack event from ``bpmem.tracking.SAVED``, which every active probe hears."""
         key = storage_key(tensor)
         if key in self._excluded or (self._exclude_leaf_params and _is_leaf_param(tensor)):
-            return tensor
+            return
         alive = self._alive.get(key)
         if alive is None or alive() is None:  # first sight, or an old address reused
             storage = local_tensor(tensor).untyped_storage()
@@ -157,7 +160,6 @@ class SavedTensorProbe:
             self.retained_bytes += self._bytes[key]
             self.peak_retained_bytes = max(self.peak_retained_bytes, self.retained_bytes)
             weakref.finalize(storage, self._release, self._bytes[key])
-        return tensor
 
     def _release(self, nbytes: int) -> None:
         self.retained_bytes -= nbytes
@@ -169,7 +171,7 @@ class SavedTensorProbe:
                     label = f"{name}.{type(module).__name__}"
                     self._handles.append(module.register_forward_pre_hook(self._enter_module(label)))
                     self._handles.append(module.register_forward_hook(self._leave_module()))
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks = SAVED.listening(self)
         self._hooks.__enter__()
         return self
 
@@ -230,6 +232,15 @@ class _Tracked:
     category: str
     op: str = ""
     aliases: int | None = None  # None: tracked by its storage object; else live alias count
+    module: str = ""  # the module running when it was made (with ``module_of``)
+    role: str = ""  # what it turned out to be, set later by bpmem.api: "gradients", "optimizer"
+
+
+def _storage_id_or_none(tensor: torch.Tensor) -> int | None:
+    try:
+        return torch._C._storage_id(tensor)
+    except (RuntimeError, NotImplementedError):  # no storage (a sparse or wrapper tensor)
+        return None
 
 
 def _fresh_storage_nbytes(tensor: torch.Tensor) -> int:
@@ -250,7 +261,7 @@ class _LiveMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        self._probe._on_op(str(func.overloadpacket.__name__), out)
+        self._probe._on_op(str(func.overloadpacket.__name__), out, (args, kwargs))
         return out
 
 
@@ -315,6 +326,9 @@ class LiveTensorProbe:
         self.peak_phase = ""
         self.peak_by_op: dict[str, int] = {}  # filled only with track_ops=True
         self.track_ops = False
+        self.peak_tracked: dict[int, _Tracked] = {}  # what was live at the peak (track_ops=True)
+        self.module_of: Any = None  # callable() -> the running module's name, for attribution
+        self.on_peak: Any = None  # callable() at each new peak
         self._current_op = ""
         self.timeline: list[TimelineEvent] = []
         self.phase_end: dict[str, dict[str, int]] = {}  # the last time each phase ended
@@ -345,8 +359,15 @@ class LiveTensorProbe:
         key = storage._cdata
         if key in self._tracked or not self._counts(storage.device):
             return
-        self._add(key, _Tracked(storage.nbytes(), category, self._current_op))
+        self._add(key, _Tracked(storage.nbytes(), category, self._current_op, module=self._module()))
         weakref.finalize(storage, self._on_free, key)
+
+    def _module(self) -> str:
+        return self.module_of() if self.module_of is not None else ""
+
+    def tracked_now(self, key: int) -> _Tracked | None:
+        """The record of the storage now live under ``key`` (None if none is)."""
+        return self._tracked.get(key)
 
     def _add(self, key: int, tracked: _Tracked) -> None:
         self._tracked[key] = tracked
@@ -361,11 +382,19 @@ class LiveTensorProbe:
         self._live -= tracked.nbytes
         self._note("free")
 
-    def _on_op(self, op: str, out: Any) -> None:
+    def _on_op(self, op: str, out: Any, inputs: Any = ()) -> None:
         self._current_op = op
+        given = None  # storages of the op's inputs, computed only if an output could alias one
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 leaf = local_tensor(leaf)
+                key = _storage_id_or_none(leaf)
+                if key is not None and key not in self._tracked:
+                    if given is None:
+                        given = {_storage_id_or_none(local_tensor(t)) for t in tree_leaves(inputs)
+                                 if isinstance(t, torch.Tensor)}
+                    if key in given:
+                        continue  # a view or in-place result on a storage older than the block: nothing new
                 if self._phase == "backward" or torch._C._current_graph_task_id() != -1:
                     self._track_alias(leaf)  # inside autograd's backward, labelled or not
                 else:
@@ -388,7 +417,8 @@ class LiveTensorProbe:
         key = torch._C._storage_id(tensor)
         tracked = self._tracked.get(key)
         if tracked is None:
-            tracked = _Tracked(_fresh_storage_nbytes(tensor), self._phase, self._current_op, aliases=0)
+            tracked = _Tracked(_fresh_storage_nbytes(tensor), self._phase, self._current_op, aliases=0,
+                               module=self._module())
             self._add(key, tracked)
         elif tracked.aliases is None:
             return  # a storage tracked by its storage object already
@@ -452,6 +482,9 @@ class LiveTensorProbe:
                     name = tracked.op or tracked.category
                     by_op[name] = by_op.get(name, 0) + tracked.nbytes
                 self.peak_by_op = by_op
+                self.peak_tracked = dict(self._tracked)
+            if self.on_peak is not None:
+                self.on_peak()
         if self._record_timeline:
             by_category = {k: v for k, v in self._by_category.items() if v}
             self.timeline.append(TimelineEvent(len(self.timeline), op, self._phase, self._live, by_category))

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
-from bpmem.measure import is_out_of_memory
+from bpmem.measure_cell import is_out_of_memory
 from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells
 from bpmem.spec import DISTRIBUTED_STRATEGIES, MULTI_DEVICE_STRATEGIES
 from bpmem.strategies.checkpointing import InfeasibleBudget
@@ -105,7 +105,7 @@ def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
 
 def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
     """Measure one cell; never raises for OOM or errors, which become the row's status."""
-    from bpmem.measure import measure, time_steps, time_summary
+    from bpmem.measure_cell import measure, time_steps, time_summary
 
     row = base_row(cell, run_id, env, config)
     if row.get("status") in ("error", "skipped"):
@@ -286,16 +286,26 @@ def _label(cell: Cell) -> str:
 
 @dataclass
 class _Guard:
-    """Turns SIGINT/SIGTERM into KeyboardInterrupt, but never in the middle of writing a row."""
+    """Turns SIGINT/SIGTERM into KeyboardInterrupt, but never in the middle of writing a row.
+
+    The handler raises at once, for a quick stop, and also remembers the signal: Python runs
+    signal handlers wherever the main thread is, and the probes run many ``weakref.finalize``
+    callbacks, inside which an exception is printed ("Exception ignored in ...") and
+    swallowed. So the sweep checks ``pending`` again before each cell and after each row,
+    and a swallowed interrupt still stops it there."""
 
     writing: bool = False
     pending: bool = False
     previous: dict[int, Any] = field(default_factory=dict)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.writing:
-            self.pending = True
-        else:
+        self.pending = True
+        if not self.writing:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a signal came, even one whose exception was swallowed."""
+        if self.pending:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -380,6 +390,7 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
                     rows = run_series(todo, run_id, env_by_device[todo[0].device], config, after_oom,
                                       out_dir / "logs")
                     for cell in todo:
+                        guard.check()
                         progress.show(_label(cell))
                         for row in next(rows):
                             record(row)

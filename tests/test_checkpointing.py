@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bpmem.estimate import estimate
-from bpmem.measure import measure
+from bpmem.measure_cell import measure
 from bpmem.model import build, make_batch
 from bpmem.spec import ACTIVATIONS, LOSSES, MLPSpec, StepSpec
 from bpmem.step import forward_objective
@@ -143,7 +143,7 @@ def test_budget_plan_meets_ten_budgets_as_measured_and_beats_uniform_segments() 
     smallest = costs.boundary_bytes[0] + loss  # one checkpointed segment over everything
     for k in range(10):
         budget = smallest + (plain - smallest) * k // 9
-        step = StepSpec(batch_size=b, strategy="checkpoint-budget", budget=float(budget))
+        step = StepSpec(batch_size=b, strategy="checkpoint-budget", budget=int(budget))
         measured = measure(spec, step)
         assert measured["saved_activation_bytes"] <= budget, (k, budget)
         uniform = [costs.plan_cost(uniform_plan(costs.n, segments)) for segments in range(1, costs.n + 1)]
@@ -184,7 +184,7 @@ def test_hvp_saved_bytes_are_predicted_exactly() -> None:
 
 def test_impossible_budget_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="smallest feasible"):
-        estimate(SMALL, StepSpec(batch_size=4, strategy="checkpoint-budget", budget=10.0))
+        estimate(SMALL, StepSpec(batch_size=4, strategy="checkpoint-budget", budget=10))
 
 
 @pytest.mark.parametrize("microbatches", [1, 3, 4])

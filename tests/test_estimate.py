@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bpmem.estimate import estimate
-from bpmem.measure import measure
+from bpmem.measure_cell import measure
 from bpmem.spec import ACTIVATIONS, LOSSES, OPTIMIZERS, MLPSpec, StepSpec
 
 EXACT_FIGURES = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",

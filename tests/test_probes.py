@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpmem.estimate import estimate
-from bpmem.measure import measure, measure_training_peak, optimizer_state_tensors
+from bpmem.measure_cell import measure, measure_training_peak, optimizer_state_tensors
 from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-import bpmem.measure
+import bpmem.measure_cell
 from bpmem.cli import main
 from bpmem.config import DEFAULT_CONFIG_TOML, ConfigError, load_config, parse_config
 from bpmem.results import BYTE_COLUMNS, ResultsWriter, columns, done_cells, read_results
@@ -127,14 +127,14 @@ def test_default_out_makes_a_new_folder_each_time(tmp_path: Path, capsys, monkey
 
 
 def test_oom_marks_larger_batches_skipped_and_the_sweep_goes_on(tmp_path: Path, capsys, monkeypatch) -> None:
-    real = bpmem.measure.measure
+    real = bpmem.measure_cell.measure
 
     def measure_that_runs_out(spec, step, device="cpu", **kwargs):
         if step.batch_size >= 2 and spec.depth == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(spec, step, device=device, **kwargs)
 
-    monkeypatch.setattr(bpmem.measure, "measure", measure_that_runs_out)
+    monkeypatch.setattr(bpmem.measure_cell, "measure", measure_that_runs_out)
     out = tmp_path / "run"
     code, err = _run(["run", "--config", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
@@ -164,7 +164,7 @@ def test_an_error_becomes_a_row_with_its_message(tmp_path: Path, capsys, monkeyp
     def broken(spec, step, device="cpu", **kwargs):
         raise ValueError("the kernel was on strike")
 
-    monkeypatch.setattr(bpmem.measure, "measure", broken)
+    monkeypatch.setattr(bpmem.measure_cell, "measure", broken)
     out = tmp_path / "run"
     assert _run(["run", "--config", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet"], capsys)[0] == 0
     frame = read_results(out / "results.csv")
@@ -262,3 +262,25 @@ def test_the_default_sweep_as_shipped(tmp_path: Path, capsys) -> None:
     exact = frame[frame["mode"] == "train"]
     assert (exact.saved_activation_bytes == exact.predicted_saved_activation_bytes).all()
     assert (exact.recompute_flops == exact.predicted_recompute_flops).all()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_swallowed_by_a_finalizer_still_stops_the_sweep(tmp_path: Path) -> None:
+    """Python runs a signal handler wherever the main thread is; inside a weakref.finalize
+    callback (the probes use many) the KeyboardInterrupt is printed and swallowed. The signal
+    must still stop the sweep at the next row (the cause of a flaky interrupt test)."""
+    import weakref
+
+    from bpmem.sweep import _Guard
+
+    class Anything:
+        pass
+
+    guard = _Guard()
+    with guard.installed(), ResultsWriter(tmp_path / "r.csv", ("cell_id", "status")) as writer:
+        thing = Anything()
+        weakref.finalize(thing, lambda: signal.raise_signal(signal.SIGINT))
+        del thing  # the handler runs inside the finalizer: its exception is swallowed
+        with pytest.raises(KeyboardInterrupt):
+            guard.write(writer, {"cell_id": "a", "status": "ok"})
+    assert done_cells(tmp_path / "r.csv") == {"a": "ok"}  # the row was written first

@@ -150,7 +150,7 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
     its parameters; the activations its modules save; the peak of its device (on the first
     stage placed there; a device shared by several stages has one peak); the step time; and
     the largest relative gradient error against the whole model on one device."""
-    from bpmem.measure import optimizer_state_tensors, time_calls, time_summary
+    from bpmem.measure_cell import optimizer_state_tensors, time_calls, time_summary
     from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
     from bpmem.step import forward_objective, make_optimizer, train_step
     from bpmem.strategies.distributed import max_relative_error, reference_gradients

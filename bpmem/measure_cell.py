@@ -1,4 +1,4 @@
-"""``bpmem measure``: run real steps and read every figure off the probes.
+"""One cell of bpmem's MLP (``bpmem measure``, a sweep row): real steps, every figure off the probes.
 
 Order of work, each on a fresh step of the same model so that probes never watch each other:
 1. a warm-up step, so the optimizer state exists (the steady state that peak_bytes is defined on);

@@ -1,0 +1,162 @@
+"""``bpmem.measure`` on user code: the four reproductions that were wrong, determinism over
+runs and steps, nesting, attribution by module path, and a limit that pins a figure to the
+byte in a user's own pytest project."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_zoo import B, Block, H, K, Tied, _cnn, cnn_derivation
+from torch import nn
+
+import bpmem
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_view_of_an_older_storage_allocates_nothing() -> None:
+    """Reproduction 1: ``W.t()`` is a view of the weight; the only new memory is the output."""
+    lin, x = nn.Linear(1024, 1024), torch.randn(1, 1024)
+    with torch.no_grad(), bpmem.measure() as m:
+        lin(x)
+    assert m.peak_bytes == 1024 * 4
+
+
+def test_views_and_in_place_ops_on_old_tensors_allocate_nothing() -> None:
+    model, x = _cnn(), torch.randn(B, 3, H, H)
+    with torch.no_grad(), bpmem.measure(model) as m:
+        for param in model.parameters():
+            param.t() if param.dim() == 2 else param.view(-1)
+        for buffer in model.buffers():
+            buffer.mul_(1)
+        x.unsqueeze(0)[0].transpose(1, 2)
+    assert m.peak_bytes == 0 and m.saved_activation_bytes == 0
+
+
+MODELS = {
+    "cnn": (_cnn, lambda: (torch.randn(B, 3, H, H),), lambda out: F.cross_entropy(out, torch.arange(B) % K)),
+    "transformer": (Block, lambda: (torch.randn(B, 6, 16),), lambda out: out.sum()),
+    "tied": (Tied, lambda: (torch.randint(0, 50, (B, 6)),), lambda out: out.logsumexp(-1).sum()),
+}
+
+
+def _steps(name: str, steps: int) -> tuple[int, int]:
+    make, batch, loss = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    optimizer = torch.optim.Adam(model.parameters())
+    inputs = batch()
+    with bpmem.measure(model, optimizer, inputs) as m:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss(model(*inputs)).backward()
+            optimizer.step()
+    return m.saved_activation_bytes, m.peak_bytes
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_saved_is_the_same_in_ten_runs_and_over_one_two_three_steps(name: str) -> None:
+    """Reproduction 2: what autograd holds is freed with each step's graph, so the largest
+    total is one step's, whatever the run and however many steps the block holds."""
+    runs = {_steps(name, 1) for _ in range(10)}
+    assert len(runs) == 1
+    saved = next(iter(runs))[0]
+    assert {_steps(name, steps)[0] for steps in (2, 3)} == {saved}
+    if name == "cnn":
+        assert saved == cnn_derivation()
+
+
+def test_measurements_nest_and_both_are_right() -> None:
+    """Reproduction 3: an inner measurement no longer blinds the outer one."""
+    model, x, y = _cnn(), torch.randn(B, 3, H, H), torch.arange(B) % K
+    with bpmem.measure(model) as outer:
+        with bpmem.measure(model) as inner:
+            F.cross_entropy(model(x), y).backward()
+        with bpmem.measure(model, peak=False) as second:
+            F.cross_entropy(model(x), y).backward()
+    assert outer.saved_activation_bytes == inner.saved_activation_bytes == second.saved_activation_bytes
+    assert inner.saved_activation_bytes == cnn_derivation()
+    assert outer.peak_bytes >= inner.peak_bytes > 0
+
+
+def test_buffers_and_frozen_weights_never_count() -> None:
+    """Reproduction 4 is in the zoo (73,728 B); here BatchNorm's running statistics, which
+    ``native_batch_norm`` saves, are excluded even without a model to name them."""
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)), torch.randn(4, 8)
+    with bpmem.measure() as m:
+        model(x).sum().backward()
+    # the Linear's input; batch norm's input (the Linear's output), save_mean and save_invstd
+    assert m.saved_activation_bytes == 4 * 8 * 4 + 4 * 8 * 4 + 2 * 8 * 4
+
+
+def test_attribution_names_non_leaf_modules_by_path() -> None:
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                                    enable_nested_tensor=False)
+    x = torch.randn(2, 5, 16)
+    with bpmem.measure(encoder) as m:
+        encoder(x).sum().backward()
+    modules = {name.split(" ")[0] for name, _ in m.top_saved(50)}
+    assert "layers.0.self_attn" in modules and "layers.1.self_attn" in modules
+    assert "outside" not in modules
+    assert sum(nbytes for _, nbytes in m.top_saved(50)) == m.saved_activation_bytes
+
+
+def test_peak_breakdown_adds_up_and_names_gradients_and_optimizer_state() -> None:
+    model, x, y = _cnn(), torch.randn(B, 3, H, H), torch.arange(B) % K
+    optimizer = torch.optim.Adam(model.parameters())
+    with bpmem.measure(model, optimizer, [x, y]) as m:
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert sum(m.peak_breakdown.values()) == m.peak_bytes
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert m.resident["parameters"] == params and m.resident["inputs"] == x.numel() * 4 + y.numel() * 8
+    assert m.resident["buffers"] == sum(b.numel() * b.element_size() for b in model.buffers())
+    # Adam's first step makes exp_avg and exp_avg_sq (2x params) and a step count per parameter
+    with bpmem.measure(model, optimizer) as again:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    # backward makes gradients from the last layer to the first, so the gradients live at the
+    # peak are those of a run of the last layers: a suffix of the parameters, never a mix
+    sizes = [p.numel() * 4 for p in model.parameters()]
+    suffixes = {sum(sizes[k:]) for k in range(len(sizes) + 1)}
+    assert again.peak_breakdown["gradients"] in suffixes - {0}
+    assert again.peak_breakdown["optimizer"] == 0  # Adam's state was made in the block before
+
+
+USER_TEST = '''
+import pytest, torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+
+@pytest.mark.limit_tensor_memory(saved={limit})
+def test_step():
+    model = make()
+    model[2].requires_grad_(False)
+    model(torch.randn(24, 256)).sum().backward()
+'''
+
+
+@pytest.mark.parametrize("limit,passes", [(73_728, True), (73_727, False)])
+def test_a_limit_pins_the_figure_to_the_byte_in_a_users_project(tmp_path: Path, limit: int, passes: bool) -> None:
+    """A real pytest run in a project folder of its own, the plugin found by its entry point."""
+    (tmp_path / "test_user.py").write_text(USER_TEST.format(limit=limit))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_user.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert (done.returncode == 0) == passes, done.stdout + done.stderr
+    if not passes:
+        message = textwrap.dedent(done.stdout)
+        assert "saved_activation_bytes 72.0 KiB (73,728 B) exceeds the limit" in message
+        # without a model, modules are named by class: both ReLU results, and the batch that
+        # the test body made with randn (the first Linear's input)
+        assert "largest saved tensors: ReLU (relu) 48.0 KiB, Linear (randn) 24.0 KiB" in message

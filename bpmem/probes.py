@@ -455,10 +455,13 @@ class LiveTensorProbe:
         weight-sized buffer that an unwatched step never allocates. So the mode leaves the stack
         here; the engine restores the thread-local mode stack before it runs the next node.
         """
-        if self._mode is not None and torch._C._len_torch_dispatch_stack() > 0:
+        # every bpmem live mode on top of the stack steps aside, so nested probes (each hooked
+        # on the same nodes) leave the sum in place too; the first hook to run pops them all
+        while torch._C._len_torch_dispatch_stack() > 0:
             top = torch._C._get_dispatch_stack_at(torch._C._len_torch_dispatch_stack() - 1)
-            if top is self._mode:
-                torch._C._pop_torch_dispatch_stack(None)
+            if not isinstance(top, _LiveMode):
+                break
+            torch._C._pop_torch_dispatch_stack(None)
 
     def _resync_resizable(self) -> None:
         for category, storage in self._resizable:

@@ -4,6 +4,7 @@ byte in a user's own pytest project."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,13 @@ import torch
 import torch.nn.functional as F
 from test_zoo import B, Block, H, K, Tied, _cnn, cnn_derivation
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import bpmem
+from bpmem.estimate import estimate
+from bpmem.model import build, make_batch
+from bpmem.spec import MLPSpec, StepSpec
+from bpmem.step import make_optimizer, train_step
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,19 +34,44 @@ def test_a_view_of_an_older_storage_allocates_nothing() -> None:
     assert m.peak_bytes == 1024 * 4
 
 
-def test_views_and_in_place_ops_on_old_tensors_allocate_nothing() -> None:
-    model, x = _cnn(), torch.randn(B, 3, H, H)
-    with torch.no_grad(), bpmem.measure(model) as m:
-        for param in model.parameters():
-            param.t() if param.dim() == 2 else param.view(-1)
-        for buffer in model.buffers():
-            buffer.mul_(1)
-        x.unsqueeze(0)[0].transpose(1, 2)
-    assert m.peak_bytes == 0 and m.saved_activation_bytes == 0
+class Checkpointed(nn.Module):
+    """A block under non-reentrant checkpoint, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 32), nn.Tanh())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(checkpoint(self.inner, x, use_reentrant=False))
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.relu, self.second = nn.Linear(20, 30), nn.ReLU(inplace=True), nn.Linear(30, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.relu(self.first(x))).add_(1.0)
+
+
+def _frozen() -> nn.Module:
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    model[2].requires_grad_(False)
+    return model
+
+
+def _bf16() -> nn.Module:
+    return nn.Sequential(nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 6)).to(torch.bfloat16)
 
 
 MODELS = {
     "cnn": (_cnn, lambda: (torch.randn(B, 3, H, H),), lambda out: F.cross_entropy(out, torch.arange(B) % K)),
+    "frozen": (_frozen, lambda: (torch.randn(24, 256),), lambda out: out.sum()),
+    "in-place": (InPlace, lambda: (torch.randn(B, 20),), lambda out: out.square().sum()),
+    "checkpointed": (Checkpointed, lambda: (torch.randn(B, 32, requires_grad=True),), lambda out: out.sum()),
+    "bfloat16": (_bf16, lambda: (torch.randn(B, 40, dtype=torch.bfloat16),),
+                 lambda out: F.cross_entropy(out, torch.arange(B) % 6)),
     "transformer": (Block, lambda: (torch.randn(B, 6, 16),), lambda out: out.sum()),
     "tied": (Tied, lambda: (torch.randint(0, 50, (B, 6)),), lambda out: out.logsumexp(-1).sum()),
 }
@@ -50,7 +81,7 @@ def _steps(name: str, steps: int) -> tuple[int, int]:
     make, batch, loss = MODELS[name]
     torch.manual_seed(0)
     model = make()
-    optimizer = torch.optim.Adam(model.parameters())
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     inputs = batch()
     with bpmem.measure(model, optimizer, inputs) as m:
         for _ in range(steps):
@@ -58,6 +89,23 @@ def _steps(name: str, steps: int) -> tuple[int, int]:
             loss(model(*inputs)).backward()
             optimizer.step()
     return m.saved_activation_bytes, m.peak_bytes
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_views_and_in_place_ops_on_old_tensors_allocate_nothing(name: str) -> None:
+    """Every parameter, buffer and input existed before the block: viewing them, or changing
+    them in place, adds nothing to the peak."""
+    make, batch, _ = MODELS[name]
+    model, inputs = make(), batch()
+    with torch.no_grad(), bpmem.measure(model) as m:
+        for param in model.parameters():
+            param.t() if param.dim() == 2 else param.view(-1)
+            param.mul_(1)
+        for buffer in model.buffers():
+            buffer.add_(0)
+        for tensor in inputs:
+            tensor.unsqueeze(0)[0].reshape(-1)
+    assert m.peak_bytes == 0 and m.saved_activation_bytes == 0
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -70,6 +118,8 @@ def test_saved_is_the_same_in_ten_runs_and_over_one_two_three_steps(name: str) -
     assert {_steps(name, steps)[0] for steps in (2, 3)} == {saved}
     if name == "cnn":
         assert saved == cnn_derivation()
+    if name == "frozen":
+        assert saved == 73_728
 
 
 def test_measurements_nest_and_both_are_right() -> None:
@@ -160,3 +210,46 @@ def test_a_limit_pins_the_figure_to_the_byte_in_a_users_project(tmp_path: Path, 
         # without a model, modules are named by class: both ReLU results, and the batch that
         # the test body made with randn (the first Linear's input)
         assert "largest saved tensors: ReLU (relu) 48.0 KiB, Linear (randn) 24.0 KiB" in message
+
+
+@pytest.mark.parametrize("spec", [
+    MLPSpec(),  # the seed network: 269,316 B with its batch
+    MLPSpec(input_dim=30, hidden_dim=20, output_dim=7, depth=3, bias=True, activation="gelu", loss="mse"),
+    MLPSpec(input_dim=30, hidden_dim=20, output_dim=7, depth=2, activation="tanh", dtype="float64"),
+])
+def test_the_api_agrees_with_the_analytic_model_on_bpmems_own_mlp(spec: MLPSpec) -> None:
+    """Two independent routes to one number: bpmem.measure around a training step (two steps
+    in one block), and the estimate's arithmetic from autograd's rules."""
+    step = StepSpec(batch_size=64, optimizer="adam")
+    model = build(spec, "cpu", seed=0)
+    optimizer = make_optimizer(step, model)
+    x, y = make_batch(spec, step.batch_size, "cpu", seed=0)
+    with bpmem.measure(model, optimizer) as m:
+        for _ in range(2):
+            train_step(spec, model, optimizer, x, y)
+    assert m.saved_activation_bytes == estimate(spec, step).saved_activation_bytes
+    if spec == MLPSpec():
+        assert m.saved_activation_bytes == 269_316
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_nested_peaks_equal_the_peak_alone(depth: int) -> None:
+    """A weight used twice (Linear and a penalty) gets its two gradients summed in place only
+    when no dispatch mode is active: every nested probe must step aside there, or the outer
+    peak gains an out-of-place sum that the unwatched step never allocates."""
+    model, x, y = _cnn(), torch.randn(B, 3, H, H), torch.arange(B) % K
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        (F.cross_entropy(model(x), y) + sum(p.pow(2).sum() for p in model.parameters())).backward()
+        optimizer.step()
+
+    step()  # steady state
+    with bpmem.measure(model) as alone:
+        step()
+    with contextlib.ExitStack() as stack:
+        nested = [stack.enter_context(bpmem.measure(model)) for _ in range(depth)]
+        step()
+    assert [m.peak_bytes for m in nested] == [alone.peak_bytes] * depth
+    assert [m.saved_activation_bytes for m in nested] == [alone.saved_activation_bytes] * depth

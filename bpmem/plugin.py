@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,17 +142,12 @@ LIMIT_ALLOWED = "a whole number of bytes >= 0, or a size such as '12 MiB'"
 def _limit(value: Any) -> int:
     """A limit in whole bytes: an int >= 0 or a size string; ValueError for anything else
     (a float such as 1.5 used to be truncated to 1 B)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{value!r} is not a limit; allowed: {LIMIT_ALLOWED}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{value!r} is not a limit; allowed: {LIMIT_ALLOWED}")
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
-    nbytes = parse_bytes(value) if match else None
-    if nbytes is None or float(match.group(1)) * (parse_bytes(f"1{match.group(2)}") or 1) != nbytes:
-        raise ValueError(f"{value!r} is not a limit; allowed: {LIMIT_ALLOWED}")
-    return nbytes
+    try:
+        if isinstance(value, float):
+            raise ValueError(value)
+        return parse_bytes(value, whole=True)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a limit; allowed: {LIMIT_ALLOWED}") from None
 
 
 def _marker_limits(item: pytest.Item) -> dict[str, int] | None:

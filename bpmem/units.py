@@ -22,8 +22,10 @@ def format_bytes(nbytes: int | float) -> str:
     return f"{int(value)} B" if unit == 0 else f"{value:.1f} {_UNITS[unit]}"
 
 
-def parse_bytes(text: str | int) -> int:
-    """``'12 MiB' -> 12582912``; ``'1.5GiB'``, ``'300 kB'`` and plain integers work too."""
+def parse_bytes(text: str | int, whole: bool = False) -> int:
+    """``'12 MiB' -> 12582912``; ``'1.5GiB'``, ``'300 kB'`` and plain integers work too.
+    With ``whole``, a size that is not a whole number of bytes (``'1.5'``, ``'0.3 B'``) is a
+    ValueError instead of being rounded down."""
     if isinstance(text, bool) or not isinstance(text, (int, str)):
         raise ValueError(f"{text!r} is not a size; use e.g. 512, '12 MiB', '1.5 GiB' (IEC) or '300 kB'")
     if isinstance(text, int):
@@ -33,4 +35,7 @@ def parse_bytes(text: str | int) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).lower() not in _FACTORS:
         raise ValueError(f"{text!r} is not a size; use e.g. 512, '12 MiB', '1.5 GiB' (IEC) or '300 kB'")
-    return int(float(match.group(1)) * _FACTORS[match.group(2).lower()])
+    exact = float(match.group(1)) * _FACTORS[match.group(2).lower()]
+    if whole and exact != int(exact):
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    return int(exact)

@@ -21,18 +21,27 @@ from bpmem.spec import SpecError, StepSpec, parse_budget
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "results.csv"
 
-TINY = """
-name = "tiny"
-batch_sizes = [2]
-modes = ["train"]
-repeats = 1
-warmup = 0
-[model]
-input_dim = 6
-hidden_dim = 5
-output_dim = 3
-depth = 1
-"""
+MODEL_KEYS = ("input_dim", "hidden_dim", "output_dim", "depth")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _toml(**changes: object) -> str:
+    """A one-cell sweep (a 6-5-3 MLP, batch 2, train), with ``changes`` to its keys."""
+    keys = {"name": "tiny", "batch_sizes": [2], "modes": ["train"], "repeats": 1, "warmup": 0,
+            "input_dim": 6, "hidden_dim": 5, "output_dim": 3, "depth": 1, **changes}
+    top = [f"{k} = {_toml_value(v)}" for k, v in keys.items() if k not in MODEL_KEYS]
+    model = [f"{k} = {_toml_value(v)}" for k, v in keys.items() if k in MODEL_KEYS]
+    return "\n".join([*top, "[model]", *model]) + "\n"
+
+
+TINY = _toml()
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -146,7 +155,7 @@ def test_run_report_and_graph_into_an_unwritable_place_are_exit_2(tmp_path: Path
 
 def test_a_config_without_cells_is_exit_2(tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.toml"
-    config.write_text(TINY.replace('modes = ["train"]', 'modes = ["inference"]\nstrategies = ["checkpoint-sqrt"]'))
+    config.write_text(_toml(modes=["inference"], strategies=["checkpoint-sqrt"]))
     code, err = _run(["run", "--config", str(config), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "strategies" in err and "no cell" in err
     assert not (tmp_path / "o").exists()
@@ -154,7 +163,7 @@ def test_a_config_without_cells_is_exit_2(tmp_path: Path, capsys) -> None:
 
 def test_a_repeated_axis_value_is_one_cell(tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.toml"
-    config.write_text(TINY.replace("depth = 1", "depth = [1, 1]"))
+    config.write_text(_toml(depth=[1, 1]))
     assert main(["run", "--config", str(config), "--out", str(tmp_path / "o"), "--quiet", "--no-report"]) == 0
     with (tmp_path / "o" / "results.csv").open() as handle:
         ids = [row["cell_id"] for row in csv.DictReader(handle)]
@@ -211,8 +220,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path: Path) -
 def test_progress_counts_cells_not_rows_with_jobs_and_split_cells(tmp_path: Path, capsys) -> None:
     """model-parallel gives a row per stage; the counter must end at the number of cells."""
     config = tmp_path / "c.toml"
-    config.write_text(TINY.replace("depth = 1", "depth = 3").replace(
-        "[model]", 'strategies = ["none", { name = "model-parallel", world_size = 2 }]\n[model]'))
+    config.write_text(_toml(depth=3, strategies=["none", {"name": "model-parallel", "world_size": 2}]))
     code = main(["run", "--config", str(config), "--out", str(tmp_path / "o"), "--no-report", "--jobs", "2"])
     err = capsys.readouterr().err
     assert code == 0, err

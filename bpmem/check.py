@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpmem.results import REQUIRED_COLUMNS, ResultsFileError, load_rows
+from bpmem.results import REQUIRED_COLUMNS, ResultsFileError
 from bpmem.units import format_bytes, parse_bytes
 
 ALIASES: dict[str, str] = {
@@ -108,16 +108,20 @@ class Comparison:
         return bool(self.regressions) or bool(self.no_longer_ok) or (self.strict and missing)
 
 
-def _rows(path: Path, columns: tuple[str, ...]) -> dict[tuple[str, int], dict[str, Any]]:
-    """Every row of a results.csv by (cell_id, rank), the file checked first."""
+def _rows(places: Path | list[Path], columns: tuple[str, ...]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every row of one or several results.csv files (or run folders: shards merged) by
+    (cell_id, rank), each file checked first."""
+    from bpmem.merge import merged_rows
+
     try:
-        rows = load_rows(path, REQUIRED_COLUMNS + columns)
+        _, rows = merged_rows(places if isinstance(places, list) else [places], REQUIRED_COLUMNS + columns)
     except ResultsFileError as error:
         raise CheckInputError(str(error)) from None
     return {(row["cell_id"], int(row.get("rank") or 0)): row for row in rows}
 
 
-def compare(baseline: Path, results: Path, rules: list[Rule], strict: bool = False) -> Comparison:
+def compare(baseline: Path | list[Path], results: Path | list[Path], rules: list[Rule],
+            strict: bool = False) -> Comparison:
     """Join the two files on (cell_id, rank) and apply every rule to the cells that are ok
     in both; a cell ok in the baseline and not now is a regression. Raises CheckInputError
     when there is nothing to compare or a rule's column is missing."""
@@ -131,8 +135,8 @@ def compare(baseline: Path, results: Path, rules: list[Rule], strict: bool = Fal
     outcome.no_longer_ok = sorted(f"{c} (rank {r}): {new_all[c, r]['status']}: {new_all[c, r].get('error', '')}"
                                   for c, r in old.keys() & new_all.keys() - new.keys())
     if not old.keys() & new.keys() and not outcome.no_longer_ok:
-        raise CheckInputError(f"nothing to compare: no cell is ok in both {baseline} ({len(old)} ok) and "
-                              f"{results} ({len(new)} ok); allowed: two results.csv of the same cells")
+        raise CheckInputError(f"nothing to compare: no cell is ok in both {_names(baseline)} ({len(old)} ok) and "
+                              f"{_names(results)} ({len(new)} ok); allowed: two results.csv of the same cells")
     for key in sorted(old.keys() & new.keys()):
         for rule in rules:
             before, after = old[key].get(rule.column, ""), new[key].get(rule.column, "")
@@ -157,6 +161,10 @@ def compare(baseline: Path, results: Path, rules: list[Rule], strict: bool = Fal
         raise CheckInputError(f"nothing to compare: the cells ok in both files have no value in "
                               f"{', '.join(columns)}; allowed: rules on columns that were measured")
     return outcome
+
+
+def _names(places: Path | list[Path]) -> str:
+    return ", ".join(str(p) for p in places) if isinstance(places, list) else str(places)
 
 
 def render(comparison: Comparison, show_all: bool = False) -> str:

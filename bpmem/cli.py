@@ -93,6 +93,15 @@ def _budget(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a budget; allowed: {BUDGET_ALLOWED}") from None
 
 
+def _shard(text: str) -> Any:
+    from bpmem.merge import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -371,8 +380,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_info = json.loads((out / "run.json").read_text())
         if run_info.get("config") != json.loads(json.dumps(config.to_dict())):
             return _fail(args.prog, f"argument --resume: {out} was made by another config; pass the same --config")
+        if run_info.get("shard") != (str(args.shard) if args.shard else None):
+            was = run_info.get("shard") or "none (the whole grid)"
+            return _fail(args.prog, f"argument --shard: {out} is shard {was}; allowed: the same --shard as the run "
+                                    "being resumed")
     else:
-        default = Path("reports") / f"{config.name}-{now:%Y%m%d-%H%M%S}"
+        shard_name = f"-shard{args.shard.index}of{args.shard.count}" if args.shard else ""
+        default = Path("reports") / f"{config.name}-{now:%Y%m%d-%H%M%S}{shard_name}"
         try:
             out = _new_run_folder(args.out, default, args.overwrite)
         except FileExistsError:
@@ -380,12 +394,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                                     "continue it, --overwrite to replace it, or another --out")
         same_second = out.name.removeprefix(default.name) if args.out is None else ""  # "", "-2", ...
         run_info = {"run_id": f"{config.name}-{now:%Y%m%dT%H%M%SZ}{same_second}",
-                    "created": now.isoformat(timespec="seconds"), "config": config.to_dict()}
+                    "created": now.isoformat(timespec="seconds"), "config": config.to_dict(),
+                    **({"shard": str(args.shard)} if args.shard else {})}
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     if not args.quiet:
-        print(f"bpmem run: {len(config.cells(devices))} cells of {config.name!r} on {', '.join(devices)} -> {out}",
+        cells = args.shard.cells(config.cells(devices)) if args.shard else config.cells(devices)
+        part = f" (shard {args.shard} of the grid)" if args.shard else ""
+        print(f"bpmem run: {len(cells)} cells of {config.name!r}{part} on {', '.join(devices)} -> {out}",
               file=sys.stderr)
-    outcome = run_sweep(config, devices, out, run_info["run_id"], jobs=args.jobs, quiet=args.quiet)
+    outcome = run_sweep(config, devices, out, run_info["run_id"], jobs=args.jobs, quiet=args.quiet, shard=args.shard)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items())) or "nothing new"
     done = f" ({outcome.already_done} already done)" if outcome.already_done else ""
     print(f"bpmem run: {counts}{done}; results in {out / 'results.csv'}", file=sys.stderr)
@@ -441,13 +458,20 @@ def _report(directory: Path, quiet: bool) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from bpmem.merge import merge_runs
     from bpmem.results import ResultsFileError
 
-    directory = args.directory
-    if not (directory / "results.csv").exists():
-        return _fail(args.prog, f"argument DIR: {directory} has no results.csv; allowed: a folder that "
-                                "`bpmem run` wrote")
+    for folder in args.directory:
+        if not (folder / "results.csv").exists():
+            return _fail(args.prog, f"argument DIR: {folder} has no results.csv; allowed: a folder that "
+                                    "`bpmem run` wrote")
+    if len(args.directory) > 1 and args.out is None:
+        return _fail(args.prog, "argument --out: several run folders are merged into one; allowed: --out MERGED, "
+                                "a new folder for the merged results.csv and report")
+    directory = args.out if len(args.directory) > 1 else args.directory[0]
     try:
+        if len(args.directory) > 1:
+            merge_runs(args.directory, directory)
         path = _report(directory, quiet=True)
     except ResultsFileError as error:
         return _fail(args.prog, f"argument DIR: {error}")
@@ -462,9 +486,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         rules = [parse_rule(text) for text in (args.fail or ["saved:0%", "peak:0%"])]
     except RuleError as error:
         return _fail(args.prog, f"argument --fail: {error}")
-    for flag, path in (("--baseline", args.baseline), ("--results", args.results)):
-        if not path.is_file():
-            return _fail(args.prog, f"argument {flag}: {path} is not a file; allowed: a results.csv")
+    from bpmem.merge import results_path
+
+    for flag, paths in (("--baseline", args.baseline), ("--results", args.results)):
+        for path in paths:
+            if not results_path(path).is_file():
+                return _fail(args.prog, f"argument {flag}: {path} is not a results.csv or a run folder with one; "
+                                        "allowed: a results.csv, or a folder that `bpmem run` wrote")
     try:
         comparison = compare(args.baseline, args.results, rules, strict=args.strict)
     except CheckInputError as error:
@@ -533,13 +561,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace OUT/results.csv if it exists")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="worker processes; with N GPUs, one process per GPU (default: 1, in-process)")
+    run.add_argument("--shard", type=_shard, metavar="K/N",
+                     help="run only the K-th of N deterministic slices of the grid (whole series each), e.g. "
+                          "one per Slurm array task; merge them with `bpmem report DIR... --out MERGED`")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="skip drawing plots and report.md at the end")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="draw plots and report.md from DIR/results.csv",
                          description="Re-draw DIR/plots/*.png|svg and DIR/report.md from DIR/results.csv "
                                      "(and DIR/timelines.csv); every number in the report comes from those files.")
-    rep.add_argument("directory", type=Path, metavar="DIR", help="a run folder written by `bpmem run`")
+    rep.add_argument("directory", type=Path, nargs="+", metavar="DIR",
+                     help="a run folder written by `bpmem run`; several (the shards of one sweep) are merged")
+    rep.add_argument("--out", type=Path, metavar="MERGED",
+                     help="with several DIRs: the new folder for the merged results.csv, plots and report")
     rep.set_defaults(func=cmd_report)
     che = sub.add_parser("check", help="fail (exit 1) on a memory regression between two results.csv",
                          description="Join two results.csv files on (cell_id, rank), print a diff table in bytes "
@@ -551,8 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the baseline and not now, or with --strict a cell in one file only); 2 bad input (a "
                                 "missing or malformed file, an unknown rule or field, a rule's column missing from a "
                                 "file, nothing to compare); 3 an internal error.")
-    che.add_argument("--baseline", type=Path, required=True, metavar="A.csv", help="the reference results.csv")
-    che.add_argument("--results", type=Path, required=True, metavar="B.csv", help="the new results.csv")
+    che.add_argument("--baseline", type=Path, required=True, action="append", metavar="A.csv",
+                     help="the reference results.csv, or a run folder; repeat for shards (merged)")
+    che.add_argument("--results", type=Path, required=True, action="append", metavar="B.csv",
+                     help="the new results.csv, or a run folder; repeat for shards (merged)")
     che.add_argument("--fail", action="append", metavar="FIELD:TOL", help="a regression rule (repeatable)")
     che.add_argument("--strict", action="store_true", help="cells in only one file fail instead of warning")
     che.add_argument("--all", action="store_true", help="print unchanged cells too")

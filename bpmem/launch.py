@@ -35,6 +35,7 @@ from bpmem.teardown import done_marker
 FATAL_PATTERNS: tuple[str, ...] = (r"terminate called", r"Fatal Python error", r"Segmentation fault",
                                    r"\w*(Error|Exception)\b.*:", r"Aborted", r"Killed")
 SETTLE_S = 10.0  # how long ranks that recorded everything may take to exit before they are killed
+COLLECTIVE_GRACE_S = 60  # how much longer than the cell a collective may wait
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,9 @@ def launch(cells: list[dict[str, Any]], world: int, log_path: Path, timeout_s: f
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                    "--tee=3", f"--log-dir={folder}/torchrun", "-m", "bpmem.worker", "--cell", json.dumps(cells),
                    "--out", str(out), "--repeats", str(repeats), "--warmup", str(warmup),
-                   "--timeout-s", str(timeout_s)]
+                   # collectives wait longer than the cell may run: a hang always ends at this
+                   # launcher's deadline, with one message, never in a race with a peer's timeout
+                   "--timeout-s", str(timeout_s + COLLECTIVE_GRACE_S)]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("w") as log:
             log.write("$ " + " ".join(command[:9]) + " ...\n")

@@ -357,12 +357,14 @@ class SweepOutcome:
 
 
 def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_id: str, jobs: int = 1,
-              quiet: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None) -> SweepOutcome:
-    """Run every cell not yet in ``out_dir/results.csv``, appending a row per finished cell."""
+              quiet: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None,
+              shard: Any = None) -> SweepOutcome:
+    """Run every cell not yet in ``out_dir/results.csv`` (of ``shard``'s slice, a
+    ``bpmem.merge.Shard``, if given), appending a row per finished cell."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "results.csv"
     done = done_cells(csv_path)
-    cells = config.cells(devices)
+    cells = shard.cells(config.cells(devices)) if shard is not None else config.cells(devices)
     outcome = SweepOutcome(already_done=sum(cell.cell_id in done for cell in cells))
     tasks = []
     for series in _series(cells):

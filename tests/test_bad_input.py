@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import toml_text
 
 from bpmem.cli import _new_run_folder, main
 from bpmem.config import ConfigError, parse_config
@@ -21,24 +22,11 @@ from bpmem.spec import SpecError, StepSpec, parse_budget
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "results.csv"
 
-MODEL_KEYS = ("input_dim", "hidden_dim", "output_dim", "depth")
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(value)
-
-
 def _toml(**changes: object) -> str:
     """A one-cell sweep (a 6-5-3 MLP, batch 2, train), with ``changes`` to its keys."""
-    keys = {"name": "tiny", "batch_sizes": [2], "modes": ["train"], "repeats": 1, "warmup": 0,
-            "input_dim": 6, "hidden_dim": 5, "output_dim": 3, "depth": 1, **changes}
-    top = [f"{k} = {_toml_value(v)}" for k, v in keys.items() if k not in MODEL_KEYS]
-    model = [f"{k} = {_toml_value(v)}" for k, v in keys.items() if k in MODEL_KEYS]
-    return "\n".join([*top, "[model]", *model]) + "\n"
+    model = {"input_dim": 6, "hidden_dim": 5, "output_dim": 3, "depth": changes.pop("depth", 1)}
+    return toml_text.dumps({"name": "tiny", "batch_sizes": [2], "modes": ["train"], "repeats": 1, "warmup": 0,
+                            **changes, "model": model})
 
 
 TINY = _toml()

@@ -1,0 +1,25 @@
+"""Write a sweep config (a dict, as ``tomllib`` reads it) back as TOML text, so that tests
+change configs as data, never by editing their text."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def value(item: Any) -> str:
+    """One TOML value: strings and numbers as JSON writes them, lists, inline tables."""
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, dict):
+        return "{ " + ", ".join(f"{k} = {value(v)}" for k, v in item.items()) + " }"
+    if isinstance(item, list):
+        return "[" + ", ".join(value(v) for v in item) + "]"
+    return json.dumps(item)
+
+
+def dumps(config: dict[str, Any]) -> str:
+    """Top-level keys, then the ``[model]`` table."""
+    top = [f"{k} = {value(v)}" for k, v in config.items() if k != "model"]
+    model = [f"{k} = {value(v)}" for k, v in config.get("model", {}).items()]
+    return "\n".join([*top, "[model]", *model]) + "\n"

@@ -80,9 +80,9 @@ def _strategy_label(row: Any) -> str:
 
 
 def load(directory: Path):
-    from bpmem.results import COLUMNS, read_results
+    from bpmem.results import COLUMNS, MEASURED_COLUMNS, read_results
 
-    frame = read_results(directory / "results.csv", COLUMNS)  # every column the report reads
+    frame = read_results(directory / "results.csv", COLUMNS, MEASURED_COLUMNS)  # every column the report reads
     if frame.empty:
         from bpmem.results import ResultsFileError
 
@@ -157,11 +157,17 @@ def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
 def _scatter_with_front(axis: Any, items: list[tuple[str, Any, Any]]) -> None:
     """One labelled point per (label, bytes, seconds), and the Pareto front through them."""
     points = []
     for index, (label, nbytes, seconds) in enumerate(items):
-        if nbytes == nbytes and seconds == seconds:  # skip missing (NaN) figures
+        if not (_missing(nbytes) or _missing(seconds)):  # skip missing (NaN, NA) figures
             axis.scatter(float(nbytes), float(seconds), color=f"C{index % 10}", label=label)
             points.append((float(nbytes), float(seconds)))
     front = _pareto(points)

@@ -109,7 +109,8 @@ INTEGER_COLUMNS: tuple[str, ...] = ("world_size", "rank", "repeats", "warmup", "
                                     "hidden_dim", "output_dim")
 # text columns that label every row: a row without them cannot be placed in a table or plot
 NON_EMPTY_COLUMNS: tuple[str, ...] = ("cell_id", "device", "mode", "strategy", "activation", "dtype", "loss",
-                                      "optimizer", "bias")
+                                      "optimizer", "bias", "batch_size", "depth", "input_dim", "hidden_dim",
+                                      "output_dim", "world_size", "rank")
 FLOAT_COLUMNS: tuple[str, ...] = ("l2", "bubble_fraction", "equivalence_max_rel_err", "step_time_median_s",
                                   "step_time_iqr_s")
 
@@ -121,7 +122,18 @@ def _choices() -> dict[str, tuple[str, ...]]:
             "loss": LOSSES, "optimizer": OPTIMIZERS, "bias": ("true", "false")}
 
 
-def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[dict[str, str]]:
+# what every ok row of `bpmem run` holds, whatever the strategy
+MEASURED_COLUMNS: tuple[str, ...] = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes",
+                                     "peak_bytes")
+# text columns: read as text even when every value happens to look like a number
+TEXT_COLUMNS: tuple[str, ...] = ("run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version",
+                                 "git_commit", "hostname", "device", "device_name", "cuda_version", "activation",
+                                 "dtype", "loss", "optimizer", "mode", "strategy", "strategy_params", "status",
+                                 "error", "peak_phase")
+
+
+def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
+              ok_needs: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """The rows of a results.csv, checked before anyone trusts them: a header with
     ``required``, as many fields in every row as in the header, quotes closed, a known
     ``status``, integers in the byte and count columns, and each (cell_id, rank) once.
@@ -152,6 +164,10 @@ def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS) ->
             raise ResultsFileError(f"{path}, line {number}: {len(fields)} fields, the header has {len(header)}")
         row = dict(zip(header, fields, strict=True))
         _check_row(path, number, row)
+        for column in ok_needs:
+            if row["status"] == "ok" and not row.get(column, "").strip():
+                raise ResultsFileError(f"{path}, line {number}: status is ok but {column} is empty; allowed: the "
+                                       "measured figures in every ok row")
         key = (row["cell_id"], row.get("rank") or "0")
         if key in seen:
             raise ResultsFileError(f"{path}, line {number}: cell {key[0]!r} rank {key[1]} already on line "
@@ -247,22 +263,22 @@ def done_cells(path: str | Path) -> dict[str, str]:
         return {row["cell_id"]: row["status"] for row in csv.DictReader(handle) if row.get("cell_id")}
 
 
-def read_results(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS):  # -> pandas.DataFrame
+def read_results(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
+                 ok_needs: tuple[str, ...] = ()):  # -> pandas.DataFrame
     """Load results.csv with integer byte columns (pandas' nullable Int64: failed cells
     have no measured bytes) and booleans for ``bias``. The file is checked first
     (``load_rows``): a malformed one raises ResultsFileError."""
     import pandas as pd
 
-    load_rows(path, required)
-    text = ("error", "strategy_params", "peak_phase", "git_commit", "cuda_version")
-    frame = pd.read_csv(path, dtype={column: str for column in text})
+    load_rows(path, required, ok_needs)
+    frame = pd.read_csv(path, dtype={column: str for column in TEXT_COLUMNS})
     for column in frame.columns:
         if column.endswith(("_bytes", "_flops")) or column in ("world_size", "rank", "repeats", "warmup",
                                                                 "batch_size"):
             frame[column] = frame[column].astype("Int64")
     if "bias" in frame:
         frame["bias"] = frame["bias"].astype(str).str.lower().eq("true")
-    for column in text:
+    for column in TEXT_COLUMNS:
         if column in frame:
             frame[column] = frame[column].fillna("")
     return frame

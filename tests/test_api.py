@@ -197,6 +197,7 @@ def test_step():
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit,passes", [(73_728, True), (73_727, False)])
 def test_a_limit_pins_the_figure_to_the_byte_in_a_users_project(tmp_path: Path, limit: int, passes: bool) -> None:
     """A real pytest run in a project folder of its own, the plugin found by its entry point."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from hypothesis import strategies as st
 
 from bpmem.cli import main
 
+pytestmark = pytest.mark.slow  # a property search: many files, many reports
+
 FIXTURE = Path(__file__).parent / "fixtures" / "results.csv"
+# more examples for a deeper search: BPMEM_HYPOTHESIS_EXAMPLES=500 pytest tests/test_corrupt_results.py
+EXAMPLES = int(os.environ.get("BPMEM_HYPOTHESIS_EXAMPLES", "60"))
 LINES = list(csv.reader(io.StringIO(FIXTURE.read_text())))
 
 
@@ -75,7 +80,7 @@ def _exit_code(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int
     return code, captured.out + captured.err
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=corrupted())
 def test_check_on_a_corrupt_file_exits_0_1_or_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 data: bytes) -> None:
@@ -88,7 +93,8 @@ def test_check_on_a_corrupt_file_exits_0_1_or_2(tmp_path: Path, capsys: pytest.C
         assert "Traceback" not in out
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=max(1, EXAMPLES // 2), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=corrupted())
 def test_report_on_a_corrupt_file_exits_0_or_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               data: bytes) -> None:

@@ -28,6 +28,8 @@ from bpmem.strategies.schedules import interleaved_order, interleaved_rounds
 from bpmem.sweep import run_distributed_cell
 from bpmem.teardown import done_marker
 
+pytestmark = pytest.mark.slow  # torchrun jobs: one process per rank
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC = MLPSpec(input_dim=32, hidden_dim=16, output_dim=4, depth=5)
 STEPS = [StepSpec(batch_size=16, strategy=name, microbatches=4, world_size=2) for name in DISTRIBUTED_STRATEGIES]

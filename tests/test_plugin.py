@@ -7,6 +7,7 @@ import json
 import pytest
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.slow  # each test runs pytest in a subprocess
 
 BODY = """
 import pytest, torch
@@ -130,6 +131,7 @@ def test_step():
 def test_cuda_test_skips_cleanly_without_a_gpu(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
 import pytest, torch
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.limit_tensor_memory(cuda_allocated="64 MiB")

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.slow  # each test runs pytest in a subprocess
 
 MARKED = """
 import pytest
 import torch
+
 
 @pytest.mark.limit_tensor_memory({limit})
 def test_step():

@@ -126,6 +126,7 @@ def test_default_out_makes_a_new_folder_each_time(tmp_path: Path, capsys, monkey
     assert len(list((tmp_path / "reports").glob("tiny-*/results.csv"))) == 2
 
 
+@pytest.mark.slow
 def test_oom_marks_larger_batches_skipped_and_the_sweep_goes_on(tmp_path: Path, capsys, monkeypatch) -> None:
     real = bpmem.measure_cell.measure
 
@@ -194,6 +195,7 @@ def _subprocess_run(args: list[str], cwd: Path) -> subprocess.Popen:
 SLOW = TINY.replace("repeats = 1", "repeats = 100").replace("batch_sizes = [1, 2, 4]", "batch_sizes = [1, 2, 4, 8]")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,jobs", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)])
 def test_interrupt_then_resume_gives_exactly_the_full_sweep(tmp_path: Path, signum: int, jobs: int) -> None:
     config = _write(tmp_path, SLOW)
@@ -230,6 +232,7 @@ def test_interrupt_then_resume_gives_exactly_the_full_sweep(tmp_path: Path, sign
     assert (final.status == "ok").all()
 
 
+@pytest.mark.slow
 def test_jobs_two_on_cpu_gives_the_same_cells(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     config = _write(tmp_path, TINY)
@@ -248,6 +251,7 @@ def test_resume_refuses_another_config(tmp_path: Path, capsys) -> None:
     assert code == 2 and "another config" in err
 
 
+@pytest.mark.slow
 def test_the_default_sweep_as_shipped(tmp_path: Path, capsys) -> None:
     """`bpmem run` with no config, on the CPU: every cell ok, every byte column an integer,
     retained bytes and recomputed FLOPs exactly predicted; for the plain step, every figure."""

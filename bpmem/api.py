@@ -77,7 +77,8 @@ class _HeldTensors:
         count = self.holders.get(key, 0)
         self.holders[key] = count + 1
         if count == 0:
-            self.info[key] = Contributor(tensor.untyped_storage().nbytes(), MODULES.current(), self.op_of(key))
+            op = self.op_of(key) or _maker(tensor)
+            self.info[key] = Contributor(tensor.untyped_storage().nbytes(), MODULES.current(), op)
             self.held_bytes += self.info[key].nbytes
             if self.held_bytes > self.peak_bytes:
                 self.peak_bytes = self.held_bytes
@@ -93,6 +94,13 @@ class _HeldTensors:
         info = self.info.pop(key, None)
         if info is not None:
             self.held_bytes -= info.nbytes
+
+
+def _maker(tensor: torch.Tensor) -> str:
+    """The op that made ``tensor``, from its autograd node (``AddmmBackward0`` -> ``addmm``)."""
+    if tensor.grad_fn is None:
+        return "input" if tensor.is_leaf else "?"
+    return tensor.grad_fn.name().removesuffix("0").removesuffix("Backward").lower()
 
 
 @dataclass
@@ -149,7 +157,9 @@ def measure(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | N
     live = LiveTensorProbe(record_timeline=False)
     live.track_ops = True
     live.module_of = MODULES.current  # attribution of every new storage by module path
-    held = _HeldTensors(excluded, lambda key: getattr(live.tracked_now(key), "op", "") or "input")
+    # the aten op that made a storage in the block, as the live probe saw it; "input" for an
+    # older one; without the live probe (peak=False), "" and the saver falls back to grad_fn
+    held = _HeldTensors(excluded, lambda key: (getattr(live.tracked_now(key), "op", "") or "input") if peak else "")
     hooked: dict[int, Any] = {}
 
     def mark_gradient(param: torch.Tensor) -> None:  # the storage that became param.grad

@@ -16,6 +16,7 @@ is why bpmem's predictions are checked against them to the byte.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 import weakref
@@ -236,6 +237,26 @@ class _Tracked:
     role: str = ""  # what it turned out to be, set later by bpmem.api: "gradients", "optimizer"
 
 
+@contextlib.contextmanager
+def _on_top(mode: Any, length: Any, at: Any, pop: Any, push: Any) -> Iterator[None]:
+    """Lift the modes above ``mode`` off its stack for the block, then put them back."""
+    above = []
+    while length() > 0 and at(length() - 1) is not mode:
+        above.append(at(length() - 1))
+        pop(None) if pop is torch._C._pop_torch_dispatch_stack else pop()
+    try:
+        yield
+    finally:
+        for other in reversed(above):
+            push(other)
+
+
+_PROBE_IDS = itertools.count()
+# ops whose output shares its input's storage although the storage is new to the program:
+# ``torch.tensor(list)`` reaches the dispatcher only as ``lift_fresh`` of a tensor made outside it
+FRESH_OPS: frozenset[str] = frozenset({"lift_fresh", "lift_fresh_copy"})
+
+
 def _storage_id_or_none(tensor: torch.Tensor) -> int | None:
     try:
         return torch._C._storage_id(tensor)
@@ -334,7 +355,7 @@ class LiveTensorProbe:
         self.phase_end: dict[str, dict[str, int]] = {}  # the last time each phase ended
         self.phase_ends: list[tuple[str, dict[str, int]]] = []  # every time, in order
         self._mode: _LiveMode | None = None
-        self._hooked: set[int] = set()
+        self._node_key = f"bpmem-live-{next(_PROBE_IDS)}"  # marks the autograd nodes this probe hooked
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -389,7 +410,7 @@ class LiveTensorProbe:
             if isinstance(leaf, torch.Tensor):
                 leaf = local_tensor(leaf)
                 key = _storage_id_or_none(leaf)
-                if key is not None and key not in self._tracked:
+                if key is not None and key not in self._tracked and op not in FRESH_OPS:
                     if given is None:
                         given = {_storage_id_or_none(local_tensor(t)) for t in tree_leaves(inputs)
                                  if isinstance(t, torch.Tensor)}
@@ -437,14 +458,29 @@ class LiveTensorProbe:
         stack = [leaf.grad_fn for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor)]
         while stack:
             node = stack.pop()
-            # Nodes are not weak-referenceable; ids are safe because a graph lives until its
-            # backward, and the probe is made afresh for each step. AccumulateGrad hands
-            # nothing on to other nodes, so it needs no pause.
-            if node is None or id(node) in self._hooked or hasattr(node, "variable"):
+            # A mark in the node's own metadata, not a set of ids: a freed node's id is soon a
+            # new node's, which would then go unhooked (several steps in one block).
+            if node is None or self._node_key in node.metadata:
                 continue
-            self._hooked.add(id(node))
-            node.register_hook(self._pause_after_node)
-            stack.extend(next_node for next_node, _ in node.next_functions)
+            node.metadata[self._node_key] = True
+            # the gradient a node receives may be a sum the engine made while the mode stood
+            # aside (two gradients of one tensor that cannot be added in place): see it here
+            node.register_prehook(self._see_gradients)
+            if not hasattr(node, "variable"):  # AccumulateGrad hands nothing on: no pause
+                node.register_hook(self._pause_after_node)
+                stack.extend(next_node for next_node, _ in node.next_functions)
+
+    def _see_gradients(self, grad_outputs: Any) -> None:
+        if not self._active:
+            return
+        found = False
+        for grad in grad_outputs:
+            if isinstance(grad, torch.Tensor) and _storage_id_or_none(local_tensor(grad)) not in self._tracked:
+                self._current_op = "add (gradient sum)"
+                self._track_alias(local_tensor(grad))
+                found = True
+        if found:
+            self._note("add (gradient sum)")
 
     def _pause_after_node(self, grad_inputs: Any, grad_outputs: Any) -> None:
         """Step aside while the engine hands this node's outputs to the next nodes.
@@ -512,8 +548,14 @@ class LiveTensorProbe:
 
     def __exit__(self, *exc_info: object) -> None:
         assert self._mode is not None
-        self._mode.__exit__(*exc_info)
-        self._graph_mode.__exit__(*exc_info)
+        # a measurement that ends before one it encloses (possible only without `with`) takes
+        # its own modes off the stacks and leaves the inner one's in place
+        with _on_top(self._mode, torch._C._len_torch_dispatch_stack, torch._C._get_dispatch_stack_at,
+                     torch._C._pop_torch_dispatch_stack, torch._C._push_on_torch_dispatch_stack):
+            self._mode.__exit__(*exc_info)
+        with _on_top(self._graph_mode, torch._C._len_torch_function_stack, torch._C._get_function_stack_at,
+                     torch._C._pop_torch_function_stack, torch._C._push_on_torch_function_stack):
+            self._graph_mode.__exit__(*exc_info)
         self._active = False
         self._resizable = []  # the storage objects would otherwise outlive the step
 

@@ -83,12 +83,19 @@ def done_marker(out: Path, rank: int) -> Path:
 def sigterm_held() -> Iterator[None]:
     """Hold SIGTERM (torchrun's "stop" to the other ranks when one exits badly) while the
     final barrier and the marker are written, so a rank that finished always records it;
-    a SIGTERM that came meanwhile is delivered as soon as this block ends."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    a SIGTERM that came meanwhile is raised again as soon as this block ends.
+
+    A Python handler, not a signal mask: by now gloo and OpenMP have threads, and a masked
+    signal would go to one of them and end the process anyway. Python runs its handlers in
+    the main thread, after the barrier's C call returns."""
+    came: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: came.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.signal(signal.SIGTERM, previous)
+        if came:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def mark_done(out: Path, rank: int, leftover: list[str]) -> None:

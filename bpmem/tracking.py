@@ -27,12 +27,17 @@ from torch import nn
 
 
 class Packed:
-    """What autograd stores in place of a saved tensor while a listener is active."""
+    """What autograd stores in place of a saved tensor while a listener is active.
+
+    It keeps a detached alias: the same storage, without the ``grad_fn``. Keeping the tensor
+    itself would close a reference cycle for a saved output (node -> saved variable -> this ->
+    tensor -> node), so a graph deleted without a backward would live on until the garbage
+    collector ran. Autograd puts the ``grad_fn`` back when it unpacks (double backward works)."""
 
     __slots__ = ("tensor", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+        self.tensor = tensor.detach()
 
 
 class SavedListener(Protocol):
@@ -41,11 +46,18 @@ class SavedListener(Protocol):
 
 
 class _SavedHub:
-    """One ``saved_tensors_hooks`` pair for all listeners, pushed while any listens."""
+    """One ``saved_tensors_hooks`` pair for all listeners of a thread, pushed while any
+    listens. PyTorch keeps those hooks per thread, so the hub does too: a measurement in
+    one thread neither hears nor disturbs another thread's."""
 
     def __init__(self) -> None:
-        self.listeners: list[SavedListener] = []
-        self._hooks: contextlib.AbstractContextManager | None = None
+        self._local = threading.local()
+
+    @property
+    def listeners(self) -> list[SavedListener]:
+        if not hasattr(self._local, "listeners"):
+            self._local.listeners, self._local.hooks = [], None
+        return self._local.listeners
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         packed = Packed(tensor)
@@ -59,17 +71,18 @@ class _SavedHub:
 
     @contextlib.contextmanager
     def listening(self, listener: SavedListener) -> Iterator[None]:
-        """Deliver pack events to ``listener`` inside the block."""
-        if not self.listeners:
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-            self._hooks.__enter__()
-        self.listeners.append(listener)
+        """Deliver this thread's pack events to ``listener`` inside the block."""
+        listeners = self.listeners
+        if not listeners:
+            self._local.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._local.hooks.__enter__()
+        listeners.append(listener)
         try:
             yield
         finally:
-            self.listeners.remove(listener)
-            if not self.listeners and self._hooks is not None:
-                hooks, self._hooks = self._hooks, None
+            listeners.remove(listener)
+            if not listeners and self._local.hooks is not None:
+                hooks, self._local.hooks = self._local.hooks, None
                 hooks.__exit__(None, None, None)
 
 

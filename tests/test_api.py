@@ -254,3 +254,109 @@ def test_nested_peaks_equal_the_peak_alone(depth: int) -> None:
         step()
     assert [m.peak_bytes for m in nested] == [alone.peak_bytes] * depth
     assert [m.saved_activation_bytes for m in nested] == [alone.saved_activation_bytes] * depth
+
+
+# -- found by review: each of these was wrong before its fix ------------------------------------
+
+def _mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)), torch.randn(64, 256)
+
+
+def test_a_gradient_sum_made_while_the_probe_stands_aside_is_counted() -> None:
+    """h + h sends two gradients to h that cannot be summed in place; the sum is a new 2 MiB
+    buffer. The CPU allocator's own trace is the referee."""
+    from bpmem.probes import AllocatorTraceProbe
+
+    model, x = nn.Linear(16, 8192), torch.randn(64, 16)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        h = model(x)
+        (h + h).sum().backward()
+
+    step()
+    with bpmem.measure(model) as m:
+        step()
+    model.zero_grad(set_to_none=True)
+    with AllocatorTraceProbe() as trace:
+        h = model(x)
+        (h + h).sum().backward()
+    assert m.peak_bytes == trace.peak_bytes
+
+
+def test_many_graphs_in_one_block_are_all_watched() -> None:
+    """Nodes were remembered by id; a freed node's id went to a new node, left unhooked."""
+    w = nn.Parameter(torch.randn(1 << 16))
+
+    def one() -> None:
+        z = w * 2
+        (z + w * 3).sum().backward()
+        w.grad = None
+
+    peaks = []
+    for steps in (1, 2, 16):
+        with bpmem.measure() as m:
+            for _ in range(steps):
+                one()
+        peaks.append(m.peak_bytes)
+    assert peaks == [peaks[0]] * 3
+
+
+def test_a_graph_deleted_without_backward_is_freed_at_once() -> None:
+    """The saved ReLU output used to hold its own node through the probe's wrapper (a
+    reference cycle), so deleted graphs piled up until the garbage collector ran."""
+    model, x = _mlp()
+    with bpmem.measure(model) as m:
+        for _ in range(3):
+            y = model(x).sum()
+            del y
+    assert m.saved_activation_bytes == 64 * 256 * 4 * 2  # one graph's: x and the ReLU result
+
+
+def test_a_measurement_in_another_thread_sees_its_own_block() -> None:
+    import threading
+
+    model, x = _mlp()
+    seen = {}
+
+    def other() -> None:
+        with bpmem.measure(model) as m:
+            model(x).sum().backward()
+        seen["thread"] = m.saved_activation_bytes
+
+    with bpmem.measure(model) as main:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        model(x).sum().backward()
+    assert seen["thread"] == main.saved_activation_bytes == 64 * 256 * 4 * 2
+
+
+def test_measurements_ended_out_of_order_keep_the_inner_figures() -> None:
+    model, x = _mlp()
+    with bpmem.measure(model) as reference:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    outer, inner = bpmem.measure(model), bpmem.measure(model)
+    outer.__enter__()
+    figures = inner.__enter__()
+    outer.__exit__(None, None, None)
+    model(x).sum().backward()
+    inner.__exit__(None, None, None)
+    assert (figures.peak_bytes, figures.saved_activation_bytes) == (reference.peak_bytes,
+                                                                    reference.saved_activation_bytes)
+    assert torch._C._len_torch_dispatch_stack() == 0 and torch._C._len_torch_function_stack() == 0
+
+
+def test_a_tensor_made_from_a_list_is_new_memory() -> None:
+    with bpmem.measure() as m:
+        torch.tensor([float(i) for i in range(100_000)])
+    assert m.peak_bytes == 100_000 * 4
+
+
+def test_saved_only_still_names_the_op_that_made_each_tensor() -> None:
+    model, x = _mlp()
+    with bpmem.measure(model, peak=False) as m:
+        model(x).sum().backward()
+    assert m.top_saved() == [("0 (input)", 65536), ("1 (relu)", 65536)]

@@ -1,0 +1,140 @@
+"""The allocators' own views: the CPU allocator's trace, CUDA's peak counters, the RSS."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class AllocatorTraceProbe:
+    """Peak of the CPU allocator's own stream of allocations and frees (``torch.profiler``
+    with ``profile_memory=True``), over ``baseline_bytes`` already live at the start.
+
+    It changes nothing about how the step runs (it is not a dispatch mode), so it can watch
+    a ``torch.compile``d step, which dynamo runs eagerly under any dispatch mode. On the
+    plain and checkpointed steps its peak equals ``LiveTensorProbe``'s to the byte.
+
+    Cannot see: frees of blocks allocated before it started (so free last step's gradients
+    first, and count what is live in ``baseline_bytes``); CUDA memory (use ``CudaProbe``).
+    It does see kernels' scratch and the scalars that argument parsing wraps, which the
+    dispatcher never returns, so where such a block is live at the peak it reads a little
+    higher than ``LiveTensorProbe``.
+    """
+
+    def __init__(self, baseline_bytes: int = 0) -> None:
+        self.baseline_bytes = baseline_bytes
+        self.peak_bytes = baseline_bytes
+        self.end_bytes = baseline_bytes
+        self._profile: Any = None
+
+    def __enter__(self) -> AllocatorTraceProbe:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._profile.__exit__(*exc_info)
+        events = [e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+        live = self.baseline_bytes
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            live += event.nbytes()
+            self.peak_bytes = max(self.peak_bytes, live)
+        self.end_bytes = live
+        self._profile = None
+
+    def result(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak_bytes}
+
+
+class CudaProbe:
+    """Peaks of the CUDA caching allocator over the block, after a synchronize.
+
+    Resets the peak counters on entry and reads ``max_memory_allocated`` and
+    ``max_memory_reserved`` on exit. The figures include allocator rounding (blocks of 512 B,
+    2 MiB segments for reserved) and any cuBLAS workspace allocated through the allocator.
+
+    Cannot see: the CUDA context and kernel images (hundreds of MiB outside the allocator),
+    NCCL's own buffers, memory other processes hold. Raises RuntimeError without CUDA; tests
+    skip with ``CudaProbe.available()``.
+    """
+
+    def __init__(self, device: str | torch.device = "cuda") -> None:
+        self.device = torch.device(device)
+        self.cuda_max_allocated_bytes = 0
+        self.cuda_max_reserved_bytes = 0
+        self.start_allocated_bytes = 0
+
+    @staticmethod
+    def available() -> bool:
+        return torch.cuda.is_available()
+
+    def __enter__(self) -> CudaProbe:
+        if not self.available():
+            raise RuntimeError("CudaProbe needs a CUDA device; torch.cuda.is_available() is False")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start_allocated_bytes = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.cuda_max_allocated_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        self.cuda_max_reserved_bytes = int(torch.cuda.max_memory_reserved(self.device))
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "cuda_max_allocated_bytes": self.cuda_max_allocated_bytes,
+            "cuda_max_reserved_bytes": self.cuda_max_reserved_bytes,
+        }
+
+
+@dataclass
+class RssProbe:
+    """Peak resident set size of this process, sampled every ``interval_s`` by psutil.
+
+    Coarse by nature: a spike shorter than the interval is missed, and the figure counts
+    everything in the process (the Python heap, torch's libraries, glibc arenas that keep
+    freed memory), so it only bounds tensor memory from above.
+    """
+
+    interval_s: float = 0.001
+    rss_peak_bytes: int = 0
+    rss_start_bytes: int = 0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def _sample(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        while True:
+            self.rss_peak_bytes = max(self.rss_peak_bytes, process.memory_info().rss)
+            self.samples += 1
+            if self._stop.wait(self.interval_s):
+                break
+        self.rss_peak_bytes = max(self.rss_peak_bytes, process.memory_info().rss)
+
+    def __enter__(self) -> RssProbe:
+        import psutil
+
+        self.rss_start_bytes = self.rss_peak_bytes = psutil.Process().memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="bpmem-rss", daemon=True)
+        self._thread.start()
+        time.sleep(0)  # let the sampler take its first reading
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> dict[str, Any]:
+        return {"rss_peak_bytes": self.rss_peak_bytes}

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import toml_text
 
-from bpmem.cli import _new_run_folder, main
+from bpmem.cli import main
+from bpmem.cli.run_commands import _new_run_folder
 from bpmem.config import ConfigError, parse_config
 from bpmem.spec import SpecError, StepSpec, parse_budget
 

@@ -1,0 +1,144 @@
+"""The ``bpmem`` command line: the parser, the dispatch, and the exit status of every command.
+
+- ``bpmem.cli.options``: option builders, argument types, one-line errors, tables;
+- ``bpmem.cli.model_commands``: ``estimate`` and ``measure``;
+- ``bpmem.cli.run_commands``: ``run``, ``report``, ``check``, ``graph``.
+
+Every error is one line naming the flag and what it accepts, with exit status 2 and no
+traceback; an unexpected one is exit status 3 (``run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bpmem.cli.model_commands import cmd_estimate, cmd_measure
+from bpmem.cli.options import FIGURES_HELP, RUN_HELP, Parser, add_model_flags, fail, fail_field, shard_type
+from bpmem.cli.run_commands import cmd_check, cmd_graph, cmd_report, cmd_run
+from bpmem.spec import InfeasibleBudget, SpecError
+
+__all__ = ["build_parser", "main", "run", "add_model_flags"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="bpmem", description=(
+        "Where training memory goes, measured. bpmem predicts (estimate) and measures (measure) "
+        "the bytes of one MLP step: parameters, gradients, optimizer state, the activations "
+        "autograd saves for backward, and the peak."), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 success; 1 a memory regression (check); 2 bad input (a flag, config, file, "
+               "budget, a step that does not fit, nothing to compare); 3 an internal error (a bug: one line, "
+               "BPMEM_DEBUG=1 shows the traceback); 130 stopped by Ctrl-C.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('bpmem').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    est = sub.add_parser("estimate", help="predict every figure from autograd's rules, no tensors",
+                         description="Predict each figure analytically: no tensors are allocated, so any "
+                                     "size answers at once.", epilog=FIGURES_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(est)
+    est.add_argument("--json", action="store_true", help="print one JSON object with exact integer bytes")
+    est.set_defaults(func=cmd_estimate)
+    mea = sub.add_parser("measure", help="run real steps and read the figures off the probes",
+                         description="Run a warm-up step, then one step per probe: SavedTensorProbe "
+                                     "(saved activations), LiveTensorProbe (peak), CudaProbe on CUDA.",
+                         epilog=FIGURES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(mea)
+    mea.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    mea.add_argument("--rss", action="store_true", help="also sample the process RSS with psutil (coarse)")
+    mea.add_argument("--json", action="store_true", help="print one JSON object with exact integer bytes")
+    mea.set_defaults(func=cmd_measure)
+    run = sub.add_parser("run", help="the sweep: a grid of cells into results.csv", epilog=RUN_HELP,
+                         description="Run a grid of cells (model x batch size x device x mode x strategy), "
+                                     "measured and predicted side by side, appending one row per cell to "
+                                     "OUT/results.csv as it finishes.",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", type=Path, metavar="FILE.toml",
+                     help="the sweep's TOML config (default: the embedded default sweep; see below)")
+    run.add_argument("--out", type=Path, metavar="DIR", help="run folder (default: reports/NAME-YYYYmmdd-HHMMSS)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue a stopped run: only cells without a row run (default folder: the latest)")
+    run.add_argument("--overwrite", action="store_true", help="replace OUT/results.csv if it exists")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="worker processes; with N GPUs, one process per GPU (default: 1, in-process)")
+    run.add_argument("--shard", type=shard_type, metavar="K/N",
+                     help="run only the K-th of N deterministic slices of the grid (whole series each), e.g. "
+                          "one per Slurm array task; merge them with `bpmem report DIR... --out MERGED`")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--no-report", action="store_true", help="skip drawing plots and report.md at the end")
+    run.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="draw plots and report.md from DIR/results.csv",
+                         description="Re-draw DIR/plots/*.png|svg and DIR/report.md from DIR/results.csv "
+                                     "(and DIR/timelines.csv); every number in the report comes from those files.")
+    rep.add_argument("directory", type=Path, nargs="+", metavar="DIR",
+                     help="a run folder written by `bpmem run`; several (the shards of one sweep) are merged")
+    rep.add_argument("--out", type=Path, metavar="MERGED",
+                     help="with several DIRs: the new folder for the merged results.csv, plots and report")
+    rep.set_defaults(func=cmd_report)
+    che = sub.add_parser("check", help="fail (exit 1) on a memory regression between two results.csv",
+                         description="Join two results.csv files on (cell_id, rank), print a diff table in bytes "
+                                     "and %, report improvements, and exit 1 when a rule is broken.",
+                         epilog="rules: FIELD:N% or FIELD:BYTES, e.g. saved:0% peak:2% peak:1MiB; FIELD is "
+                                "saved, peak, params, grads, optimizer, inference_peak, cuda_allocated, "
+                                "cuda_reserved, or a *_bytes column. Default: saved:0% peak:0%.\n"
+                                "exit status: 0 no regression; 1 a regression (a figure over its rule, a cell ok in "
+                                "the baseline and not now, or with --strict a cell in one file only); 2 bad input (a "
+                                "missing or malformed file, an unknown rule or field, a rule's column missing from a "
+                                "file, nothing to compare); 3 an internal error.")
+    che.add_argument("--baseline", type=Path, required=True, action="append", metavar="A.csv",
+                     help="the reference results.csv, or a run folder; repeat for shards (merged)")
+    che.add_argument("--results", type=Path, required=True, action="append", metavar="B.csv",
+                     help="the new results.csv, or a run folder; repeat for shards (merged)")
+    che.add_argument("--fail", action="append", metavar="FIELD:TOL", help="a regression rule (repeatable)")
+    che.add_argument("--strict", action="store_true", help="cells in only one file fail instead of warning")
+    che.add_argument("--all", action="store_true", help="print unchanged cells too")
+    che.set_defaults(func=cmd_check)
+    gra = sub.add_parser("graph", help="the computational graph as SVG, saved tensors with their bytes",
+                         description="Draw the seed network's computational graph (with --bias, exercise 2's): "
+                                     "forward edges, and each tensor autograd saves for backward, labelled "
+                                     "with its bytes at --batch-size. Plain SVG; no Graphviz needed.")
+    add_model_flags(gra)
+    gra.add_argument("--out", type=Path, default=Path("graph.svg"), metavar="FILE.svg", help="output file")
+    gra.set_defaults(func=cmd_graph)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.prog = f"bpmem {args.command}"
+    if args.command == "measure" and not (args.device == "cpu" or args.device.startswith("cuda")):
+        return fail(args.prog, f"argument --device: {args.device!r} is not allowed; allowed: cpu, cuda, cuda:N")
+    try:
+        return args.func(args)
+    except SpecError as error:
+        return fail(args.prog, f"argument --{error.field.replace('_', '-')}: {error.value!r} is not allowed; "
+                                f"allowed: {error.allowed}")
+    except InfeasibleBudget as error:
+        return fail_field(args.prog, error)
+    except OSError as error:  # a folder that cannot be written, a disk that is full
+        if error.filename is None:
+            raise
+        return fail(args.prog, f"cannot write {error.filename}: {error.strerror}; allowed: a folder you can "
+                                "write to (--out, DIR)")
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The console entry (``bpmem``, ``python -m bpmem``): ``main``, but an unexpected
+    exception is one line and exit status 3, never Python's 1, which ``bpmem check`` keeps
+    for a regression. ``BPMEM_DEBUG=1`` shows the traceback."""
+    import os
+
+    try:
+        return main(argv)
+    except Exception as error:  # noqa: BLE001 - the last line of defence: a bug, said as one
+        if os.environ.get("BPMEM_DEBUG"):
+            raise
+        text = str(error).strip().splitlines()
+        print(f"bpmem: internal error: {type(error).__name__}: {text[0] if text else ''} (a bug in bpmem: please "
+              "report it with the command line; BPMEM_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 3

@@ -1,0 +1,191 @@
+"""``bpmem estimate`` and ``bpmem measure``: one step of the MLP, predicted or measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import Any
+
+from bpmem.cli.options import describe, echo_config, fail, fail_field, print_table, specs_from_args
+from bpmem.spec import (
+    SPLIT_STRATEGIES,
+    MLPSpec,
+    StepSpec,
+)
+from bpmem.units import format_bytes
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from bpmem.environment import environment
+    from bpmem.estimate import estimate
+
+    spec, step = specs_from_args(args)
+    if step.strategy in SPLIT_STRATEGIES:
+        return _estimate_split(args, spec, step)
+    est = estimate(spec, step)
+    if args.json:
+        out = {**est.to_dict(), "config": echo_config(spec, step), "environment": environment("cpu")}
+        out["terms"] = [asdict(t) for t in est.terms]
+        print(json.dumps(out, indent=2))
+        return 0
+    where = (f"exact replay: at {est.peak_op} in {est.peak_phase}" if est.peak_is_exact
+             else f"estimated, not replayed ({est.peak_phase})")
+    plain_terms = step.strategy != "none" or step.mode == "hvp"
+    print_table(f"bpmem estimate: {describe(spec, step)}", [
+        *((("plain " if plain_terms and t.name.startswith("saved") else "") + t.name, t.bytes, t.formula)
+          for t in est.terms),
+        ("= saved activations (retained)", est.saved_activation_bytes, "what --json reports"),
+        (f"peak ({step.mode} step)", est.peak_bytes, where),
+        ("inference peak", est.inference_peak_bytes, "forward under inference_mode"),
+    ])
+    if est.recompute_flops:
+        print(f"  recomputed in backward: {est.recompute_flops:,} matmul FLOPs")
+    if step.mode != "inference":
+        print(f"  {step.mode} needs {est.training_to_inference_ratio:.2f}x the memory of inference")
+    return 0
+
+
+def _split_predictions(spec: MLPSpec, step: StepSpec) -> list[dict[str, Any]]:
+    """Per-rank (per-device) predictions of a split strategy; ValueError names a bad field."""
+    if step.strategy == "model-parallel":
+        from bpmem.strategies.model_parallel import check, predict_stages
+
+        check(spec, step)
+        return predict_stages(spec, step, separate_devices=True)
+    from bpmem.strategies.distributed import check, predict_rank
+
+    check(spec, step, step.world_size)
+    return [predict_rank(spec, step, rank, step.world_size) for rank in range(step.world_size)]
+
+
+def _most_per_device(ranks: list[dict[str, Any]]) -> dict[str, int]:
+    """The top-level figures of a split strategy's JSON: for each byte figure, the most that
+    any one rank (device) holds, which is what has to fit; each rank's own are in "ranks"."""
+    names = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes")
+    return {name: max(values) for name in names
+            if (values := [r[name] for r in ranks if r.get(name) is not None])}
+
+
+def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> int:
+    from bpmem.environment import environment
+
+    try:
+        ranks = _split_predictions(spec, step)
+    except ValueError as error:
+        return fail_field(args.prog, error)
+    if args.json:
+        per_rank = [{"rank": r, **figures} for r, figures in enumerate(ranks)]
+        print(json.dumps({**_most_per_device(ranks), "ranks": per_rank, "config": echo_config(spec, step),
+                          "environment": environment("cpu")}, indent=2))
+        return 0
+    print(f"bpmem estimate: {describe(spec, step)}, {step.strategy} over {step.world_size}")
+    for rank, figures in enumerate(ranks):
+        print_table(f" rank {rank}", [
+            (name.removesuffix("_bytes").replace("_", " "), figures[name], note) for name, note in (
+                ("params_bytes", ""), ("grads_bytes", ""), ("optimizer_bytes", ""),
+                ("saved_activation_bytes", "what the implementation keeps at its most"),
+                ("textbook_saved_bytes", "the textbook count (in flight only)"),
+                ("peak_bytes", "estimate"), ("comm_bytes", "sent and received per step"))
+            if figures.get(name) is not None])
+    print(f"  bubble: {ranks[0]['bubble_fraction']:.2f} of the step idle on each rank")
+    if step.strategy == "model-parallel":
+        print("  on separate GPUs; where the stages share one device (a CPU run) no input is copied, and a "
+              "stage after a ReLU, tanh or sigmoid keeps one boundary less")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    import torch
+
+    from bpmem.environment import environment
+    from bpmem.measure_cell import is_out_of_memory, measure
+
+    spec, step = specs_from_args(args)
+    device = args.device
+    if device.startswith("cuda"):
+        try:
+            torch.device(device)
+        except RuntimeError:
+            return fail(args.prog, f"argument --device: {device!r} is not a device; allowed: cpu, cuda, cuda:N")
+        if not torch.cuda.is_available():
+            return fail(args.prog, f"argument --device: {device} needs CUDA, and torch.cuda.is_available() "
+                                    "is False; allowed here: cpu")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            return fail(args.prog, f"argument --device: {device} does not exist; allowed: cpu, "
+                                    + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
+    if step.strategy in SPLIT_STRATEGIES:
+        return _measure_split(args, spec, step, device)
+    try:
+        result = measure(spec, step, device=device, rss=args.rss)
+    except Exception as error:  # an allocation that failed is the user's size, not a crash
+        if not is_out_of_memory(error):
+            raise
+        return fail(args.prog, _out_of_memory(spec, step, device, error))
+    result.pop("timeline", None)
+    if args.json:
+        print(json.dumps({**result, "config": echo_config(spec, step, device), "environment": environment(device)},
+                         indent=2))
+        return 0
+    rows = [(k.removesuffix("_bytes"), result[k], "") for k in (
+        "params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
+        "inference_peak_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "rss_peak_bytes",
+    ) if k in result]
+    print_table(f"bpmem measure on {device}: {describe(spec, step)}", rows)
+    return 0
+
+
+def _out_of_memory(spec: MLPSpec, step: StepSpec, device: str, error: BaseException) -> str:
+    """One line: the step did not fit, what it needs by the estimate, and what to change."""
+    import gc
+
+    from bpmem.estimate import estimate
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = cause.split("DefaultCPUAllocator: ", 1)[-1][:200]
+    try:
+        need = f"; the step needs about {format_bytes(estimate(spec, step).peak_bytes)} (bpmem estimate)"
+    except ValueError:
+        need = ""
+    return (f"out of memory on {device}: {cause}{need}; allowed: a smaller --batch-size, --hidden-dim, "
+            "--input-dim or --depth, or a checkpointing --strategy")
+
+
+def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, device: str) -> int:
+    """model-parallel runs here, one row per stage; the others need one process per rank."""
+    from bpmem.environment import environment
+    from bpmem.strategies.model_parallel import measure_stages
+
+    if step.strategy != "model-parallel":
+        return fail(args.prog, f"argument --strategy: {step.strategy} runs one process per rank; run it with "
+                                f"`torchrun --nproc-per-node {step.world_size} -m bpmem.worker --cell JSON --out "
+                                "rows.json`, or in a `bpmem run` config; allowed here: model-parallel and the "
+                                "single-device strategies")
+    from bpmem.measure_cell import is_out_of_memory
+
+    try:
+        stages = measure_stages(spec, step, device, warmup=1, repeats=3)
+    except ValueError as error:
+        return fail_field(args.prog, error)
+    except Exception as error:  # an allocation that failed is the user's size, not a crash
+        if not is_out_of_memory(error):
+            raise
+        return fail(args.prog, _out_of_memory(spec, step, device, error))
+    if args.json:
+        print(json.dumps({**_most_per_device(stages), "ranks": stages, "config": echo_config(spec, step, device),
+                          "environment": environment(device)}, indent=2))
+        return 0
+    print(f"bpmem measure on {device}: {describe(spec, step)}, model-parallel over {step.world_size}")
+    for stage in stages:
+        print_table(f" stage {stage['rank']} on {stage['device']}", [
+            (name.removesuffix("_bytes"), stage[name], "") for name in (
+                "params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes")
+            if stage[name] is not None])
+    print(f"  step time {stages[0]['step_time_median_s'] * 1000:.1f} ms (median)")
+    return 0

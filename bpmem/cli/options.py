@@ -1,0 +1,176 @@
+"""Option builders, argument types and the small helpers every command shares: one line
+per error (exit 2), IEC tables, the config echoed back in --json."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, fields
+from typing import Any, NoReturn
+
+from bpmem.spec import (
+    ACTIVATIONS,
+    BUDGET_ALLOWED,
+    DTYPES,
+    LOSSES,
+    MODES,
+    OPTIMIZERS,
+    POLICIES,
+    STRATEGIES,
+    MLPSpec,
+    SpecError,
+    StepSpec,
+    parse_budget,
+)
+from bpmem.units import format_bytes
+
+FIGURES_HELP = """\
+figures (bytes; printed in IEC units, exact integers with --json):
+  params_bytes            parameter storages: every Linear's weight (out x in) and bias
+  grads_bytes             the .grad storages after backward (same size as params)
+  optimizer_bytes         optimizer state: sgd 0, sgd-momentum 1x params,
+                          adam 2x params plus one 0-dim 'step' tensor per parameter
+  saved_activation_bytes  distinct storages autograd keeps for backward: the input
+                          batch, each hidden activation (twice for gelu: input and
+                          output), the loss internals; parameters excluded
+  peak_bytes              largest total of live tensor storages during one steady-state
+                          step: zero_grad(set_to_none), forward, backward, optimizer.step
+  inference_peak_bytes    the same for one forward under torch.inference_mode()
+  per_layer               saved bytes by module, plus 'loss' and 'regularizer'
+"""
+
+
+RUN_HELP = """\
+config (TOML; every key optional, a list under [model] is a grid axis):
+  name = "quick"                                   run folder prefix
+  batch_sizes = [1, 16, 256]                       or { start = 1, stop = 4096, factor = 4 }
+  devices = ["cpu"]                                cpu, cuda, cuda:N, or "auto" (every GPU)
+  modes = ["train", "inference"]                   or "all"
+  strategies = ["none"]                            or "all"
+  repeats = 5                                      timed steps per cell (median, IQR)
+  warmup = 1                                       untimed steps before them
+  continue_after_oom = false                       still try larger batches after an OOM
+  [model]                                          any model flag, plus optimizer
+  depth = [1, 8]
+
+status per row: ok, oom (out of memory; larger batches of the series are then
+skipped), error (message in the error column), skipped.
+Ctrl-C stops cleanly: finished rows stay, and --resume runs the rest.
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is a single line that points at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; allowed: an integer >= 1")
+    return value
+
+
+def budget_type(text: str) -> float | int:
+    try:
+        return parse_budget(text)
+    except SpecError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a budget; allowed: {BUDGET_ALLOWED}") from None
+
+
+def shard_type(text: str) -> Any:
+    from bpmem.merge import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: a number >= 0") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; allowed: a finite number >= 0")
+    return value
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model and step flags (README, "The commands"); defaults are the seed's network."""
+    d, t = MLPSpec(), StepSpec()
+    g = parser.add_argument_group("model (defaults: the seed's 784-256-10 network on MNIST-sized data)")
+    g.add_argument("--input-dim", type=positive_int, default=d.input_dim, metavar="D", help="input features d")
+    g.add_argument("--hidden-dim", type=positive_int, default=d.hidden_dim, metavar="H", help="hidden width h")
+    g.add_argument("--output-dim", type=positive_int, default=d.output_dim, metavar="Q", help="outputs q")
+    g.add_argument("--depth", type=positive_int, default=d.depth, help="hidden layers (1 = the seed)")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=d.bias,
+                   help="bias on every Linear (the seed's exercise 2)")
+    g.add_argument("--activation", choices=ACTIVATIONS, default=d.activation, help="phi")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype, help="parameter and activation dtype")
+    g.add_argument("--loss", choices=LOSSES, default=d.loss, help="l(o, y)")
+    g.add_argument("--l2", type=non_negative_float, default=d.l2, metavar="LAMBDA",
+                   help="lambda of s = lambda/2 * sum ||W||_F^2")
+    g = parser.add_argument_group("step")
+    g.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="B", help="rows per batch")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer, help="torch.optim choice")
+    g.add_argument("--mode", choices=MODES, default=t.mode, help="train: full step; inference: forward only")
+    g.add_argument("--strategy", choices=STRATEGIES, default=t.strategy,
+                   help="memory strategy (checkpointing variants, compile-budget; see below)")
+    g.add_argument("--segments", type=positive_int, default=t.segments, metavar="K",
+                   help="checkpoint-segments: number of uniform checkpointed segments")
+    g.add_argument("--microbatches", type=positive_int, default=t.microbatches, metavar="K",
+                   help="microbatch: micro-batches per step, gradients accumulated")
+    g.add_argument("--budget", type=budget_type, default=t.budget, metavar="BYTES|FRACTION",
+                   help="checkpoint-budget / compile-budget: a fraction of the plain step's retained bytes "
+                        "in (0, 1] (0.5), or bytes with a unit ('64MiB') or as an integer >= 2 (1000000)")
+    g.add_argument("--policy", choices=POLICIES, default=t.policy,
+                   help="checkpoint-selective: keep matmul outputs or activation outputs")
+    g.add_argument("--world-size", type=positive_int, default=t.world_size, metavar="N",
+                   help="split strategies (ddp, fsdp, tensor-parallel, pipeline-*, model-parallel): ranks or "
+                        "devices, >= 2; the pipelines also take --microbatches")
+
+
+def specs_from_args(args: argparse.Namespace) -> tuple[MLPSpec, StepSpec]:
+    values = vars(args)
+    spec = MLPSpec(**{f.name: values[f.name] for f in fields(MLPSpec)})
+    step = StepSpec(**{f.name: values[f.name] for f in fields(StepSpec) if f.name in values})
+    return spec, step
+
+
+def echo_config(spec: MLPSpec, step: StepSpec, device: str | None = None) -> dict[str, Any]:
+    config = {**asdict(spec), **asdict(step)}
+    if device is not None:
+        config["device"] = device
+    return config
+
+
+def print_table(title: str, rows: list[tuple[str, int, str]]) -> None:
+    print(title)
+    width = max(len(name) for name, _, _ in rows)
+    for name, nbytes, note in rows:
+        print(f"  {name:<{width}}  {format_bytes(nbytes):>11}  {nbytes:>15,} B  {note}")
+
+
+def describe(spec: MLPSpec, step: StepSpec) -> str:
+    dims = "-".join(str(n) for n in [spec.input_dim] + [spec.hidden_dim] * spec.depth + [spec.output_dim])
+    return (f"{dims}, {'bias' if spec.bias else 'no bias'}, {spec.activation}, {spec.loss}, {spec.dtype}, "
+            f"B={step.batch_size}, {step.optimizer}, {step.mode}")
+
+
+def fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def fail_field(prog: str, error: ValueError) -> int:
+    """A strategy check's "field: why; allowed: ..." as an error on that field's flag."""
+    field, _, rest = str(error).partition(": ")
+    return fail(prog, f"argument --{field.replace('_', '-')}: {rest}")

@@ -62,11 +62,17 @@ def test_three_shards_merged_equal_the_unsharded_run(tmp_path: Path, capsys) -> 
     assert f"{len(want)} cells compared, 0 regression(s)" in capsys.readouterr().out
 
 
-def test_a_cell_in_two_folders_is_an_error_not_a_duplicate(tmp_path: Path, capsys) -> None:
+def _shard_run(tmp_path: Path, name: str, shard: str) -> tuple[Path, Path]:
+    """(config, run folder) of one shard of CONFIG, run quietly."""
     config = tmp_path / "grid.toml"
     config.write_text(toml_text.dumps(CONFIG))
-    one = tmp_path / "one"
-    assert main(["run", "--config", str(config), "--out", str(one), "--shard", "1/2", "--quiet", "--no-report"]) == 0
+    out = tmp_path / name
+    assert main(["run", "--config", str(config), "--out", str(out), "--shard", shard, "--quiet", "--no-report"]) == 0
+    return config, out
+
+
+def test_a_cell_in_two_folders_is_an_error_not_a_duplicate(tmp_path: Path, capsys) -> None:
+    _, one = _shard_run(tmp_path, "one", "1/2")
     capsys.readouterr()
     assert main(["report", str(one), str(one), "--out", str(tmp_path / "m")]) == 2
     assert "is in both" in capsys.readouterr().err
@@ -77,10 +83,7 @@ def test_a_cell_in_two_folders_is_an_error_not_a_duplicate(tmp_path: Path, capsy
 
 
 def test_resume_keeps_to_its_shard(tmp_path: Path, capsys) -> None:
-    config = tmp_path / "grid.toml"
-    config.write_text(toml_text.dumps(CONFIG))
-    out = tmp_path / "s"
-    assert main(["run", "--config", str(config), "--out", str(out), "--shard", "2/3", "--quiet", "--no-report"]) == 0
+    config, out = _shard_run(tmp_path, "s", "2/3")
     capsys.readouterr()
     assert main(["run", "--config", str(config), "--out", str(out), "--resume", "--shard", "1/3"]) == 2
     assert "argument --shard" in capsys.readouterr().err

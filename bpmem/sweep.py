@@ -1,10 +1,9 @@
 """``bpmem run``: a grid of cells, each measured and predicted, appended to results.csv.
 
-Per cell: a fresh model, the probes (``measure``), a fresh model again for timing (warm-up,
-then repeats: median and IQR), and the estimate beside every measured figure. A CUDA or CPU
-out-of-memory error makes the row ``oom``, frees what it can, and marks the larger batches
-of the same series ``skipped`` (unless ``continue_after_oom``). Any other exception makes the
-row ``error`` with its message. The sweep goes on either way.
+Per cell: a fresh model, the probes, a fresh model again for timing (warm-up, then repeats:
+median and IQR), and the estimate beside every measured figure. An out-of-memory error makes
+the row ``oom``, frees what it can and skips the larger batches of the series (unless
+``continue_after_oom``); any other exception makes an ``error`` row. The sweep goes on.
 
 Stopping: Ctrl-C or SIGTERM finishes the row being written, stops any workers, and leaves a
 valid CSV; ``--resume`` then runs only the cells that have no row yet.
@@ -19,19 +18,18 @@ import json
 import multiprocessing
 import queue
 import signal
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
 from bpmem.measure_cell import is_out_of_memory
+from bpmem.progress import Progress, cell_label
 from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells
 from bpmem.spec import DISTRIBUTED_STRATEGIES, MULTI_DEVICE_STRATEGIES
 from bpmem.strategies.checkpointing import InfeasibleBudget
@@ -206,7 +204,7 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
     judged by what the ranks recorded. torchrun's output is kept as ``log_dir/<cell_id>.log``
     (a temporary file without ``log_dir``)."""
     from bpmem.launch import launch
-    from bpmem.strategies.distributed import check, predict_rank
+    from bpmem.strategies.distributed_predict import check, predict_rank
 
     world = cell.step.world_size
     try:
@@ -235,53 +233,6 @@ def _series(cells: list[Cell]) -> list[list[Cell]]:
     for cell in cells:
         grouped.setdefault(cell.series, []).append(cell)
     return list(grouped.values())
-
-
-class Progress:
-    """One status line on stderr: cells done, the current cell, elapsed time and the ETA."""
-
-    def __init__(self, total: int, quiet: bool, stream: TextIO | None = None) -> None:
-        self.total, self.quiet, self.done = total, quiet, 0
-        self.stream = stream or sys.stderr
-        self.start = time.monotonic()
-        self.tty = self.stream.isatty()
-
-    def show(self, label: str, final: bool = False) -> None:
-        """Redraw the line in a terminal; elsewhere (CI logs) print a line per finished cell."""
-        if self.quiet or not (self.tty or final):
-            return
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        text = (f"[{bar}] {self.done}/{self.total} {_clock(elapsed)} elapsed, ETA {_clock(eta)}  {label}")
-        if self.tty:
-            self.stream.write("\r" + text[:150].ljust(150))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def advance(self, label: str) -> None:
-        self.done += 1
-        self.show(label, final=True)
-
-    def close(self) -> None:
-        if not self.quiet and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    if seconds != seconds:  # NaN: no cell done yet
-        return "--:--"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
-
-
-def _label(cell: Cell) -> str:
-    s, t = cell.spec, cell.step
-    return f"depth={s.depth} h={s.hidden_dim} B={t.batch_size} {t.mode} {t.strategy} {cell.device}"
 
 
 @dataclass
@@ -393,10 +344,10 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
                                       out_dir / "logs")
                     for cell in todo:
                         guard.check()
-                        progress.show(_label(cell))
+                        progress.show(cell_label(cell))
                         for row in next(rows):
                             record(row)
-                        progress.advance(_label(cell))
+                        progress.advance(cell_label(cell))
             else:
                 _run_parallel(tasks, jobs, run_id, env_by_device, config, record, progress, out_dir / "logs")
         except KeyboardInterrupt:

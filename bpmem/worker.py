@@ -37,6 +37,7 @@ from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_byt
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import _unlabelled, make_optimizer
 from bpmem.strategies import distributed as strategies
+from bpmem.strategies.distributed_predict import check
 from bpmem.teardown import mark_done, release, sigterm_held
 
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(MLPSpec(**c.get("spec", {})), StepSpec(**c.get("step", {}))) for c in cells]
         world = int(os.environ.get("WORLD_SIZE", "1"))
         for spec, step in plan:
-            strategies.check(spec, step, world)
+            check(spec, step, world)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
         everything: list[Any] = []

@@ -17,13 +17,8 @@ from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.launch import complete_rows
 from bpmem.spec import DISTRIBUTED_STRATEGIES, MLPSpec, StepSpec
-from bpmem.strategies.distributed import (
-    check,
-    fsdp_shard_rows,
-    owned_parameter_indices,
-    predict_rank,
-    tensor_parallel_styles,
-)
+from bpmem.strategies.distributed import owned_parameter_indices
+from bpmem.strategies.distributed_predict import check, fsdp_shard_rows, predict_rank, tensor_parallel_styles
 from bpmem.strategies.schedules import interleaved_order, interleaved_rounds
 from bpmem.sweep import run_distributed_cell
 from bpmem.teardown import done_marker

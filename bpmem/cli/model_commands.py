@@ -53,7 +53,7 @@ def _split_predictions(spec: MLPSpec, step: StepSpec) -> list[dict[str, Any]]:
 
         check(spec, step)
         return predict_stages(spec, step, separate_devices=True)
-    from bpmem.strategies.distributed import check, predict_rank
+    from bpmem.strategies.distributed_predict import check, predict_rank
 
     check(spec, step, step.world_size)
     return [predict_rank(spec, step, rank, step.world_size) for rank in range(step.world_size)]

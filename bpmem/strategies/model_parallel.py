@@ -117,7 +117,7 @@ def predict_stages(spec: MLPSpec, step: StepSpec, separate_devices: bool) -> lis
     backward. Bubble: (N - 1) / N, one device busy at a time.
     """
     from bpmem.estimate import saved_per_layer
-    from bpmem.strategies.distributed import units_state_bytes
+    from bpmem.strategies.distributed_predict import units_state_bytes
 
     ranges = stage_ranges(spec, step.world_size)
     costs = chain_costs(spec, step.batch_size)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bpmem.probes import LiveTensorProbe, local_tensor
+from bpmem.probes import LiveTensorProbe, distinct_storage_bytes, local_tensor
 from bpmem.tracking import MODULES, SAVED, Packed, release_callback, storage_id
 
 
@@ -138,11 +138,6 @@ def _grouped(items: Iterable[Contributor], n: int) -> list[tuple[str, int]]:
     return sorted(totals.items(), key=lambda pair: (-pair[1], pair[0]))[:n]
 
 
-def _distinct(tensors: Iterable[torch.Tensor]) -> int:
-    seen = {storage_id(local_tensor(t)): local_tensor(t).untyped_storage().nbytes() for t in tensors}
-    return sum(seen.values())
-
-
 @contextlib.contextmanager
 def measure(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
             inputs: Iterable[torch.Tensor] = (), peak: bool = True) -> Iterator[Measurement]:
@@ -213,11 +208,11 @@ def measure(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | N
     result.peak_breakdown = _breakdown(live, snapshot.get("held", set()))
     if model is not None:
         params = list(model.parameters())
-        result.resident = {"parameters": _distinct(p for p in params if p.requires_grad),
-                           "frozen_parameters": _distinct(p for p in params if not p.requires_grad),
-                           "buffers": _distinct(model.buffers())}
+        result.resident = {"parameters": distinct_storage_bytes(p for p in params if p.requires_grad),
+                           "frozen_parameters": distinct_storage_bytes(p for p in params if not p.requires_grad),
+                           "buffers": distinct_storage_bytes(model.buffers())}
     if inputs:
-        result.resident["inputs"] = _distinct(inputs)
+        result.resident["inputs"] = distinct_storage_bytes(inputs)
 
 
 def _breakdown(live: LiveTensorProbe, held_at_peak: set[int]) -> dict[str, int]:

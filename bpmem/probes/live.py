@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bpmem.probes.common import local_tensor
+from bpmem.tracking import storage_id
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ FRESH_OPS: frozenset[str] = frozenset({"lift_fresh", "lift_fresh_copy"})
 
 def _storage_id_or_none(tensor: torch.Tensor) -> int | None:
     try:
-        return torch._C._storage_id(tensor)
+        return storage_id(tensor)
     except (RuntimeError, NotImplementedError):  # no storage (a sparse or wrapper tensor)
         return None
 

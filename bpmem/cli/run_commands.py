@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bpmem.cli.options import fail, specs_from_args
+
+if TYPE_CHECKING:
+    from bpmem.check import Rule
 
 
 def _latest_run(root: Path, name: str) -> Path | None:
@@ -142,23 +146,48 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from bpmem.check import CheckInputError, RuleError, compare, parse_rule, render
-
-    try:
-        rules = [parse_rule(text) for text in (args.fail or ["saved:0%", "peak:0%"])]
-    except RuleError as error:
-        return fail(args.prog, f"argument --fail: {error}")
     from bpmem.merge import results_path
 
-    for flag, paths in (("--baseline", args.baseline), ("--results", args.results)):
+    if args.predicted and (args.baseline or args.results):
+        return fail(args.prog, "argument --predicted: not allowed with --baseline/--results (one checks a run "
+                                "against its predictions, the other two runs against each other); allowed: "
+                                "--predicted RUN, or --baseline A.csv --results B.csv")
+    if not args.predicted and not (args.baseline and args.results):
+        flag = "--results" if args.baseline else "--baseline"
+        return fail(args.prog, f"argument {flag}: required; allowed: --baseline A.csv --results B.csv (a results.csv "
+                                "or run folder each), or --predicted RUN")
+    default = ["saved:0%"] if args.predicted else ["saved:0%", "peak:0%"]
+    try:
+        rules = [parse_rule(text) for text in (args.fail or default)]
+    except RuleError as error:
+        return fail(args.prog, f"argument --fail: {error}")
+    places = (("--predicted", args.predicted),) if args.predicted else (("--baseline", args.baseline),
+                                                                          ("--results", args.results))
+    for flag, paths in places:
         for path in paths:
             if not results_path(path).is_file():
                 return fail(args.prog, f"argument {flag}: {path} is not a results.csv or a run folder with one; "
                                         "allowed: a results.csv, or a folder that `bpmem run` wrote")
+    if args.predicted:
+        return _check_predicted(args, rules)
     try:
         comparison = compare(args.baseline, args.results, rules, strict=args.strict)
     except CheckInputError as error:
         return fail(args.prog, str(error))
     print(render(comparison, show_all=args.all))
+    return 1 if comparison.failed else 0
+
+
+def _check_predicted(args: argparse.Namespace, rules: list[Rule]) -> int:
+    """``bpmem check --predicted``: 1 when a figure is off its prediction by more than its rule."""
+    from bpmem.check import CheckInputError
+    from bpmem.predicted_check import compare_predicted, render_predicted
+
+    try:
+        comparison = compare_predicted(args.predicted, rules, strict=args.strict)
+    except CheckInputError as error:
+        return fail(args.prog, f"argument --predicted: {error}")
+    print(render_predicted(comparison))
     return 1 if comparison.failed else 0
 
 

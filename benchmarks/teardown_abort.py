@@ -1,4 +1,5 @@
-"""Reproduce, without bpmem, the SIGABRT that gloo ranks could hit at exit (bpmem.teardown).
+"""Reproduce, without bpmem's measuring code, the SIGABRT that gloo ranks could hit at exit
+(bpmem.teardown).
 
     python benchmarks/teardown_abort.py --runs 20          # counts per variant
     python benchmarks/teardown_abort.py --rank-body plain  # one rank's body (torchrun runs it)
@@ -16,6 +17,7 @@ steps, a barrier, ``destroy_process_group()``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import subprocess
@@ -28,21 +30,23 @@ def rank_body(variant: str) -> None:
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    if variant == "nostash":
-        torch._C._stash_obj_in_tls = lambda key, obj: None
-        torch._C._remove_obj_from_tls = lambda key: None
-    dist.init_process_group("gloo")
-    model = DistributedDataParallel(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(16, 64)).sum().backward()
-        optimizer.step()
-    if variant == "release":
-        del model, optimizer
-        gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    # the only bpmem import, and it wraps two torch internals: the repro stays free of bpmem's code
+    from bpmem.torch_private import context_stash_disabled
+
+    # every backward runs inside the block, so none of them stashes a context
+    with context_stash_disabled() if variant == "nostash" else contextlib.nullcontext():
+        dist.init_process_group("gloo")
+        model = DistributedDataParallel(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(16, 64)).sum().backward()
+            optimizer.step()
+        if variant == "release":
+            del model, optimizer
+            gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main() -> int:

@@ -20,19 +20,19 @@ import pytest
 from bpmem.estimate import estimate
 from bpmem.measure_cell import measure
 from bpmem.model import build, make_batch
-from bpmem.spec import MLPSpec, StepSpec
+from bpmem.spec import MLPSpec
 from bpmem.step import make_optimizer, train_step
-from bpmem.strategies import make_strategy
+from bpmem.strategies.registry import make_step
 
 SPEC = MLPSpec(input_dim=1024, hidden_dim=1024, output_dim=10, depth=64)
 BATCH = 256
 STRATEGIES = {
-    "none": StepSpec(batch_size=BATCH),
-    "checkpoint-sqrt": StepSpec(batch_size=BATCH, strategy="checkpoint-sqrt"),
-    "checkpoint-segments-4": StepSpec(batch_size=BATCH, strategy="checkpoint-segments", segments=4),
-    "checkpoint-layer": StepSpec(batch_size=BATCH, strategy="checkpoint-layer"),
-    "checkpoint-budget-0.5": StepSpec(batch_size=BATCH, strategy="checkpoint-budget", budget=0.5),
-    "checkpoint-selective-save-matmuls": StepSpec(batch_size=BATCH, strategy="checkpoint-selective"),
+    "none": make_step(batch_size=BATCH),
+    "checkpoint-sqrt": make_step(batch_size=BATCH, strategy="checkpoint-sqrt"),
+    "checkpoint-segments-4": make_step(batch_size=BATCH, strategy="checkpoint-segments", segments=4),
+    "checkpoint-layer": make_step(batch_size=BATCH, strategy="checkpoint-layer"),
+    "checkpoint-budget-0.5": make_step(batch_size=BATCH, strategy="checkpoint-budget", budget=0.5),
+    "checkpoint-selective-save-matmuls": make_step(batch_size=BATCH, strategy="checkpoint-selective"),
 }
 _MEASURED: dict[str, dict] = {}
 
@@ -49,7 +49,7 @@ def test_step_time(benchmark, name: str) -> None:
     model = build(SPEC, seed=0)
     x, y = make_batch(SPEC, BATCH, seed=0)
     optimizer = make_optimizer(step, model)
-    strategy = make_strategy(SPEC, step)
+    strategy = step.strategy.runtime(SPEC, step)
     benchmark.group = "checkpoint-depth64-width1024-B256"
     benchmark.pedantic(lambda: train_step(SPEC, model, optimizer, x, y, strategy=strategy),
                        rounds=5, warmup_rounds=1)

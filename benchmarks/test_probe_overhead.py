@@ -39,11 +39,12 @@ from bpmem.estimate import estimate
 from bpmem.measure_cell import measure_training_peak
 from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, RssProbe, SavedTensorProbe
-from bpmem.spec import MLPSpec, StepSpec
+from bpmem.spec import MLPSpec
 from bpmem.step import make_optimizer, train_step
+from bpmem.strategies.registry import make_step
 
 SPEC = MLPSpec(input_dim=1024, hidden_dim=1024, output_dim=10, depth=4, dtype="float32")
-STEP = StepSpec(batch_size=256, optimizer="sgd")
+STEP = make_step(batch_size=256, optimizer="sgd")
 GROUP = "probe-overhead"
 ROUNDS = 30
 WARMUP_ROUNDS = 3
@@ -181,7 +182,7 @@ def test_cuda_probe(benchmark: Any, cuda_rig: Rig, predicted: dict[str, int]) ->
 
 def test_estimate_huge(benchmark: Any) -> None:
     """The estimate is arithmetic on shapes: a 1e6-row batch through 8192-wide layers is free."""
-    spec, step = MLPSpec(hidden_dim=8192, depth=8), StepSpec(batch_size=1_000_000)
+    spec, step = MLPSpec(hidden_dim=8192, depth=8), make_step(batch_size=1_000_000)
     benchmark.group = "estimate"
     est = benchmark(estimate, spec, step)
     benchmark.extra_info.update(

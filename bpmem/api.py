@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from bpmem.probes import LiveTensorProbe, distinct_storage_bytes, local_tensor
+from bpmem.torch_private import view_base
 from bpmem.tracking import MODULES, SAVED, Packed, release_callback, storage_id
 
 
@@ -68,7 +69,7 @@ class _HeldTensors:
 
     def on_pack(self, tensor: torch.Tensor, packed: Packed) -> None:
         tensor = local_tensor(tensor)
-        base = tensor._base if tensor._base is not None else tensor
+        base = view_base(tensor)
         if isinstance(base, nn.Parameter) or isinstance(tensor, nn.Parameter):
             return
         key = storage_id(tensor)

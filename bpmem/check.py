@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bpmem.figures import ALIASES as FIGURE_ALIASES
 from bpmem.results import REQUIRED_COLUMNS, ResultsFileError
 from bpmem.units import format_bytes, parse_bytes
 
-ALIASES: dict[str, str] = {
-    "saved": "saved_activation_bytes", "peak": "peak_bytes", "params": "params_bytes", "grads": "grads_bytes",
-    "optimizer": "optimizer_bytes", "inference_peak": "inference_peak_bytes",
-    "cuda_allocated": "cuda_max_allocated_bytes", "cuda_reserved": "cuda_max_reserved_bytes",
-}
+ALIASES: dict[str, str] = FIGURE_ALIASES  # saved -> saved_activation_bytes, ... (bpmem.figures)
 
 
 class RuleError(ValueError):

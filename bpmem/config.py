@@ -28,16 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bpmem.spec import (
-    MODES,
-    SINGLE_DEVICE_STRATEGIES,
-    SPLIT_STRATEGIES,
-    STRATEGIES,
-    MLPSpec,
-    SpecError,
-    StepSpec,
-    parse_budget,
-)
+from bpmem.spec import MODES, MLPSpec, SpecError, StepSpec
+from bpmem.strategies import registry
+from bpmem.strategies.base import ONE_DEVICE
+from bpmem.strategies.checkpoint_selective import POLICIES
+from bpmem.strategies.registry import STRATEGIES, make_step
 
 MODEL_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec)) + ("optimizer",)
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
@@ -85,16 +80,15 @@ class Cell:
     @property
     def series(self) -> tuple[Any, ...]:
         """Cells that differ only in batch size form a series (OOM skips the larger ones)."""
-        step = dataclasses.asdict(self.step)
-        del step["batch_size"]
-        return (self.spec, tuple(step.items()), self.device)
+        return (self.spec, dataclasses.replace(self.step, batch_size=1), self.device)
 
     @property
     def cell_id(self) -> str:
         s, t = self.spec, self.step
         return (f"d{s.input_dim}-h{s.hidden_dim}-q{s.output_dim}-L{s.depth}-{'bias' if s.bias else 'nobias'}-"
                 f"{s.activation}-{s.loss}-{s.dtype}-l2={s.l2:g}-{t.optimizer}-B{t.batch_size}-{t.mode}-"
-                f"{t.strategy}{''.join(f'-{k}={v}' for k, v in sorted(t.strategy_params().items()))}-{self.device}")
+                f"{t.strategy.name}{''.join(f'-{k}={v}' for k, v in sorted(t.strategy_params().items()))}-"
+                f"{self.device}")
 
 
 @dataclass(frozen=True)
@@ -123,11 +117,10 @@ class SweepConfig:
             spec = MLPSpec(**fields)
             for device, (strategy, params), mode in itertools.product(devices or self.devices, self.strategies,
                                                                       self.modes):
-                if mode != "train" and strategy != "none":
+                if mode != "train" and strategy != registry.PLAIN:
                     continue  # strategies change what backward keeps: inference has none
                 for batch in sorted(self.batch_sizes):
-                    step = StepSpec(batch_size=batch, optimizer=optimizer, mode=mode, strategy=strategy,
-                                    **dict(params))
+                    step = make_step(strategy, batch_size=batch, optimizer=optimizer, mode=mode, **dict(params))
                     cells.append(Cell(spec, step, device))
         return cells
 
@@ -178,11 +171,12 @@ def _choices(key: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
-STRATEGY_KEYS: tuple[str, ...] = ("name", "segments", "budget", "policy", "microbatches", "world_size")
-# "all": every strategy once, with its default parameters, and selective with both policies
+STRATEGY_KEYS: tuple[str, ...] = ("name", *registry.parameters())
+# "all": every single-device strategy once, with its default parameters, and selective with both policies
 ALL_STRATEGIES: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = tuple(
-    (name, ()) for name in SINGLE_DEVICE_STRATEGIES if name != "checkpoint-selective"
-) + tuple(("checkpoint-selective", (("policy", policy),)) for policy in ("save-matmuls", "save-activations"))
+    (name, ()) for name in registry.names(ONE_DEVICE) if "policy" not in registry.parameters(name)
+) + tuple((name, (("policy", policy),)) for name in registry.names(ONE_DEVICE)
+          if "policy" in registry.parameters(name) for policy in POLICIES)
 
 
 def _strategies(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
@@ -198,13 +192,11 @@ def _strategies(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ..
         name = table.get("name")
         if name not in STRATEGIES:
             raise ConfigError("strategies", f"{name!r} is not allowed; allowed: {', '.join(STRATEGIES)} (or \"all\")")
-        if name in SPLIT_STRATEGIES and "world_size" not in table:
-            table = {**table, "world_size": 2}
         keys = [k for k in STRATEGY_KEYS[1:] if k in table]
         for combo in itertools.product(*(_as_list(k, table[k]) for k in keys)):
             try:
-                params = tuple((k, parse_budget(v) if k == "budget" else v) for k, v in zip(keys, combo, strict=True))
-                StepSpec(strategy=name, **dict(params))
+                config = registry.make_config(name, **dict(zip(keys, combo, strict=True)))
+                params = tuple(config.params().items())
             except SpecError as error:
                 raise ConfigError(f"strategies.{error.field}", f"{error.value!r} is not allowed; "
                                                                f"allowed: {error.allowed}") from None

@@ -1,6 +1,6 @@
 """``bpmem estimate``: the memory of one step, from autograd's rules alone, with no tensors.
 
-Two figures come from two different arguments:
+Two figures come from two different arguments (``bpmem.analytic``):
 
 * **Saved activations** follow from what each op stores for backward (PyTorch's
   ``tools/autograd/derivatives.yaml``): ``mm``/``addmm`` keep ``mat1`` (the layer input) when
@@ -8,383 +8,41 @@ Two figures come from two different arguments:
   *input*; ``log_softmax`` keeps its output and ``nll_loss`` its target and ``total_weight``
   (a 0-dim tensor); ``mse_loss`` keeps its input and target; ``pow`` keeps the weight (a
   parameter, so not counted). A ReLU output that is also the next Linear's input is one
-  storage and counts once.
+  storage and counts once (``analytic.rules``).
 
-* **Peak bytes** need the order in which storages appear and die, so the model replays one
-  step as a list of allocations and frees (``_Replay``), mirroring what PyTorch 2.x's CPU
-  kernels return to the dispatcher, op by op, and when the autograd engine drops each
-  buffer. The peak is the largest running total. Each event names its op, so the replay is
-  the predicted timeline that the LiveTensorProbe's measured one is checked against.
+* **Peak bytes** need the order in which storages appear and die, so one step is replayed
+  as a ledger of allocations and frees (``analytic.plain_step``).
 
-Shapes (B = batch, d = input_dim, h = hidden_dim, q = output_dim, s = bytes per element):
-layer i maps in_i -> out_i; there are depth + 1 Linears; P_i = in_i * out_i * s is a
-weight's bytes.
+A strategy then changes the plain step's figures (``StrategyConfig.predict``); a split
+strategy predicts each rank (``predict_ranks``). Only ``compile-budget`` needs torch: it asks
+the partitioner itself, on meta tensors.
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
+from bpmem.analytic.plain_step import plain_estimate
+from bpmem.figures import Estimate, RankFigures
 from bpmem.spec import MLPSpec, StepSpec
+from bpmem.strategies.base import SplitConfig
 
-INT64_BYTES = 8  # class labels for cross_entropy are int64
-
-
-@dataclass(frozen=True)
-class Term:
-    """One named part of the breakdown: its bytes, the formula that gave them, and why."""
-
-    name: str
-    bytes: int
-    formula: str
-    source: str
-
-
-@dataclass(frozen=True)
-class Event:
-    """One step of the replay: after ``op`` in ``phase``, ``live_bytes`` are alive."""
-
-    op: str
-    phase: str
-    live_bytes: int
-
-
-@dataclass
-class _Replay:
-    """Allocations and frees in order; tracks the running total, its peak and categories."""
-
-    live: dict[str, tuple[int, str]] = field(default_factory=dict)
-    by_category: dict[str, int] = field(default_factory=dict)
-    total: int = 0
-    peak: int = 0
-    peak_by_category: dict[str, int] = field(default_factory=dict)
-    peak_op: str = ""
-    peak_phase: str = ""
-    phase: str = "outside"
-    events: list[Event] = field(default_factory=list)
-
-    def alloc(self, name: str, nbytes: int, category: str | None = None) -> None:
-        category = category or self.phase
-        assert name not in self.live, name
-        self.live[name] = (nbytes, category)
-        self.by_category[category] = self.by_category.get(category, 0) + nbytes
-        self.total += nbytes
-        self.events.append(Event(name, self.phase, self.total))
-        if self.total > self.peak:
-            self.peak = self.total
-            self.peak_by_category = {k: v for k, v in self.by_category.items() if v}
-            self.peak_op, self.peak_phase = name, self.phase
-
-    def free(self, *names: str) -> None:
-        for name in names:
-            nbytes, category = self.live.pop(name)
-            self.by_category[category] -= nbytes
-            self.total -= nbytes
-            self.events.append(Event(f"free {name}", self.phase, self.total))
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Predicted figures for one (spec, step), named as in the README's table of figures, plus how they arise."""
-
-    params_bytes: int
-    grads_bytes: int
-    optimizer_bytes: int
-    saved_activation_bytes: int
-    peak_bytes: int
-    inference_peak_bytes: int
-    per_layer: list[dict[str, Any]]
-    terms: list[Term]
-    peak_phase: str
-    peak_op: str
-    peak_by_category: dict[str, int]
-    timeline: list[Event]
-    inference_timeline: list[Event]
-    recompute_flops: int | None = 0
-    strategy_params: dict[str, Any] = field(default_factory=dict)
-    peak_is_exact: bool = True
-
-    @property
-    def training_to_inference_ratio(self) -> float:
-        return self.peak_bytes / self.inference_peak_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("timeline", "inference_timeline")}
-        out["training_to_inference_ratio"] = self.training_to_inference_ratio
-        return out
-
-
-def _layer_bytes(spec: MLPSpec) -> list[tuple[int, int]]:
-    """(weight bytes, bias bytes) of each Linear."""
-    s = spec.itemsize
-    return [(fan_in * fan_out * s, fan_out * s if spec.bias else 0) for fan_in, fan_out in spec.layer_dims()]
-
-
-def _step_scalar_bytes() -> int:
-    """Adam keeps ``step`` as a 0-dim tensor of torch's scalar dtype (float32 unless the
-    default dtype is float64) when neither ``capturable`` nor ``fused`` is set."""
-    torch = sys.modules.get("torch")  # never import it just to ask: the default is float32
-    return 8 if torch is not None and torch.get_default_dtype() == torch.float64 else 4
-
-
-def _activation_name(spec: MLPSpec) -> str:
-    return {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "gelu": "GELU"}[spec.activation]
-
-
-def saved_per_layer(spec: MLPSpec, batch_size: int) -> list[dict[str, Any]]:
-    """Saved bytes per module, attributed as SavedTensorProbe does (first saver owns it)."""
-    s, b, act = spec.itemsize, batch_size, _activation_name(spec)
-    rows: list[dict[str, Any]] = []
-    for i, (fan_in, _) in enumerate(spec.layer_dims()):
-        if i > 0:
-            # ReLU/Tanh/Sigmoid save h_i (their output, also the next mm's mat1);
-            # GELU saves z_i (its input), and the next Linear saves h_i separately.
-            rows.append({"name": f"{2 * i - 1}.{act}", "saved_bytes": b * fan_in * s})
-        own = b * fan_in * s if (i == 0 or spec.activation == "gelu") else 0
-        rows.append({"name": f"{2 * i}.Linear", "saved_bytes": own})
-    q = spec.output_dim
-    if spec.loss == "cross_entropy":
-        loss = b * q * s + b * INT64_BYTES + s  # log_softmax output, labels, total_weight
-    else:
-        loss = 2 * b * q * s  # the logits o and the target y
-    rows.append({"name": "loss", "saved_bytes": loss})
-    rows.append({"name": "regularizer", "saved_bytes": 0})  # pow saves W: a parameter
-    return rows
-
-
-def _optimizer_bytes(step: StepSpec, params_bytes: int, n_params: int) -> int:
-    if step.optimizer == "sgd":
-        return 0
-    if step.optimizer == "sgd-momentum":
-        return params_bytes
-    return 2 * params_bytes + n_params * _step_scalar_bytes()
-
-
-def _replay_inference(spec: MLPSpec, batch_size: int, params_bytes: int) -> _Replay:
-    """Forward under inference_mode: each activation dies when the next layer has run."""
-    r, s, b = _Replay(), spec.itemsize, batch_size
-    r.alloc("params", params_bytes, "params")
-    r.alloc("X", b * spec.input_dim * s, "inputs")
-    r.phase = "forward"
-    dims = spec.layer_dims()
-    for i, (_, fan_out) in enumerate(dims):
-        r.alloc(f"z{i}", b * fan_out * s)
-        if i > 0:
-            r.free(f"h{i - 1}")  # nn.Sequential rebinds its loop variable
-        if i < len(dims) - 1:
-            r.alloc(f"h{i}", b * fan_out * s)
-            r.free(f"z{i}")
-    return r
-
-
-def _replay_training(spec: MLPSpec, step: StepSpec, optimizer_bytes: int) -> _Replay:
-    """One steady-state step: zero_grad, forward to J, backward, optimizer.step."""
-    r, s, b = _Replay(), spec.itemsize, step.batch_size
-    dims, layer_bytes = spec.layer_dims(), _layer_bytes(spec)
-    n_linear, q, gelu = len(dims), spec.output_dim, spec.activation == "gelu"
-    for i, (w, bias) in enumerate(layer_bytes):
-        r.alloc(f"W{i}", w, "params")
-        if bias:
-            r.alloc(f"b{i}", bias, "params")
-    for i, (w, bias) in enumerate(layer_bytes):
-        r.alloc(f"W{i}.grad", w, "grads")
-        if bias:
-            r.alloc(f"b{i}.grad", bias, "grads")
-    if optimizer_bytes:
-        r.alloc("optimizer state", optimizer_bytes, "optimizer")
-    r.alloc("X", b * spec.input_dim * s, "inputs")
-    target_bytes = b * INT64_BYTES if spec.loss == "cross_entropy" else b * q * s
-    r.alloc("y", target_bytes, "inputs")
-
-    r.phase = "zero_grad"  # set_to_none frees last step's gradients
-    for i, (_, bias) in enumerate(layer_bytes):
-        r.free(f"W{i}.grad", *([f"b{i}.grad"] if bias else []))
-
-    r.phase = "forward"
-    for i, (_, fan_out) in enumerate(dims):
-        r.alloc(f"z{i}", b * fan_out * s)  # mm / addmm output
-        if i < n_linear - 1:
-            r.alloc(f"h{i}", b * fan_out * s)  # activation output, saved (by act or next mm)
-            if not gelu:
-                r.free(f"z{i}")  # only GELU keeps its input for backward
-    o = f"z{n_linear - 1}"
-    if spec.loss == "cross_entropy":
-        r.alloc("log_softmax", b * q * s)
-        r.alloc("L", s)
-        r.alloc("total_weight", s)  # nll_loss_forward's second output, saved
-        r.free(o)  # the logits are not saved by cross-entropy
-    else:
-        # mse_loss keeps o itself; its 0-dim result is a view of the unreduced (B, q) buffer
-        # that the CPU kernel reduces in place, so L holds B*q*s bytes until J is formed
-        r.alloc("L", b * q * s)
-    for j, (w, _) in enumerate(layer_bytes):  # s = l2/2 * sum ||W_j||^2
-        r.alloc(f"W{j}^2", w)
-        r.alloc(f"sum W{j}^2", s)
-        r.free(f"W{j}^2")
-    r.alloc("stack", n_linear * s)
-    r.alloc("sum stack", s)
-    r.free("stack")
-    r.alloc("s", s)  # times l2/2
-    r.free("sum stack", *(f"sum W{j}^2" for j in range(n_linear)))
-    r.alloc("J", s)
-    r.free("s", "L")
-
-    r.phase = "backward"
-    r.alloc("dJ (ones_like)", s)  # held by torch.autograd.backward until it returns
-    r.alloc("ds", s)  # MulBackward: dJ * l2/2
-    # The regulariser's nodes were created last, so the engine runs them first: each
-    # pow backward makes W^1, 2*W^1 and grad*(2*W), and keeps the last, lambda*W, waiting
-    # at the weight's AccumulateGrad until the Linear's contribution arrives.
-    for j in reversed(range(n_linear)):
-        w = layer_bytes[j][0]
-        r.alloc(f"pow(W{j},1)", w)
-        r.alloc(f"2*W{j}", w)
-        r.alloc(f"dW{j} (l2 part)", w)
-        r.free(f"pow(W{j},1)", f"2*W{j}")
-    r.free("ds")
-    if spec.loss == "cross_entropy":
-        r.alloc("nll_loss_backward", b * q * s)
-        r.free("total_weight")
-        r.alloc("do", b * q * s)  # _log_softmax_backward_data
-        r.free("nll_loss_backward", "log_softmax")
-    else:
-        r.alloc("do", b * q * s)  # mse_loss_backward
-        r.free(o)
-    grad = "do"
-    for i in reversed(range(n_linear)):
-        fan_in, fan_out = dims[i]
-        w, bias = layer_bytes[i]
-        if i > 0:
-            r.alloc(f"dh{i - 1}", b * fan_in * s)  # grad @ W: the input's gradient
-        r.alloc(f"dW{i} (mm)", w)  # grad^T @ input
-        if bias:
-            r.alloc(f"db{i}", bias)  # sum_to over the batch; AccumulateGrad keeps it
-        r.free(grad)
-        if gelu and i > 0:
-            r.free(f"h{i - 1}")  # only this mm saved GELU's output
-        # the two parts of dW meet at AccumulateGrad: summed in place into the l2 part
-        r.free(f"dW{i} (mm)")
-        if i > 0:
-            r.alloc(f"dz{i - 1}", b * fan_in * s)  # activation backward
-            r.free(f"dh{i - 1}", f"z{i - 1}" if gelu else f"h{i - 1}")
-            grad = f"dz{i - 1}"
-    r.free("dJ (ones_like)")
-
-    r.phase = "optimizer_step"
-    if step.optimizer == "adam":
-        # single-tensor Adam: denom = (exp_avg_sq.sqrt() / c).add_(eps); the previous
-        # parameter's denom lives until the name is rebound, after the next division
-        previous = None
-        for i, (w, bias) in enumerate(layer_bytes):
-            for name, nbytes in ((f"W{i}", w), (f"b{i}", bias)):
-                if not nbytes:
-                    continue
-                r.alloc(f"sqrt {name}", nbytes)
-                r.alloc(f"denom {name}", nbytes)
-                r.free(f"sqrt {name}", *([previous] if previous else []))
-                previous = f"denom {name}"
-        if previous:
-            r.free(previous)
-    return r
-
-
-def _estimate_hvp(spec: MLPSpec, step: StepSpec, params_bytes: int, terms: list[Term], saved: int,
-                  per_layer: list[dict[str, Any]], inference: _Replay) -> Estimate:
-    """H v: the forward's saved tensors, plus what the create_graph backward saves.
-
-    Differentiating the backward needs the upstream gradients wherever they multiply
-    something that requires grad (``derivatives.yaml`` again, applied to backward ops):
-    ``mm`` in the backward of Linear i >= 1 keeps dJ/dz_i (B*h*s; dJ/do for the output
-    Linear, B*q*s); ``tanh_backward``, ``sigmoid_backward`` and ``gelu_backward`` keep their
-    incoming gradient (B*h*s per layer), ``threshold_backward`` (ReLU) does not, its
-    derivative in the gradient being zero; cross-entropy keeps ``nll_loss_backward``'s output
-    (B*q*s), MSE a 0-dim scalar; the regulariser's backward keeps one 0-dim gradient; and
-    (g . v) keeps v (params-sized). The peak is estimated, not replayed: all of that plus
-    params, batch, v, and two params-sized sets (first-order gradients, then H v).
-    """
-    s, b, h, q, depth = spec.itemsize, step.batch_size, spec.hidden_dim, spec.output_dim, spec.depth
-    upstream = (depth - 1) * b * h * s + b * q * s
-    smooth = depth * b * h * s if spec.activation != "relu" else 0
-    loss_grad = b * q * s if spec.loss == "cross_entropy" else s
-    hvp_terms = [
-        Term("hvp: upstream gradients kept", upstream, "(depth-1)*B*h*s + B*q*s", "mm in backward saves dJ/dz"),
-        Term("hvp: activation-backward gradients", smooth, "depth*B*h*s (not ReLU)",
-             "tanh/sigmoid/gelu_backward save their grad_output"),
-        Term("hvp: loss and regulariser gradients", loss_grad + s, "CE: B*q*s + s; MSE: 2s",
-             "nll_loss_backward output; 0-dim grads"),
-        Term("hvp: the vector v", params_bytes, "= params", "(g * v).sum() saves v"),
-    ]
-    retained = saved + sum(t.bytes for t in hvp_terms)
-    inputs = b * spec.input_dim * s + (b * INT64_BYTES if spec.loss == "cross_entropy" else b * q * s)
-    peak = 2 * params_bytes + inputs + retained + 2 * params_bytes
-    return Estimate(
-        params_bytes=params_bytes, grads_bytes=params_bytes, optimizer_bytes=0, saved_activation_bytes=retained,
-        peak_bytes=peak, inference_peak_bytes=inference.peak, per_layer=[], terms=terms + hvp_terms,
-        peak_phase="double_backward", peak_op="", peak_by_category={}, timeline=[],
-        inference_timeline=inference.events, recompute_flops=0, peak_is_exact=False,
-    )
+__all__ = ["estimate", "estimate_ranks", "Estimate", "RankFigures"]
 
 
 def estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
-    """Predict every figure (the README's table) for one step of ``spec`` under ``step``."""
-    s, b = spec.itemsize, step.batch_size
-    layer_bytes = _layer_bytes(spec)
-    params_bytes = sum(w + bias for w, bias in layer_bytes)
-    n_params = sum(1 + bool(bias) for _, bias in layer_bytes)
-    per_layer = saved_per_layer(spec, b)
-    inference = _replay_inference(spec, b, params_bytes)
-    train = step.mode in ("train", "hvp")
-    optimizer_bytes = _optimizer_bytes(step, params_bytes, n_params) if train else 0
-    hidden_saved = sum(row["saved_bytes"] for row in per_layer[1:-2])
-    loss_saved = per_layer[-2]["saved_bytes"]
-    terms = [
-        Term("params", params_bytes, "sum_i (in_i*out_i + out_i*bias) * s",
-             "nn.Linear holds weight (out, in) and bias (out,)"),
-        Term("grads", params_bytes if train else 0, "= params", "one .grad per parameter after backward"),
-        Term("optimizer", optimizer_bytes,
-             {"sgd": "0", "sgd-momentum": "params", "adam": "2*params + n_params*4 (step)"}[step.optimizer],
-             "torch.optim state: momentum_buffer; exp_avg, exp_avg_sq and a 0-dim step"),
-        Term("saved: input batch X", b * spec.input_dim * s if train else 0, "B*d*s",
-             "mm/addmm save mat1 when the weight needs a gradient"),
-        Term("saved: hidden activations", hidden_saved if train else 0,
-             "depth*B*h*s (2x for GELU)", "relu/tanh/sigmoid save their output; gelu its input"),
-        Term("saved: loss internals", loss_saved if train else 0,
-             "CE: B*q*s + 8B + s; MSE: 2*B*q*s",
-             "log_softmax output, int64 labels, total_weight; or mse's input and target"),
-    ]
-    saved = sum(t.bytes for t in terms if t.name.startswith("saved"))
-    if train:
-        replay = _replay_training(spec, step, optimizer_bytes)
-    else:
-        replay = inference
-    if step.mode == "hvp":
-        return _estimate_hvp(spec, step, params_bytes, terms, saved, per_layer, inference)
-    if train and step.strategy != "none":
-        from bpmem.strategies.predict import predict_strategy
+    """Predict every figure (the README's table) for one step of ``spec`` under ``step``.
 
-        strategy = predict_strategy(spec, step, plain_retained=saved, plain_peak=replay.peak)
-        return Estimate(
-            params_bytes=params_bytes, grads_bytes=params_bytes, optimizer_bytes=optimizer_bytes,
-            saved_activation_bytes=strategy.retained_bytes, peak_bytes=strategy.peak_bytes,
-            inference_peak_bytes=inference.peak, per_layer=[], terms=terms + strategy.terms,
-            peak_phase="backward", peak_op="", peak_by_category={}, timeline=[],
-            inference_timeline=inference.events, recompute_flops=strategy.recompute_flops,
-            strategy_params=strategy.params, peak_is_exact=False,
-        )
-    return Estimate(
-        params_bytes=params_bytes,
-        grads_bytes=params_bytes if train else 0,
-        optimizer_bytes=optimizer_bytes,
-        saved_activation_bytes=saved,
-        peak_bytes=replay.peak,
-        inference_peak_bytes=inference.peak,
-        per_layer=per_layer if train else [],
-        terms=terms,
-        peak_phase=replay.peak_phase,
-        peak_op=replay.peak_op,
-        peak_by_category=replay.peak_by_category,
-        timeline=replay.events,
-        inference_timeline=inference.events,
-    )
+    Raises ValueError ("field: why; allowed: ...") for a cell the strategy cannot run, and
+    for a split strategy, whose figures are per rank (``estimate_ranks``)."""
+    plain = plain_estimate(spec, step)
+    if step.mode != "train":
+        return plain
+    step.strategy.check(spec, step)
+    return step.strategy.predict(spec, step, plain)
+
+
+def estimate_ranks(spec: MLPSpec, step: StepSpec) -> list[RankFigures]:
+    """Each rank's (or model-parallel stage's) predicted figures under a split strategy."""
+    if not isinstance(step.strategy, SplitConfig):
+        raise ValueError(f"strategy: {step.strategy.name} runs on one device; allowed: a split strategy")
+    step.strategy.check(spec, step)
+    return step.strategy.predict_ranks(spec, step)

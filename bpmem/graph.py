@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
-from bpmem.estimate import INT64_BYTES
+from bpmem.analytic.rules import label_row_bytes
 from bpmem.spec import MLPSpec
 from bpmem.units import format_bytes
 
@@ -114,7 +114,7 @@ def graph_svg(spec: MLPSpec, batch_size: int) -> str:
     loss_x = previous + STEP_X * 0.7
     svg.op(loss_x, base_y, "l")
     svg.arrow(previous + BOX_W / 2, base_y, loss_x - 16, base_y)
-    label_bytes = b * INT64_BYTES if spec.loss == "cross_entropy" else b * q * s
+    label_bytes = b * label_row_bytes(spec)
     svg.box(loss_x, base_y + 75, "y", f"saved {format_bytes(label_bytes)}", saved=True)
     svg.arrow(loss_x, base_y + 75 - BOX_H / 2, loss_x, base_y + 16)
     total_saved += label_bytes

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bpmem.model import build, make_batch
+from bpmem.model import as_workload
 from bpmem.probes import (
     AllocatorTraceProbe,
     CudaProbe,
@@ -28,7 +28,7 @@ from bpmem.probes import (
 )
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import hvp_step, inference_step, make_optimizer, train_step
-from bpmem.strategies import make_strategy
+from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.checkpointing import Strategy
 
 
@@ -89,11 +89,29 @@ def step_flops(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer
     return int(counter.get_total_flops())
 
 
+def plain_step_flops(spec: MLPSpec, batch_size: int) -> int:
+    """Matmul FLOPs of the plain step's forward and backward (the optimizer does no matmul),
+    counted on the *meta* device: shapes only, no memory, so a strategy's cell never has to
+    fit the plain step it is compared with."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bpmem.step import forward_objective
+
+    workload = as_workload(spec)
+    model = workload.build("meta", seed=None)
+    x, y = (torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype, device="meta")
+            for t in workload.make_batch(1, "cpu"))
+    with FlopCounterMode(display=False) as counter:
+        forward_objective(workload, model, x, y).backward()
+    return int(counter.get_total_flops())
+
+
 def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
             rss: bool = False) -> dict[str, Any]:
     """Measure one configuration; returns the figures that apply, plus per_layer."""
-    model = build(spec, device, seed=seed)
-    x, y = make_batch(spec, step.batch_size, device, seed=seed)
+    workload = as_workload(spec)
+    model = workload.build(device, seed=seed)
+    x, y = workload.make_batch(step.batch_size, device, seed=seed)
     result: dict[str, Any] = {}
     inference = measure_inference_peak(model, x)
     result["inference_peak_bytes"] = inference.peak_bytes
@@ -105,7 +123,7 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
 
     if step.mode == "hvp":
         return _measure_hvp(spec, model, x, y, result)
-    strategy = make_strategy(spec, step)
+    strategy = step.strategy.runtime(spec, step)
     optimizer = make_optimizer(step, model)
     train_step(spec, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
     saved = SavedTensorProbe(model)
@@ -115,8 +133,9 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
     result["saved_hook_bytes"] = saved.saved_activation_bytes
     result["per_layer"] = saved.per_layer()
     result["strategy_params"] = strategy.params()
-    plain_flops = step_flops(spec, model, optimizer, x, y) if step.strategy != "none" else 0
-    if step.strategy == "compile-budget":
+    plain = isinstance(step.strategy, NoStrategy)
+    plain_flops = 0 if plain else plain_step_flops(spec, step.batch_size)
+    if step.strategy.opaque_to_probes:
         # Dynamo runs eagerly under a dispatch mode, so neither the live probe nor an outer
         # FlopCounterMode would see the compiled step; its own graphs count their FLOPs.
         with strategy.tally.counting() as tally:  # type: ignore[attr-defined]
@@ -136,8 +155,7 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
     made_in_forward = max(ends.get("forward", 0) for name, ends in live.phase_ends if name == "forward")
     made_in_forward -= spec.itemsize  # J (each micro-batch's, with gradient accumulation)
     result["saved_activation_bytes"] = made_in_forward + saved.packed_bytes_of([x, y])
-    result["recompute_flops"] = (step_flops(spec, model, optimizer, x, y, strategy) - plain_flops
-                                 if step.strategy != "none" else 0)
+    result["recompute_flops"] = 0 if plain else step_flops(spec, model, optimizer, x, y, strategy) - plain_flops
     result["peak_bytes"] = live.peak_bytes
     result["peak_phase"] = live.peak_phase
     result["peak_by_category"] = live.peak_by_category
@@ -180,8 +198,9 @@ def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats:
     On CUDA each timed step is bracketed by ``torch.cuda.synchronize`` so the clock sees the
     kernels, not just their launch.
     """
-    model = build(spec, device, seed=seed)
-    x, y = make_batch(spec, step.batch_size, device, seed=seed)
+    workload = as_workload(spec)
+    model = workload.build(device, seed=seed)
+    x, y = workload.make_batch(step.batch_size, device, seed=seed)
     if step.mode == "inference":
         def run() -> None:
             inference_step(model, x)
@@ -192,7 +211,7 @@ def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats:
             hvp_step(spec, model, x, y, vector)
     else:
         optimizer = make_optimizer(step, model)
-        strategy = make_strategy(spec, step)
+        strategy = step.strategy.runtime(spec, step)
 
         def run() -> None:
             train_step(spec, model, optimizer, x, y, strategy=strategy)

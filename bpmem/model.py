@@ -1,11 +1,15 @@
-"""From spec to tensors: the model, a batch, and the seed's objective J = L + s."""
+"""From spec to tensors: the model, a batch, and the seed's objective J = L + s; and ``MLP``,
+the seed's network as a ``bpmem.workload.Workload``."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bpmem.spec import MLPSpec
+from bpmem.workload import Workload
 
 _ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -60,12 +64,60 @@ def regularizer(spec: MLPSpec, model: nn.Module) -> torch.Tensor:
 
     Each square sum is taken where its weight lives and then moved next to the last weight
     (the output layer's device, where the loss is), so s works when the layers are spread
-    over devices (``model-parallel``); on one device ``.to`` is a no-op and copies nothing."""
+    over devices (``model-parallel``); on one device ``.to`` is a no-op and copies nothing.
+    A sharded weight's square sum is gathered whole first (``_whole``)."""
     weights = weight_matrices(model)
-    squares = [w.pow(2).sum().to(weights[-1].device) for w in weights]
+    squares = [_whole(w.pow(2).sum()).to(weights[-1].device) for w in weights]
     return torch.stack(squares).sum() * (spec.l2 / 2)
+
+
+def _whole(square: torch.Tensor) -> torch.Tensor:
+    """A sharded weight's square sum (a Partial or Replicate DTensor, under FSDP or tensor
+    parallelism) made whole with ``full_tensor()``, an all-reduce, so that s is a plain tensor
+    on every rank; a plain tensor as it is."""
+    full_tensor = getattr(square, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else square
 
 
 def objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """J = L + s, the seed's objective."""
     return data_loss(spec, model(x), y) + regularizer(spec, model)
+
+
+def units(model: nn.Module) -> list[list[nn.Module]]:
+    """[[Linear_0, act_0], [Linear_1, act_1], ..., [Linear_depth]]: the chain's blocks."""
+    modules = list(model)
+    return [modules[i:i + 2] for i in range(0, len(modules), 2)]
+
+
+@dataclass(frozen=True)
+class MLP:
+    """The seed's network (``MLPSpec``) behind the model seam."""
+
+    spec: MLPSpec
+    name: str = "mlp"
+
+    def build(self, device: str | torch.device = "cpu", seed: int | None = 0) -> nn.Sequential:
+        return build(self.spec, device, seed)
+
+    def make_batch(self, batch_size: int, device: str | torch.device = "cpu",
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return make_batch(self.spec, batch_size, device, seed)
+
+    def data_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return data_loss(self.spec, output, target)
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor:
+        return regularizer(self.spec, model)
+
+    def blocks(self, model: nn.Module) -> list[list[nn.Module]]:
+        return units(model)
+
+    @property
+    def analytic(self) -> MLPSpec:
+        return self.spec
+
+
+def as_workload(model: MLPSpec | Workload) -> Workload:
+    """A workload: an ``MLPSpec`` becomes the seed's ``MLP``; a workload stays itself."""
+    return MLP(model) if isinstance(model, MLPSpec) else model

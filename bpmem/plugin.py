@@ -39,9 +39,10 @@ from typing import Any
 
 import pytest
 
+from bpmem.figures import PLUGIN_LIMITS
 from bpmem.units import format_bytes, parse_bytes
 
-LIMITS = {"peak": "peak_bytes", "saved": "saved_activation_bytes", "cuda_allocated": "cuda_max_allocated_bytes"}
+LIMITS: dict[str, str] = PLUGIN_LIMITS  # the figures a marker may limit: saved, peak, cuda_allocated
 
 
 class BpmemWarning(UserWarning):

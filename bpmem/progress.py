@@ -53,4 +53,4 @@ def _clock(seconds: float) -> str:
 
 def cell_label(cell: Cell) -> str:
     s, t = cell.spec, cell.step
-    return f"depth={s.depth} h={s.hidden_dim} B={t.batch_size} {t.mode} {t.strategy} {cell.device}"
+    return f"depth={s.depth} h={s.hidden_dim} B={t.batch_size} {t.mode} {t.strategy.name} {cell.device}"

@@ -16,10 +16,12 @@ backend and are written as PNG and SVG into ``DIR/plots/``:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+from bpmem.strategies import registry
 from bpmem.units import format_bytes
 
 FIGURE_SIZE = (8.0, 5.0)
@@ -65,18 +67,7 @@ def _model_label(row: Any) -> str:
 
 def _strategy_label(row: Any) -> str:
     params = row.strategy_params if isinstance(row.strategy_params, str) else ""
-    short = ""
-    if params:
-        import json
-
-        data = json.loads(params)
-        wanted = {"checkpoint-segments": ("segments",), "checkpoint-budget": ("budget",),
-                  "compile-budget": ("budget",), "checkpoint-selective": ("policy",),
-                  "microbatch": ("microbatches",), "ddp": ("world_size",)}.get(row.strategy,
-                                                                              ("microbatches", "world_size"))
-        keep = {k: data[k] for k in wanted if k in data}
-        short = " " + ",".join(f"{k}={v}" for k, v in keep.items()) if keep else ""
-    return f"{row.strategy}{short}"
+    return registry.label(row.strategy, json.loads(params) if params else {})
 
 
 def load(directory: Path):
@@ -118,7 +109,8 @@ def plot_memory_vs_batch(frame: Any, plots: Path) -> list[str]:
 
 def plot_breakdown(frame: Any, plots: Path) -> list[str]:
     plt = _pyplot()
-    plain = frame[(frame.strategy == "none") & (frame.status == "ok") & frame["mode"].isin(["train", "inference"])]
+    plain = frame[(frame.strategy == registry.PLAIN) & (frame.status == "ok")
+                  & frame["mode"].isin(["train", "inference"])]
     model = sorted(plain.model.unique())[0] if len(plain) else ""
     plain = plain[plain.model == model]
     batches = sorted(plain.batch_size.unique())
@@ -179,7 +171,7 @@ def _scatter_with_front(axis: Any, items: list[tuple[str, Any, Any]]) -> None:
 def plot_checkpoint_pareto(frame: Any, plots: Path) -> list[str]:
     plt = _pyplot()
     train = frame[(frame["mode"] == "train") & (frame.status == "ok") & (frame.world_size == 1)
-                  & ~frame.strategy.isin(["microbatch"])]
+                  & ~frame.strategy.isin(registry.names(accumulates=True))]
     deepest = train[train.depth == train.depth.max()] if len(train) else train
     batch = deepest.batch_size.max() if len(deepest) else 0
     part = deepest[deepest.batch_size == batch]
@@ -198,7 +190,7 @@ def plot_checkpoint_pareto(frame: Any, plots: Path) -> list[str]:
 def plot_split(frame: Any, plots: Path) -> list[str]:
     plt = _pyplot()
     ok = frame[(frame["mode"] == "train") & (frame.status == "ok")]
-    split = ok[(ok.world_size > 1) | ok.strategy.isin(["microbatch", "none"])]
+    split = ok[(ok.world_size > 1) | ok.strategy.isin([*registry.names(accumulates=True), registry.PLAIN])]
     paths: list[str] = []
     fig, axis = plt.subplots(figsize=FIGURE_SIZE)
     key = split[split.world_size > 1]
@@ -249,7 +241,7 @@ def plot_timeline(directory: Path, plots: Path) -> list[str]:
         except (ValueError, KeyError, pd.errors.ParserError) as error:
             raise ResultsFileError(f"{path}: not a timelines.csv ({str(error).splitlines()[0][:120]}); "
                                    f"allowed: the columns {', '.join(TIMELINE_COLUMNS)}") from None
-        keep = ["none", "checkpoint-sqrt", "checkpoint-layer", "checkpoint-selective", "microbatch"]
+        keep = registry.names(in_timeline_plot=True)
         for index, ((strategy, params), group) in enumerate(timeline.groupby(["strategy", "strategy_params"])):
             if strategy not in keep:
                 continue

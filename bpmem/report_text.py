@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bpmem.strategies import registry
+from bpmem.strategies.base import DEVICES
 from bpmem.units import format_bytes
 
 SEED = {"input_dim": 784, "hidden_dim": 256, "output_dim": 10, "depth": 1}
@@ -26,7 +28,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _pick_seed(frame: Any) -> Any:
     """The seed network's plain training rows (or the smallest model's), batch nearest 64."""
-    plain = frame[(frame.strategy == "none") & (frame.status == "ok")]
+    plain = frame[(frame.strategy == registry.PLAIN) & (frame.status == "ok")]
     seed = plain
     for key, value in SEED.items():
         seed = seed[seed[key] == value]
@@ -64,7 +66,7 @@ def summary_section(frame: Any) -> str:
     much longer its step takes (medians over every cell that has both)."""
     train = frame[(frame["mode"] == "train") & (frame.status == "ok")]
     keys = ["model", "batch_size", "device", "optimizer", "dtype", "activation", "loss"]
-    plain = train[train.strategy == "none"].set_index(keys)
+    plain = train[train.strategy == registry.PLAIN].set_index(keys)
     rows = []
     for label, group in train.groupby("label", sort=True):
         ratios, overheads = [], []
@@ -119,7 +121,7 @@ def exercises_section(frame: Any) -> str:
             f"**1. Gradients of a batched input.** With X of shape ({b}, {d}): dJ/dW1 is ({h}, {d}) and dJ/dW2 is "
             f"({q}, {h}), the shapes of the weights, because the batch is summed over in dJ/do^T h; dJ/do is "
             f"({b}, {q}), dJ/dh and dJ/dz are ({b}, {h}).")
-    ok = frame[(frame.status == "ok") & (frame["mode"] == "train") & (frame.strategy == "none")]
+    ok = frame[(frame.status == "ok") & (frame["mode"] == "train") & (frame.strategy == registry.PLAIN)]
     with_bias, without = ok[ok.bias], ok[~ok.bias]
     if len(with_bias) and len(without):
         a, z = with_bias.iloc[0], without[(without.depth == with_bias.iloc[0].depth)]
@@ -157,7 +159,7 @@ def exercises_section(frame: Any) -> str:
 def _exercise_five(frame: Any) -> str:
     ok = frame[(frame.status == "ok") & (frame["mode"] == "train")]
     split = ok[ok.world_size > 1]
-    micro = ok[ok.strategy == "microbatch"]
+    micro = ok[ok.strategy.isin(registry.names(accumulates=True))]
     text = ("**5. Too big for one GPU.** Splitting the graph over devices shares out the parameters, gradients "
             "and optimizer state as well as the activations, but pays in communication and a pipeline bubble; "
             "a smaller minibatch (gradient accumulation) shrinks only the activations, costs more steps, "
@@ -171,7 +173,7 @@ def _exercise_five(frame: Any) -> str:
                          f"{row.step_time_median_s * 1000:.1f} ms", bubble])
         text += (f" Measured for {model}, global B={batch}:\n\n"
                  + _table(["strategy", "rank", "peak per device", "retained", "step time", "bubble"], rows))
-        shared = split[(split.strategy == "model-parallel") & (split.device == "cpu")]
+        shared = split[split.strategy.isin(registry.names(DEVICES)) & (split.device == "cpu")]
         if len(shared):
             text += ("\n\nOn the CPU, `model-parallel` puts every stage on the one CPU device: its rows give what "
                      "each device would hold (parameters, gradients, optimizer state, retained activations), "
@@ -179,7 +181,7 @@ def _exercise_five(frame: Any) -> str:
                      "differs from `none` by noise only.")
     elif len(micro):
         row = micro.iloc[(micro.batch_size - 64).abs().argsort().iloc[0]]
-        base = ok[(ok.strategy == "none") & (ok.model == row.model) & (ok.batch_size == row.batch_size)]
+        base = ok[(ok.strategy == registry.PLAIN) & (ok.model == row.model) & (ok.batch_size == row.batch_size)]
         if len(base):
             base = base.iloc[0]
             text += (f" Here, {row.label} at B={row.batch_size} ({row.model}) retains "

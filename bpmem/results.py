@@ -15,14 +15,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bpmem.figures import CUDA_FIGURES, PREDICTED_FIGURES
+
 STATUSES: tuple[str, ...] = ("ok", "oom", "error", "skipped")
 
-BYTE_COLUMNS: tuple[str, ...] = (
-    "params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
-    "inference_peak_bytes", "predicted_params_bytes", "predicted_grads_bytes", "predicted_optimizer_bytes",
-    "predicted_saved_activation_bytes", "predicted_peak_bytes", "predicted_inference_peak_bytes",
-)
-CUDA_COLUMNS: tuple[str, ...] = ("cuda_max_allocated_bytes", "cuda_max_reserved_bytes")
+# the figures that bpmem both measures and predicts, each beside its prediction's column
+BYTE_COLUMNS: tuple[str, ...] = (*PREDICTED_FIGURES, *(f"predicted_{name}" for name in PREDICTED_FIGURES))
+CUDA_COLUMNS: tuple[str, ...] = CUDA_FIGURES
 
 COLUMNS: tuple[str, ...] = (
     "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version", "git_commit",
@@ -116,7 +115,8 @@ FLOAT_COLUMNS: tuple[str, ...] = ("l2", "bubble_fraction", "equivalence_max_rel_
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    from bpmem.spec import ACTIVATIONS, DTYPES, LOSSES, MODES, OPTIMIZERS, STRATEGIES
+    from bpmem.spec import ACTIVATIONS, DTYPES, LOSSES, MODES, OPTIMIZERS
+    from bpmem.strategies.registry import STRATEGIES
 
     return {"mode": MODES, "strategy": STRATEGIES, "activation": ACTIVATIONS, "dtype": tuple(DTYPES),
             "loss": LOSSES, "optimizer": OPTIMIZERS, "bias": ("true", "false")}
@@ -165,7 +165,9 @@ def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
         row = dict(zip(header, fields, strict=True))
         _check_row(path, number, row)
         for column in ok_needs:
-            if row["status"] == "ok" and not row.get(column, "").strip():
+            # a split cell's stages that share one device share one peak, on the first one's row
+            shared_peak = column == "peak_bytes" and row.get("world_size", "1").strip() not in ("", "1")
+            if row["status"] == "ok" and not row.get(column, "").strip() and not shared_peak:
                 raise ResultsFileError(f"{path}, line {number}: status is ok but {column} is empty; allowed: the "
                                        "measured figures in every ok row")
         key = (row["cell_id"], row.get("rank") or "0")

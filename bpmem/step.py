@@ -19,9 +19,12 @@ from contextlib import AbstractContextManager as ContextManager
 import torch
 from torch import nn
 
-from bpmem.model import data_loss, regularizer
+from bpmem.model import as_workload
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.checkpointing import Strategy
+from bpmem.workload import Workload
+
+ModelSpec = MLPSpec | Workload  # an MLPSpec stands for the seed's MLP (``bpmem.model.MLP``)
 
 Labeller = Callable[[str], ContextManager[None]]
 
@@ -44,19 +47,20 @@ def make_optimizer(step: StepSpec, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=step.lr)
 
 
-def forward_objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+def forward_objective(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       scope: Labeller = _unlabelled, strategy: Strategy | None = None) -> torch.Tensor:
     """J = L + s. Only J survives the call: L, s and the logits are kept by the graph alone."""
+    workload = as_workload(spec)
     output = strategy.forward(model, x) if strategy is not None else model(x)
     with scope("loss"):
-        loss = data_loss(spec, output, y)
+        loss = workload.data_loss(output, y)
     del output
     with scope("regularizer"):
-        reg = regularizer(spec, model)
-    return loss + reg
+        reg = workload.regularizer(model)
+    return loss if reg is None else loss + reg
 
 
-def train_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
+def train_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
                x: torch.Tensor, y: torch.Tensor, phase: Labeller = _unlabelled,
                scope: Labeller = _unlabelled, strategy: Strategy | None = None) -> float:
     """One training step; returns J (computed before the update) as a Python float.
@@ -79,8 +83,9 @@ def train_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer
     return objective.item()
 
 
-def _accumulating_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+def _accumulating_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                        y: torch.Tensor, microbatches: int, phase: Labeller, scope: Labeller) -> float:
+    workload = as_workload(spec)
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -88,11 +93,13 @@ def _accumulating_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.O
         with phase("forward"):
             output = model(x_part)
             with scope("loss"):
-                objective = data_loss(spec, output, y_part) * (x_part.shape[0] / x.shape[0])
+                objective = workload.data_loss(output, y_part) * (x_part.shape[0] / x.shape[0])
             del output
             if index == 0:
                 with scope("regularizer"):
-                    objective = objective + regularizer(spec, model)
+                    reg = workload.regularizer(model)
+                    objective = objective if reg is None else objective + reg
+                    del reg  # s itself is not kept by the graph: let it die as it did inline
         with phase("backward"):
             objective.backward()
         total += objective.item()
@@ -102,7 +109,7 @@ def _accumulating_step(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.O
     return total
 
 
-def hvp_step(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, vector: list[torch.Tensor],
+def hvp_step(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, vector: list[torch.Tensor],
              phase: Labeller = _unlabelled, scope: Labeller = _unlabelled) -> None:
     """H v by double backward (the seed's exercise 4).
 

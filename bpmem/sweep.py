@@ -28,11 +28,13 @@ from typing import Any
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
+from bpmem.figures import FIGURE_NAMES, PREDICTED_FIGURES, RankFigures
 from bpmem.measure_cell import is_out_of_memory
 from bpmem.progress import Progress, cell_label
 from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells
-from bpmem.spec import DISTRIBUTED_STRATEGIES, MULTI_DEVICE_STRATEGIES
-from bpmem.strategies.checkpointing import InfeasibleBudget
+from bpmem.spec import InfeasibleBudget
+from bpmem.strategies.base import DEVICES, RANKS
+from bpmem.strategies.registry import flat_step
 
 
 def _release_memory(device: str) -> None:
@@ -62,7 +64,7 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         "input_dim": spec.input_dim, "hidden_dim": spec.hidden_dim, "output_dim": spec.output_dim,
         "depth": spec.depth, "bias": spec.bias, "activation": spec.activation, "dtype": spec.dtype,
         "loss": spec.loss, "l2": spec.l2, "optimizer": step.optimizer, "batch_size": step.batch_size,
-        "mode": step.mode, "strategy": step.strategy, "world_size": 1, "rank": 0,
+        "mode": step.mode, "strategy": step.strategy.name, "world_size": 1, "rank": 0,
         "repeats": config.repeats, "warmup": config.warmup,
         "strategy_params": json.dumps(step.strategy_params(), sort_keys=True) if step.strategy_params() else "",
     }
@@ -76,14 +78,8 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
     except ValueError as error:
         row.update(status="error", error=_one_line(error))
         return row
-    row.update({
-        "predicted_params_bytes": predicted.params_bytes, "predicted_grads_bytes": predicted.grads_bytes,
-        "predicted_optimizer_bytes": predicted.optimizer_bytes,
-        "predicted_saved_activation_bytes": predicted.saved_activation_bytes,
-        "predicted_peak_bytes": predicted.peak_bytes,
-        "predicted_inference_peak_bytes": predicted.inference_peak_bytes,
-        "predicted_recompute_flops": predicted.recompute_flops,
-    })
+    row.update({f"predicted_{name}": getattr(predicted, name) for name in PREDICTED_FIGURES},
+               predicted_recompute_flops=predicted.recompute_flops)
     if predicted.strategy_params:
         # the step's own parameters win: a plan's segment count must not hide the K asked for
         row["strategy_params"] = json.dumps({**predicted.strategy_params, **step.strategy_params()},
@@ -96,9 +92,8 @@ def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
     nearest 64: one step per strategy, for the report's timeline plot."""
     depth = max(dict(config.model).get("depth", (1,)))
     batch = min(config.batch_sizes, key=lambda b: (abs(b - 64), b))
-    plotted = ("none", "checkpoint-sqrt", "checkpoint-layer", "checkpoint-selective", "microbatch")
     return (cell.step.mode == "train" and cell.spec.depth == depth and cell.step.batch_size == batch
-            and cell.step.strategy in plotted)
+            and cell.step.strategy.in_timeline_plot)
 
 
 def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
@@ -115,14 +110,10 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
         row.update(status="oom" if is_out_of_memory(error) else "error", error=_one_line(error))
         _release_memory(cell.device)
         return row
-    for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
-                "inference_peak_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes"):
-        if key in measured:
-            row[key] = measured[key]
+    row.update({key: measured[key] for key in FIGURE_NAMES if key in measured})
     row["peak_phase"] = measured.get("peak_phase", "forward")
     if timeline_cell(config, cell) and measured.get("timeline"):
         row["_timeline"] = [(e.index, e.op, e.phase, e.live_bytes) for e in measured["timeline"]]
-    row["saved_hook_bytes"] = measured.get("saved_hook_bytes")
     row["recompute_flops"] = measured.get("recompute_flops")
     row.update(status="ok", error="", **time_summary(times))
     return row
@@ -138,9 +129,9 @@ def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: Swee
             row.update(status="skipped", error="a smaller batch of this series ran out of memory")
             yield [row]
             continue
-        if cell.step.strategy in DISTRIBUTED_STRATEGIES:
+        if cell.step.strategy.placement == RANKS:
             rows = run_distributed_cell(cell, run_id, env, config, log_dir)
-        elif cell.step.strategy in MULTI_DEVICE_STRATEGIES:
+        elif cell.step.strategy.placement == DEVICES:
             rows = run_model_parallel_cell(cell, run_id, env, config)
         else:
             rows = [run_cell(cell, run_id, env, config)]
@@ -154,7 +145,7 @@ MEASURED_RANK_KEYS: tuple[str, ...] = (
 
 
 def _rank_rows(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
-               predictions: list[dict[str, Any]], error: BaseException | None = None) -> list[dict[str, Any]]:
+               predictions: list[RankFigures], error: BaseException | None = None) -> list[dict[str, Any]]:
     """One row per rank (device) of a split cell, with that rank's predictions; with
     ``error``, every row is an ``error`` row carrying its message."""
     rows = []
@@ -165,11 +156,11 @@ def _rank_rows(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig
             row.update(status="error", error=_one_line(error))
         else:
             predicted = predictions[rank]
-            row.update({f"predicted_{k}": predicted[k]
+            row.update({f"predicted_{k}": getattr(predicted, k)
                         for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes")})
-            row.update(bubble_fraction=predicted["bubble_fraction"], predicted_comm_bytes=predicted["comm_bytes"],
-                       textbook_saved_activation_bytes=predicted["textbook_saved_bytes"],
-                       predicted_peak_bytes=predicted.get("peak_bytes"))
+            row.update(bubble_fraction=predicted.bubble_fraction, predicted_comm_bytes=predicted.comm_bytes,
+                       textbook_saved_activation_bytes=predicted.textbook_saved_bytes,
+                       predicted_peak_bytes=predicted.peak_bytes)
         rows.append(row)
     return rows
 
@@ -177,17 +168,18 @@ def _rank_rows(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig
 def run_model_parallel_cell(cell: Cell, run_id: str, env: dict[str, Any],
                             config: SweepConfig) -> list[dict[str, Any]]:
     """Measure a ``model-parallel`` cell in this process: one row per stage (device)."""
-    from bpmem.strategies.model_parallel import check, measure_stages, predict_stages, stage_devices
+    from bpmem.strategies.model_parallel_runtime import stage_devices
 
+    strategy = cell.step.strategy
     try:
-        check(cell.spec, cell.step)
+        strategy.check(cell.spec, cell.step)
         devices = stage_devices(cell.device, cell.step.world_size)
-        predictions = predict_stages(cell.spec, cell.step, separate_devices=len(set(devices)) > 1)
+        predictions = strategy.predict_stages(cell.spec, cell.step, separate_devices=len(set(devices)) > 1)
     except ValueError as error:
         return _rank_rows(cell, run_id, env, config, [], error)
     rows = _rank_rows(cell, run_id, env, config, predictions)
     try:
-        measured = measure_stages(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
+        measured = strategy.measure_stages(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
         for row in rows:
             row.update(status="oom" if is_out_of_memory(error) else "error", error=_one_line(error))
@@ -203,17 +195,16 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
     """Launch ``torchrun -m bpmem.worker`` for one cell (``bpmem.launch``): one row per rank,
     judged by what the ranks recorded. torchrun's output is kept as ``log_dir/<cell_id>.log``
     (a temporary file without ``log_dir``)."""
+    from bpmem.estimate import estimate_ranks
     from bpmem.launch import launch
-    from bpmem.strategies.distributed_predict import check, predict_rank
 
     world = cell.step.world_size
     try:
-        check(cell.spec, cell.step, world)
-        predictions = [predict_rank(cell.spec, cell.step, rank, world) for rank in range(world)]
+        predictions = estimate_ranks(cell.spec, cell.step)
     except ValueError as error:
         return _rank_rows(cell, run_id, env, config, [], error)
     rows = _rank_rows(cell, run_id, env, config, predictions)
-    cell_json = {"spec": dataclasses.asdict(cell.spec), "step": dataclasses.asdict(cell.step)}
+    cell_json = {"spec": dataclasses.asdict(cell.spec), "step": flat_step(cell.step)}
     with contextlib.ExitStack() as stack:
         folder = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpmem-log-")))
         outcome = launch([cell_json], world, folder / f"{cell.cell_id}.log", config.timeout_s, config.repeats,

@@ -37,31 +37,14 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-# The classes whose instances hold process-group state or queued works. Named by module and
-# class so that the check works on any torch >= 2.6, whichever of them it has.
-DISTRIBUTED_TYPES: tuple[tuple[str, str], ...] = (
-    ("torch.nn.parallel.distributed", "DistributedDataParallel"),
-    ("torch.distributed.fsdp._fully_shard._fully_shard", "FSDPModule"),
-    ("torch.distributed.pipelining.stage", "_PipelineStageBase"),
-    ("torch.distributed.pipelining.schedules", "_PipelineSchedule"),
-    ("torch.distributed.tensor", "DTensor"),
-)
-
-
-def _types() -> tuple[type, ...]:
-    import importlib
-
-    found = []
-    for module_name, class_name in DISTRIBUTED_TYPES:
-        with contextlib.suppress(ImportError, AttributeError):
-            found.append(getattr(importlib.import_module(module_name), class_name))
-    return tuple(found)
-
 
 def live_distributed_objects() -> list[str]:
     """Type names of the distributed objects still alive in this process (after a collection)."""
+    # imported here: the launcher imports this module and must not import torch
+    from bpmem.torch_private import distributed_object_types
+
     gc.collect()
-    kinds = _types()
+    kinds = distributed_object_types()
     # type(obj), not isinstance: some torch objects warn when their __class__ is read
     return sorted(type(obj).__name__ for obj in gc.get_objects() if issubclass(type(obj), kinds))
 

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from bpmem.torch_private import running_backward, tensor_storage_address
+
 
 class Packed:
     """What autograd stores in place of a saved tensor while a listener is active.
@@ -119,7 +121,7 @@ class _ModuleTracker:
         no forward runs (a recomputation's forward does), else "outside"."""
         stack = self.stack
         if not stack:
-            return "(backward)" if torch._C._current_graph_task_id() != -1 else "outside"
+            return "(backward)" if running_backward() else "outside"
         module = stack[-1]
         return self.names.get(id(module), type(module).__name__)
 
@@ -159,7 +161,7 @@ MODULES = _ModuleTracker()
 def storage_id(tensor: torch.Tensor) -> int:
     """Identity of a tensor's storage without making a Python storage object (which would
     hold a second reference and change what autograd may do in place)."""
-    return torch._C._storage_id(tensor)
+    return tensor_storage_address(tensor)
 
 
 def release_callback(packed: Packed, callback: Callable[[], None]) -> None:

@@ -36,8 +36,8 @@ from bpmem.measure_cell import optimizer_state_tensors, time_summary
 from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import _unlabelled, make_optimizer
-from bpmem.strategies import distributed as strategies
-from bpmem.strategies.distributed_predict import check
+from bpmem.strategies import rank_runtime as strategies
+from bpmem.strategies.registry import make_step
 from bpmem.teardown import mark_done, release, sigterm_held
 
 
@@ -51,7 +51,7 @@ def _device(local_rank: int) -> torch.device:
 def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device(int(os.environ.get("LOCAL_RANK", rank)))
-    setup = strategies.setup_rank(spec, step, rank, world, device)
+    setup = step.strategy.setup_rank(spec, step, rank, device)
     holder = nn.ModuleList(setup.modules)
     optimizer = make_optimizer(step, holder)
 
@@ -59,7 +59,7 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
     optimizer.zero_grad(set_to_none=True)
     setup.run(_unlabelled)
     reference = strategies.reference_gradients(spec, step, device)
-    owned = strategies.owned_parameter_indices(spec, step, rank, world)
+    owned = step.strategy.owned_parameters(spec, rank)
     got = strategies.full_tensors([p.grad for p in setup.params])  # DTensor shards gathered whole
     error = strategies.max_relative_error(got, [reference[i] for i in owned])
     del got
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bpmem.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cell", required=True,
-                        help='JSON: {"spec": {MLPSpec fields}, "step": {StepSpec fields}}, or a list of them '
+                        help='JSON: {"spec": {MLPSpec fields}, "step": {StepSpec fields, the strategy by name with its '
+                             'parameters beside it}}, or a list of them '
                              "(run one after another in the same process group)")
     parser.add_argument("--out", required=True, type=Path, help="rank 0 writes every rank's row here (JSON)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -156,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cells = json.loads(args.cell)
         cells = cells if isinstance(cells, list) else [cells]
-        plan = [(MLPSpec(**c.get("spec", {})), StepSpec(**c.get("step", {}))) for c in cells]
+        plan = [(MLPSpec(**c.get("spec", {})), make_step(**c.get("step", {}))) for c in cells]
         world = int(os.environ.get("WORLD_SIZE", "1"))
         for spec, step in plan:
-            check(spec, step, world)
+            if step.world_size != world:
+                raise ValueError(f"world_size: the cell asks for {step.world_size} ranks and torchrun started "
+                                 f"{world}; allowed: {world}")
+            step.strategy.check(spec, step)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
         everything: list[Any] = []

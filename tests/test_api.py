@@ -20,8 +20,9 @@ from torch.utils.checkpoint import checkpoint
 import bpmem
 from bpmem.estimate import estimate
 from bpmem.model import build, make_batch
-from bpmem.spec import MLPSpec, StepSpec
+from bpmem.spec import MLPSpec
 from bpmem.step import make_optimizer, train_step
+from bpmem.strategies.registry import make_step
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,7 +222,7 @@ def test_a_limit_pins_the_figure_to_the_byte_in_a_users_project(tmp_path: Path, 
 def test_the_api_agrees_with_the_analytic_model_on_bpmems_own_mlp(spec: MLPSpec) -> None:
     """Two independent routes to one number: bpmem.measure around a training step (two steps
     in one block), and the estimate's arithmetic from autograd's rules."""
-    step = StepSpec(batch_size=64, optimizer="adam")
+    step = make_step(batch_size=64, optimizer="adam")
     model = build(spec, "cpu", seed=0)
     optimizer = make_optimizer(step, model)
     x, y = make_batch(spec, step.batch_size, "cpu", seed=0)

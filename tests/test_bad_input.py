@@ -18,7 +18,8 @@ import toml_text
 from bpmem.cli import main
 from bpmem.cli.run_commands import _new_run_folder
 from bpmem.config import ConfigError, parse_config
-from bpmem.spec import SpecError, StepSpec, parse_budget
+from bpmem.spec import SpecError, parse_budget
+from bpmem.strategies.registry import make_step
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "results.csv"
@@ -74,7 +75,7 @@ def test_an_ambiguous_budget_is_refused(bad: object, capsys) -> None:
 
 def test_step_spec_refuses_a_float_above_one() -> None:
     with pytest.raises(SpecError, match="budget"):
-        StepSpec(strategy="checkpoint-budget", budget=1.5)
+        make_step(strategy="checkpoint-budget", budget=1.5)
 
 
 def test_toml_budgets_follow_the_same_rule() -> None:

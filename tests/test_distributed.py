@@ -13,13 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from bpmem.analytic.schedules import interleaved_order, interleaved_rounds
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
+from bpmem.estimate import estimate_ranks
 from bpmem.launch import complete_rows
-from bpmem.spec import DISTRIBUTED_STRATEGIES, MLPSpec, StepSpec
-from bpmem.strategies.distributed import owned_parameter_indices
-from bpmem.strategies.distributed_predict import check, fsdp_shard_rows, predict_rank, tensor_parallel_styles
-from bpmem.strategies.schedules import interleaved_order, interleaved_rounds
+from bpmem.spec import MLPSpec, StepSpec
+from bpmem.strategies import registry
+from bpmem.strategies.base import RANKS
+from bpmem.strategies.fsdp import fsdp_shard_rows
+from bpmem.strategies.registry import make_step
+from bpmem.strategies.tensor_parallel import tensor_parallel_styles
 from bpmem.sweep import run_distributed_cell
 from bpmem.teardown import done_marker
 
@@ -27,26 +31,43 @@ pytestmark = pytest.mark.slow  # torchrun jobs: one process per rank
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPEC = MLPSpec(input_dim=32, hidden_dim=16, output_dim=4, depth=5)
-STEPS = [StepSpec(batch_size=16, strategy=name, microbatches=4, world_size=2) for name in DISTRIBUTED_STRATEGIES]
+def _two_ranks(strategy: str, batch_size: int = 16) -> StepSpec:
+    """Two ranks of ``strategy``; a pipeline's batch in 4 micro-batches."""
+    micro = {"microbatches": 4} if "microbatches" in registry.parameters(strategy) else {}
+    return make_step(batch_size=batch_size, strategy=strategy, world_size=2, **micro)
+
+
+STEPS = [_two_ranks(name) for name in registry.names(RANKS)]
+
+
+def predict_rank(spec: MLPSpec, step: StepSpec, rank: int, world_size: int) -> dict:
+    """One rank's predicted figures, as a dict (world_size is the step's own)."""
+    assert step.world_size == world_size
+    return estimate_ranks(spec, step)[rank].to_dict(drop_none=False)
+
+
+def check(spec: MLPSpec, step: StepSpec, world_size: int) -> None:
+    assert step.world_size == world_size
+    step.strategy.check(spec, step)
 MSE_GELU = MLPSpec(input_dim=20, hidden_dim=12, output_dim=6, depth=4, activation="gelu", loss="mse", bias=True)
 DEEP = MLPSpec(input_dim=64, hidden_dim=64, output_dim=10, depth=16)
-DEEP_1F1B = StepSpec(batch_size=64, strategy="pipeline-1f1b", microbatches=4, world_size=2)
+DEEP_1F1B = make_step(batch_size=64, strategy="pipeline-1f1b", microbatches=4, world_size=2)
 # odd widths: FSDP2 pads dim 0 to ceil(n / 2) rows (13 -> 7 + 6, 5 -> 3 + 2)
 UNEVEN = MLPSpec(input_dim=21, hidden_dim=13, output_dim=5, depth=2, bias=True, activation="tanh")
-EXTRA = [(MSE_GELU, StepSpec(batch_size=8, strategy="pipeline-1f1b", microbatches=2, world_size=2, optimizer="adam")),
-         (MSE_GELU, StepSpec(batch_size=8, strategy="pipeline-gpipe", microbatches=2, world_size=2)),
-         (MSE_GELU, StepSpec(batch_size=8, strategy="fsdp", world_size=2, optimizer="adam")),
+EXTRA = [(MSE_GELU, make_step(batch_size=8, strategy="pipeline-1f1b", microbatches=2, world_size=2, optimizer="adam")),
+         (MSE_GELU, make_step(batch_size=8, strategy="pipeline-gpipe", microbatches=2, world_size=2)),
+         (MSE_GELU, make_step(batch_size=8, strategy="fsdp", world_size=2, optimizer="adam")),
          # 5 Linears: two colwise/rowwise pairs, the output layer replicated
-         (MSE_GELU, StepSpec(batch_size=8, strategy="tensor-parallel", world_size=2, optimizer="adam")),
-         (UNEVEN, StepSpec(batch_size=6, strategy="fsdp", world_size=2, optimizer="sgd-momentum")),
+         (MSE_GELU, make_step(batch_size=8, strategy="tensor-parallel", world_size=2, optimizer="adam")),
+         (UNEVEN, make_step(batch_size=6, strategy="fsdp", world_size=2, optimizer="sgd-momentum")),
          # the interleaved schedule at more micro-batches: rounds of 2, sends held to the end
-         (SPEC, StepSpec(batch_size=24, strategy="pipeline-interleaved", microbatches=6, world_size=2)),
-         (MSE_GELU, StepSpec(batch_size=8, strategy="pipeline-interleaved", microbatches=4, world_size=2)),
+         (SPEC, make_step(batch_size=24, strategy="pipeline-interleaved", microbatches=6, world_size=2)),
+         (MSE_GELU, make_step(batch_size=8, strategy="pipeline-interleaved", microbatches=4, world_size=2)),
          (DEEP, DEEP_1F1B)]  # last: the depth-16 test finds it there
 
 
 def _torchrun(cells: list[tuple[MLPSpec, StepSpec]], out: Path, env: dict[str, str] | None = None, ranks: int = 2):
-    cell_json = json.dumps([{"spec": spec.__dict__, "step": step.__dict__} for spec, step in cells])
+    cell_json = json.dumps([{"spec": spec.__dict__, "step": registry.flat_step(step)} for spec, step in cells])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "bpmem.worker", "--cell", cell_json, "--out", str(out), "--repeats", "1", "--warmup", "0",
                "--timeout-s", "60"]
@@ -92,11 +113,11 @@ def test_each_rank_holds_what_was_predicted(rows: list[dict]) -> None:
         spec, step = _cases()[row["cell_index"]]
         predicted = predict_rank(spec, step, row["rank"], 2)
         for figure in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes"):
-            assert row[figure] == predicted[figure], (step.strategy, row["rank"], figure)
+            assert row[figure] == predicted[figure], (step.strategy.name, row["rank"], figure)
 
 
 def _row(rows: list[dict], spec: MLPSpec, strategy: str, rank: int) -> dict:
-    index = next(i for i, (a, b) in enumerate(_cases()) if a == spec and b.strategy == strategy)
+    index = next(i for i, (a, b) in enumerate(_cases()) if a == spec and b.strategy.name == strategy)
     return next(r for r in rows if r["cell_index"] == index and r["rank"] == rank)
 
 
@@ -107,7 +128,7 @@ def test_fsdp_and_tensor_parallel_split_the_parameters(rows: list[dict]) -> None
     each colwise/rowwise pair)."""
     from bpmem.estimate import estimate
 
-    single = estimate(SPEC, StepSpec(batch_size=16)).saved_activation_bytes
+    single = estimate(SPEC, make_step(batch_size=16)).saved_activation_bytes
     for rank in (0, 1):
         ddp, fsdp, tp = (_row(rows, SPEC, name, rank) for name in ("ddp", "fsdp", "tensor-parallel"))
         for figure in ("params_bytes", "grads_bytes"):
@@ -120,7 +141,7 @@ def test_fsdp_pads_uneven_shards() -> None:
     """13 rows over 2 ranks: 7 and 6, both padded to 7; 1 row over 2: rank 1 holds none."""
     assert [fsdp_shard_rows(13, r, 2) for r in (0, 1)] == [(7, 7), (6, 7)]
     assert [fsdp_shard_rows(1, r, 2) for r in (0, 1)] == [(1, 1), (0, 1)]
-    params = [predict_rank(UNEVEN, StepSpec(batch_size=6, strategy="fsdp", world_size=2), r, 2)["params_bytes"]
+    params = [predict_rank(UNEVEN, make_step(batch_size=6, strategy="fsdp", world_size=2), r, 2)["params_bytes"]
               for r in (0, 1)]
     assert params[0] == params[1] == 4 * (7 * 21 + 7 + 7 * 13 + 7 + 3 * 13 + 3)
 
@@ -129,14 +150,14 @@ def test_tensor_parallel_pairs_linears_and_needs_an_even_hidden_width() -> None:
     assert tensor_parallel_styles(SPEC) == ["colwise", "rowwise"] * 3
     assert tensor_parallel_styles(MSE_GELU) == ["colwise", "rowwise"] * 2 + ["replicated"]
     with pytest.raises(ValueError, match="hidden_dim: 13"):
-        check(UNEVEN, StepSpec(batch_size=6, strategy="tensor-parallel", world_size=2), 2)
-    check(UNEVEN, StepSpec(batch_size=6, strategy="fsdp", world_size=2), 2)  # FSDP pads instead
+        check(UNEVEN, make_step(batch_size=6, strategy="tensor-parallel", world_size=2), 2)
+    check(UNEVEN, make_step(batch_size=6, strategy="fsdp", world_size=2), 2)  # FSDP pads instead
 
 
 def test_pipelines_keep_more_than_the_textbook_says(rows: list[dict]) -> None:
     """1F1B's textbook keeps p - r micro-batches on stage r; PipelineStage also keeps every
     receive buffer and the schedule an extra output: measured above textbook, as predicted."""
-    one_f_one_b = [r for r in rows if _cases()[r["cell_index"]][1].strategy == "pipeline-1f1b"
+    one_f_one_b = [r for r in rows if _cases()[r["cell_index"]][1].strategy.name == "pipeline-1f1b"
                    and _cases()[r["cell_index"]][0] == SPEC]
     for row in one_f_one_b:
         textbook = predict_rank(SPEC, STEPS[1], row["rank"], 2)["textbook_saved_bytes"]
@@ -146,7 +167,7 @@ def test_pipelines_keep_more_than_the_textbook_says(rows: list[dict]) -> None:
 def test_1f1b_on_two_ranks_keeps_at_most_60_percent_per_rank_at_depth_16(rows: list[dict]) -> None:
     from bpmem.estimate import estimate
 
-    single = estimate(DEEP, StepSpec(batch_size=64)).saved_activation_bytes  # exact, tested elsewhere
+    single = estimate(DEEP, make_step(batch_size=64)).saved_activation_bytes  # exact, tested elsewhere
     deep = [r for r in rows if r["cell_index"] == len(_cases()) - 1]
     assert len(deep) == 2
     for row in deep:
@@ -183,7 +204,7 @@ def _fault_cell(monkeypatch: pytest.MonkeyPatch, fault: str, tmp_path: Path, str
 
     monkeypatch.setattr(bpmem.launch, "kill_job", tracked_kill)
     config = SweepConfig(repeats=1, warmup=0, timeout_s=timeout_s)
-    cell = Cell(SPEC, StepSpec(batch_size=16, strategy=strategy, microbatches=4, world_size=2), "cpu")
+    cell = Cell(SPEC, _two_ranks(strategy), "cpu")
     result = run_distributed_cell(cell, "test", environment("cpu"), config, tmp_path / "logs")
     alive = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"left running: {alive}"
@@ -243,7 +264,7 @@ def test_interleaved_order_runs_every_micro_batch_forward_then_backward(world: i
 
 
 def test_interleaved_needs_whole_rounds() -> None:
-    step = StepSpec(batch_size=20, strategy="pipeline-interleaved", microbatches=5, world_size=2)
+    step = make_step(batch_size=20, strategy="pipeline-interleaved", microbatches=5, world_size=2)
     with pytest.raises(ValueError, match="microbatches: 5 does not split into 2 equal rounds"):
         check(SPEC, step, 2)
 
@@ -253,9 +274,9 @@ def test_three_ranks_keep_what_was_predicted(tmp_path: Path) -> None:
     p - r micro-batches and, with GELU, no extra output for its send (GELU saves its input)."""
     gelu = MLPSpec(input_dim=20, hidden_dim=12, output_dim=6, depth=6, activation="gelu", loss="mse", bias=True)
     relu = MLPSpec(input_dim=32, hidden_dim=16, output_dim=4, depth=7)
-    cells = [(relu, StepSpec(batch_size=36, strategy="pipeline-interleaved", microbatches=6, world_size=3)),
-             (gelu, StepSpec(batch_size=36, strategy="pipeline-interleaved", microbatches=3, world_size=3)),
-             (gelu, StepSpec(batch_size=36, strategy="pipeline-1f1b", microbatches=6, world_size=3))]
+    cells = [(relu, make_step(batch_size=36, strategy="pipeline-interleaved", microbatches=6, world_size=3)),
+             (gelu, make_step(batch_size=36, strategy="pipeline-interleaved", microbatches=3, world_size=3)),
+             (gelu, make_step(batch_size=36, strategy="pipeline-1f1b", microbatches=6, world_size=3))]
     out = tmp_path / "rows.json"
     done = _torchrun(cells, out, ranks=3)
     rows = _recorded(done, out, len(cells), ranks=3)
@@ -265,7 +286,7 @@ def test_three_ranks_keep_what_was_predicted(tmp_path: Path) -> None:
     for row in rows:
         spec, step = cells[row["cell_index"]]
         predicted = predict_rank(spec, step, row["rank"], 3)
-        assert row["saved_activation_bytes"] == predicted["saved_activation_bytes"], (step.strategy, row["rank"])
+        assert row["saved_activation_bytes"] == predicted["saved_activation_bytes"], (step.strategy.name, row["rank"])
         assert row["equivalence_max_rel_err"] < 1e-5
 
 
@@ -274,18 +295,18 @@ def test_ddp_peak_is_the_local_step_plus_the_buckets(rows: list[dict]) -> None:
     B/p plus them, within the 4 B per parameter that DDP still holds after backward."""
     for row in rows:
         spec, step = _cases()[row["cell_index"]]
-        if step.strategy != "ddp":
+        if step.strategy.name != "ddp":
             continue
         predicted = predict_rank(spec, step, row["rank"], 2)
         assert row["peak_by_category"]["buckets"] == predicted["buffer_bytes"] == row["grads_bytes"]
-        n_params = len(owned_parameter_indices(spec, step, row["rank"], 2))
+        n_params = len(step.strategy.owned_parameters(spec, row["rank"]))
         assert abs(row["peak_bytes"] - predicted["peak_bytes"]) <= 4 * n_params, (row["peak_bytes"], predicted)
 
 
 def test_fsdp_gathers_one_unit_at_a_time(rows: list[dict]) -> None:
     """The all-gathered parameters (storages FSDP2 resizes in place) are counted in the peak,
     and at most the largest Linear is whole at any moment."""
-    fsdp = [row for row in rows if _cases()[row["cell_index"]][1].strategy == "fsdp"]
+    fsdp = [row for row in rows if _cases()[row["cell_index"]][1].strategy.name == "fsdp"]
     assert fsdp
     for row in fsdp:
         spec, step = _cases()[row["cell_index"]]

@@ -8,13 +8,18 @@ attribution, the training peak, the inference peak and where the peak falls.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bpmem.estimate import estimate
-from bpmem.measure_cell import measure
+from bpmem.measure_cell import measure, measure_inference_peak, measure_training_peak
+from bpmem.model import build, make_batch
 from bpmem.spec import ACTIVATIONS, LOSSES, OPTIMIZERS, MLPSpec, StepSpec
+from bpmem.step import make_optimizer, train_step
+from bpmem.strategies.registry import make_step
 
 EXACT_FIGURES = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
                  "inference_peak_bytes")
@@ -30,7 +35,7 @@ def configs(draw: st.DrawFn) -> tuple[MLPSpec, StepSpec]:
         activation=draw(st.sampled_from(ACTIVATIONS)), loss=draw(st.sampled_from(LOSSES)),
         dtype=draw(st.sampled_from(("float32", "float64", "bfloat16"))),
     )
-    step = StepSpec(batch_size=draw(st.integers(1, 256)), optimizer=draw(st.sampled_from(OPTIMIZERS)))
+    step = make_step(batch_size=draw(st.integers(1, 256)), optimizer=draw(st.sampled_from(OPTIMIZERS)))
     return spec, step
 
 
@@ -59,16 +64,16 @@ def test_every_activation_and_loss_at_the_edges(activation: str, loss: str) -> N
     spec = MLPSpec(input_dim=1, hidden_dim=1, output_dim=1, depth=2, bias=True, activation=activation, loss=loss)
     for optimizer in OPTIMIZERS:
         for batch in (1, 2, 3):  # B > 1 with q = 1: MSE's 0-dim loss still spans B*q elements
-            assert_estimate_matches_measure(spec, StepSpec(batch_size=batch, optimizer=optimizer))
+            assert_estimate_matches_measure(spec, make_step(batch_size=batch, optimizer=optimizer))
 
 
 def test_inference_mode_matches() -> None:
-    assert_estimate_matches_measure(MLPSpec(depth=3, bias=True), StepSpec(batch_size=33, mode="inference"))
+    assert_estimate_matches_measure(MLPSpec(depth=3, bias=True), make_step(batch_size=33, mode="inference"))
 
 
 def test_seed_worked_example_breakdown_is_consistent() -> None:
     """The seed network (d=784, h=256, q=10, B=64): each term from its own formula."""
-    spec, step = MLPSpec(), StepSpec(batch_size=64)
+    spec, step = MLPSpec(), make_step(batch_size=64)
     est = estimate(spec, step)
     d, h, q, b, s = 784, 256, 10, 64, 4
     assert est.params_bytes == (h * d + q * h) * s
@@ -85,7 +90,7 @@ def test_seed_worked_example_breakdown_is_consistent() -> None:
 
 def test_estimate_allocates_nothing_at_any_size() -> None:
     """A 1e6-row batch through 8 layers of 8192: answered from arithmetic alone."""
-    est = estimate(MLPSpec(hidden_dim=8192, depth=8), StepSpec(batch_size=1_000_000))
+    est = estimate(MLPSpec(hidden_dim=8192, depth=8), make_step(batch_size=1_000_000))
     assert est.saved_activation_bytes > 8 * 1_000_000 * 8192 * 4
     assert est.peak_bytes > est.saved_activation_bytes
 
@@ -93,6 +98,37 @@ def test_estimate_allocates_nothing_at_any_size() -> None:
 @pytest.mark.parametrize("optimizer,factor", [("sgd", 0), ("sgd-momentum", 1), ("adam", 2)])
 def test_optimizer_state_formula(optimizer: str, factor: int) -> None:
     spec = MLPSpec(bias=True)
-    est = estimate(spec, StepSpec(optimizer=optimizer))
+    est = estimate(spec, make_step(optimizer=optimizer))
     step_tensors = 4 * 4 if optimizer == "adam" else 0  # four parameters, one float32 step each
     assert est.optimizer_bytes == factor * est.params_bytes + step_tensors
+
+
+def _live_totals(events: list, skip_setup: bool = False) -> list[int]:
+    """The running totals of a timeline, each run of equal totals once. The replay's setup
+    (the storages alive before the step, which the probe is handed) is skipped, keeping the
+    total it reaches."""
+    if skip_setup:
+        start = next(i for i, e in enumerate(events) if e.phase != "outside") - 1
+        events = events[start:]
+    return [total for total, _ in itertools.groupby(e.live_bytes for e in events)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_the_predicted_timeline_is_the_measured_one(activation: str, loss: str, optimizer: str) -> None:
+    """Not only the peak: every total the step passes through, in order. The replay and the
+    live probe keep the same ledger (``bpmem.analytic.ledger``), the replay one entry per
+    storage it predicts, the probe one per storage an op returns."""
+    spec = MLPSpec(input_dim=7, hidden_dim=12, output_dim=3, depth=3, activation=activation, loss=loss,
+                   bias=activation in ("tanh", "gelu"), dtype="bfloat16" if optimizer == "adam" else "float32")
+    step = make_step(batch_size=5, optimizer=optimizer)
+    predicted = estimate(spec, step)
+    model = build(spec)
+    x, y = make_batch(spec, step.batch_size)
+    optim = make_optimizer(step, model)
+    train_step(spec, model, optim, x, y)  # the steady state: optimizer state exists
+    training = measure_training_peak(spec, model, optim, x, y)
+    inference = measure_inference_peak(model, x)
+    assert _live_totals(training.ledger.events) == _live_totals(predicted.timeline, skip_setup=True)
+    assert _live_totals(inference.ledger.events) == _live_totals(predicted.inference_timeline, skip_setup=True)

@@ -16,18 +16,29 @@ from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
 from bpmem.spec import MLPSpec, SpecError, StepSpec
-from bpmem.strategies.model_parallel import measure_stages, predict_stages, stage_devices, stage_ranges
+from bpmem.strategies.base import NoStrategy
+from bpmem.strategies.model_parallel import stage_ranges
+from bpmem.strategies.model_parallel_runtime import stage_devices
+from bpmem.strategies.registry import make_step
 from bpmem.sweep import run_model_parallel_cell
 
 MP = "model-parallel"
 CASES = [
-    (MLPSpec(input_dim=32, hidden_dim=64, output_dim=10, depth=5), StepSpec(batch_size=16, world_size=2, strategy=MP)),
+    (MLPSpec(input_dim=32, hidden_dim=64, output_dim=10, depth=5), make_step(batch_size=16, world_size=2, strategy=MP)),
     (MLPSpec(input_dim=20, hidden_dim=24, output_dim=6, depth=4, bias=True, activation="gelu", loss="mse"),
-     StepSpec(batch_size=8, world_size=3, optimizer="adam", strategy=MP)),
+     make_step(batch_size=8, world_size=3, optimizer="adam", strategy=MP)),
     (MLPSpec(input_dim=12, hidden_dim=16, output_dim=3, depth=3, activation="tanh"),
-     StepSpec(batch_size=5, world_size=4, optimizer="sgd-momentum", strategy=MP)),
+     make_step(batch_size=5, world_size=4, optimizer="sgd-momentum", strategy=MP)),
 ]
 FIGURES = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes")
+
+
+def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int) -> list[dict]:
+    return step.strategy.measure_stages(spec, step, device, warmup, repeats)
+
+
+def predict_stages(spec: MLPSpec, step: StepSpec, separate_devices: bool) -> list[dict]:
+    return [stage.to_dict(drop_none=False) for stage in step.strategy.predict_stages(spec, step, separate_devices)]
 
 
 @pytest.mark.parametrize("spec,step", CASES)
@@ -38,7 +49,7 @@ def test_each_stage_holds_exactly_what_was_predicted(spec: MLPSpec, step: StepSp
     for got, want in zip(measured, predicted, strict=True):
         assert {k: got[k] for k in FIGURES} == {k: want[k] for k in FIGURES}
     # the stages share out the whole model's figures, nothing lost or counted twice
-    plain = estimate(spec, replace(step, strategy="none", world_size=1))
+    plain = estimate(spec, replace(step, strategy=NoStrategy()))
     assert sum(row["params_bytes"] for row in measured) == plain.params_bytes
     assert sum(row["optimizer_bytes"] for row in measured) == plain.optimizer_bytes
     assert sum(row["saved_activation_bytes"] for row in measured) == plain.saved_activation_bytes
@@ -48,7 +59,7 @@ def test_each_stage_holds_exactly_what_was_predicted(spec: MLPSpec, step: StepSp
 def test_on_one_device_the_step_is_the_plain_step(spec: MLPSpec, step: StepSpec) -> None:
     measured = measure_stages(spec, step, "cpu", warmup=0, repeats=1)
     assert all(row["equivalence_max_rel_err"] == 0.0 for row in measured)
-    plain = estimate(spec, replace(step, strategy="none", world_size=1))
+    plain = estimate(spec, replace(step, strategy=NoStrategy()))
     # one device, one peak: on the first stage's row; the others share it and leave it empty
     assert measured[0]["peak_bytes"] == plain.peak_bytes
     assert predict_stages(spec, step, separate_devices=False)[0]["peak_bytes"] == plain.peak_bytes
@@ -77,8 +88,8 @@ def test_too_few_gpus_or_units_is_a_clear_error() -> None:
         with pytest.raises(ValueError, match="world_size: model-parallel on 2 GPUs"):
             stage_devices("cuda", 2)
     with pytest.raises(SpecError, match="world_size"):
-        StepSpec(strategy="model-parallel", world_size=1)
-    cell = Cell(MLPSpec(depth=1), StepSpec(strategy="model-parallel", world_size=3), "cpu")
+        make_step(strategy="model-parallel", world_size=1)
+    cell = Cell(MLPSpec(depth=1), make_step(strategy="model-parallel", world_size=3), "cpu")
     rows = run_model_parallel_cell(cell, "test", environment("cpu"), SweepConfig(repeats=1, warmup=0))
     assert [row["status"] for row in rows] == ["error"] * 3
     assert "depth: 1 gives 2 units" in rows[0]["error"]
@@ -98,7 +109,7 @@ def test_sweep_cell_writes_one_row_per_stage() -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs one process that sees two GPUs")
 @pytest.mark.parametrize("spec,step", CASES[:2])
 def test_on_two_gpus_each_device_keeps_its_stage_and_the_copies(spec: MLPSpec, step: StepSpec) -> None:
-    step = replace(step, world_size=2)
+    step = replace(step, strategy=replace(step.strategy, world_size=2))
     measured = measure_stages(spec, step, "cuda", warmup=0, repeats=1)
     predicted = predict_stages(spec, step, separate_devices=True)
     assert [row["device"] for row in measured] == ["cuda:0", "cuda:1"]

@@ -10,8 +10,9 @@ from bpmem.estimate import estimate
 from bpmem.measure_cell import measure, measure_training_peak, optimizer_state_tensors
 from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
-from bpmem.spec import MLPSpec, StepSpec
+from bpmem.spec import MLPSpec
 from bpmem.step import make_optimizer, train_step
+from bpmem.strategies.registry import make_step
 
 SMALL = MLPSpec(input_dim=12, hidden_dim=8, output_dim=5, depth=2)
 
@@ -19,7 +20,7 @@ SMALL = MLPSpec(input_dim=12, hidden_dim=8, output_dim=5, depth=2)
 def _ready(spec: MLPSpec, batch: int = 4, optimizer: str = "sgd"):
     model = build(spec)
     x, y = make_batch(spec, batch)
-    opt = make_optimizer(StepSpec(batch_size=batch, optimizer=optimizer), model)
+    opt = make_optimizer(make_step(batch_size=batch, optimizer=optimizer), model)
     train_step(spec, model, opt, x, y)  # warm-up
     return model, opt, x, y
 
@@ -62,7 +63,7 @@ def test_live_probe_timeline_rises_in_forward_and_falls_in_backward() -> None:
     grads = distinct_storage_bytes(p.grad for p in model.parameters())
     # What is left when the step ends: params, the new grads and the batch; J died on return.
     assert probe.live_bytes == params + grads + distinct_storage_bytes([x, y])
-    assert probe.peak_bytes == estimate(SMALL, StepSpec(batch_size=4)).peak_bytes
+    assert probe.peak_bytes == estimate(SMALL, make_step(batch_size=4)).peak_bytes
 
 
 class _NaiveMode(TorchDispatchMode):
@@ -137,7 +138,7 @@ def test_cuda_probe_refuses_without_cuda() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_measure_reports_allocator_peaks() -> None:
-    spec, step = MLPSpec(), StepSpec(batch_size=256)
+    spec, step = MLPSpec(), make_step(batch_size=256)
     result = measure(spec, step, device="cuda")
     predicted = estimate(spec, step)
     assert result["saved_activation_bytes"] == predicted.saved_activation_bytes

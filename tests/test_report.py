@@ -15,7 +15,8 @@ from bpmem.cli import main
 from bpmem.estimate import estimate
 from bpmem.graph import graph_svg
 from bpmem.report import report
-from bpmem.spec import MLPSpec, StepSpec
+from bpmem.spec import MLPSpec
+from bpmem.strategies.registry import make_step
 from bpmem.units import format_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -92,7 +93,23 @@ def test_graph_labels_saved_tensors_with_the_estimates_bytes(bias: bool, activat
     spec = MLPSpec(bias=bias, activation=activation, depth=2)
     svg = graph_svg(spec, 64)
     ElementTree.fromstring(svg)  # well-formed XML
-    total = estimate(spec, StepSpec(batch_size=64)).saved_activation_bytes
+    total = estimate(spec, make_step(batch_size=64)).saved_activation_bytes
     assert f"{total:,} B in all" in svg
     assert ("b1" in svg) is bias
     assert f"saved {format_bytes(64 * 784 * 4)}" in svg  # X
+
+
+def test_a_model_parallel_run_on_one_cpu_is_reported(tmp_path: Path) -> None:
+    """model-parallel on the CPU puts both stages on the one device: the device's peak is on
+    the first stage's row, and the second stage's row has none. That is a complete row, not
+    a malformed one (the report used to refuse the file)."""
+    config = tmp_path / "mp.toml"
+    config.write_text('name = "mp"\nbatch_sizes = [4]\nrepeats = 1\nwarmup = 0\n'
+                      'strategies = [{ name = "model-parallel", world_size = 2 }]\n'
+                      '[model]\ndepth = 3\nhidden_dim = 16\n')
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    rows = pd.read_csv(out / "results.csv")
+    assert list(rows.status) == ["ok", "ok"] and rows.peak_bytes.isna().tolist() == [False, True]
+    assert (out / "report.md").exists()
+    assert main(["report", str(out)]) == 0

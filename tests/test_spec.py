@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from bpmem.model import build, make_batch, regularizer, weight_matrices
-from bpmem.spec import MLPSpec, SpecError, StepSpec
+from bpmem.spec import MLPSpec, SpecError
+from bpmem.strategies.registry import make_step
 
 ACTIVATION_CLASSES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -61,7 +62,7 @@ def test_mlp_spec_rejects(field, value, allowed):
 @pytest.mark.parametrize(("field", "value", "allowed"), STEP_BAD.values(), ids=STEP_BAD.keys())
 def test_step_spec_rejects(field, value, allowed):
     with pytest.raises(SpecError) as info:
-        StepSpec(**{field: value})
+        make_step(**{field: value})
     _check_spec_error(info.value, field, value, allowed)
 
 
@@ -76,10 +77,10 @@ def test_replace_validates_too():
 def test_valid_edge_values_are_accepted():
     spec = MLPSpec(input_dim=1, hidden_dim=1, output_dim=1, depth=1, l2=0)
     assert spec.layer_dims() == [(1, 1), (1, 1)]
-    assert StepSpec(batch_size=1).batch_size == 1
+    assert make_step(batch_size=1).batch_size == 1
 
 
-@pytest.mark.parametrize("spec", [MLPSpec(), StepSpec()], ids=["MLPSpec", "StepSpec"])
+@pytest.mark.parametrize("spec", [MLPSpec(), make_step()], ids=["MLPSpec", "StepSpec"])
 def test_specs_are_frozen(spec):
     name = dataclasses.fields(spec)[0].name
     before = getattr(spec, name)
@@ -235,5 +236,5 @@ def test_unhashable_dtype_is_a_spec_error():
 @pytest.mark.parametrize("field", ["lr", "momentum"])
 def test_step_numbers_are_validated(field):
     with pytest.raises(SpecError) as caught:
-        StepSpec(**{field: -1.0})
+        make_step(**{field: -1.0})
     assert caught.value.field == field

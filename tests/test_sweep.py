@@ -17,7 +17,8 @@ import bpmem.measure_cell
 from bpmem.cli import main
 from bpmem.config import DEFAULT_CONFIG_TOML, ConfigError, load_config, parse_config
 from bpmem.results import BYTE_COLUMNS, ResultsWriter, columns, done_cells, read_results
-from bpmem.spec import SINGLE_DEVICE_STRATEGIES as STRATEGIES
+from bpmem.strategies import registry
+from bpmem.strategies.base import ONE_DEVICE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,9 +53,11 @@ def test_default_sweep_covers_the_issue_grid() -> None:
     assert {c.spec.depth for c in cells} == {1, 8}
     assert sorted({c.step.batch_size for c in cells}) == [1, 4, 16, 64, 256, 1024, 4096]
     assert {c.step.mode for c in cells} == {"train", "inference", "hvp"}
-    assert {c.step.strategy for c in cells} == set(STRATEGIES) - {"compile-budget"}
-    train_variants = len(config.strategies)  # every strategy but compile, selective with both policies
-    assert train_variants == len(STRATEGIES)
+    # every single-device strategy but compile-budget and the registry's worked example
+    expected = set(registry.names(ONE_DEVICE)) - {"compile-budget", "checkpoint-every-k"}
+    assert {c.step.strategy.name for c in cells} == expected
+    train_variants = len(config.strategies)
+    assert train_variants == len(expected) + 1  # selective with both policies
     assert len(cells) == 2 * 7 * (2 + train_variants)  # inference and hvp: the plain step only
     assert "depth = [1, 8]" in DEFAULT_CONFIG_TOML
 

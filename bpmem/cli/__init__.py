@@ -18,6 +18,7 @@ from pathlib import Path
 from bpmem.cli.model_commands import cmd_estimate, cmd_measure
 from bpmem.cli.options import FIGURES_HELP, RUN_HELP, Parser, add_model_flags, fail, fail_field, shard_type
 from bpmem.cli.run_commands import cmd_check, cmd_graph, cmd_report, cmd_run
+from bpmem.figures import ALIASES as FIGURE_ALIASES
 from bpmem.spec import InfeasibleBudget, SpecError
 
 __all__ = ["build_parser", "main", "run", "add_model_flags"]
@@ -77,23 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, metavar="MERGED",
                      help="with several DIRs: the new folder for the merged results.csv, plots and report")
     rep.set_defaults(func=cmd_report)
-    che = sub.add_parser("check", help="fail (exit 1) on a memory regression between two results.csv",
+    che = sub.add_parser("check", help="fail (exit 1) on a memory regression between two results.csv, or on "
+                                       "measured figures off their predictions (--predicted)",
                          description="Join two results.csv files on (cell_id, rank), print a diff table in bytes "
-                                     "and %, report improvements, and exit 1 when a rule is broken.",
+                                     "and %, report improvements, and exit 1 when a rule is broken. With "
+                                     "--predicted, compare each ok row's measured figures with the predictions "
+                                     "in the same row instead (a table in IEC units; the CUDA allocator's peaks "
+                                     "against predicted_peak_bytes, as a ratio).",
                          epilog="rules: FIELD:N% or FIELD:BYTES, e.g. saved:0% peak:2% peak:1MiB; FIELD is "
-                                "saved, peak, params, grads, optimizer, inference_peak, cuda_allocated, "
-                                "cuda_reserved, or a *_bytes column. Default: saved:0% peak:0%.\n"
+                                f"{', '.join(FIGURE_ALIASES)}, or a *_bytes column. Default: saved:0% peak:0%; "
+                                "with --predicted, "
+                                "saved:0%, and a rule bounds the difference either way (measured may be neither "
+                                "more nor less than predicted by more than TOL).\n"
                                 "exit status: 0 no regression; 1 a regression (a figure over its rule, a cell ok in "
-                                "the baseline and not now, or with --strict a cell in one file only); 2 bad input (a "
-                                "missing or malformed file, an unknown rule or field, a rule's column missing from a "
-                                "file, nothing to compare); 3 an internal error.")
-    che.add_argument("--baseline", type=Path, required=True, action="append", metavar="A.csv",
-                     help="the reference results.csv, or a run folder; repeat for shards (merged)")
-    che.add_argument("--results", type=Path, required=True, action="append", metavar="B.csv",
-                     help="the new results.csv, or a run folder; repeat for shards (merged)")
-    che.add_argument("--fail", action="append", metavar="FIELD:TOL", help="a regression rule (repeatable)")
-    che.add_argument("--strict", action="store_true", help="cells in only one file fail instead of warning")
-    che.add_argument("--all", action="store_true", help="print unchanged cells too")
+                                "the baseline and not now, or with --strict a cell in one file only; with "
+                                "--predicted, a figure off its prediction by more than its rule, or with --strict an "
+                                "error row); 2 bad input (a missing or malformed file, an unknown rule or field, a "
+                                "rule's column missing from a file, nothing to compare); 3 an internal error.")
+    che.add_argument("--baseline", type=Path, action="append", metavar="A.csv",
+                     help="the reference results.csv, or a run folder; repeat for shards (merged); needs --results")
+    che.add_argument("--results", type=Path, action="append", metavar="B.csv",
+                     help="the new results.csv, or a run folder; repeat for shards (merged); needs --baseline")
+    che.add_argument("--predicted", type=Path, action="append", metavar="RUN",
+                     help="instead of --baseline/--results: one results.csv or run folder (repeatable), each ok "
+                          "row's measured figures against its own predicted_* columns; rows not ok are listed")
+    che.add_argument("--fail", action="append", metavar="FIELD:TOL", help="a rule (repeatable)")
+    che.add_argument("--strict", action="store_true",
+                     help="cells in only one file fail instead of warning; with --predicted, error rows fail")
+    che.add_argument("--all", action="store_true", help="print unchanged cells too (--predicted prints every line)")
     che.set_defaults(func=cmd_check)
     gra = sub.add_parser("graph", help="the computational graph as SVG, saved tensors with their bytes",
                          description="Draw the seed network's computational graph (with --bias, exercise 2's): "

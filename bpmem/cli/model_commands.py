@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from typing import Any
 
 from bpmem.cli.options import describe, echo_config, fail, fail_field, print_table, specs_from_args
-from bpmem.spec import (
-    SPLIT_STRATEGIES,
-    MLPSpec,
-    StepSpec,
-)
+from bpmem.spec import MLPSpec, StepSpec
+from bpmem.strategies.base import DEVICES, NoStrategy, SplitConfig
 from bpmem.units import format_bytes
 
 
@@ -21,17 +17,16 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from bpmem.estimate import estimate
 
     spec, step = specs_from_args(args)
-    if step.strategy in SPLIT_STRATEGIES:
+    if isinstance(step.strategy, SplitConfig):
         return _estimate_split(args, spec, step)
     est = estimate(spec, step)
     if args.json:
         out = {**est.to_dict(), "config": echo_config(spec, step), "environment": environment("cpu")}
-        out["terms"] = [asdict(t) for t in est.terms]
         print(json.dumps(out, indent=2))
         return 0
     where = (f"exact replay: at {est.peak_op} in {est.peak_phase}" if est.peak_is_exact
              else f"estimated, not replayed ({est.peak_phase})")
-    plain_terms = step.strategy != "none" or step.mode == "hvp"
+    plain_terms = not isinstance(step.strategy, NoStrategy) or step.mode == "hvp"
     print_table(f"bpmem estimate: {describe(spec, step)}", [
         *((("plain " if plain_terms and t.name.startswith("saved") else "") + t.name, t.bytes, t.formula)
           for t in est.terms),
@@ -46,19 +41,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split_predictions(spec: MLPSpec, step: StepSpec) -> list[dict[str, Any]]:
-    """Per-rank (per-device) predictions of a split strategy; ValueError names a bad field."""
-    if step.strategy == "model-parallel":
-        from bpmem.strategies.model_parallel import check, predict_stages
-
-        check(spec, step)
-        return predict_stages(spec, step, separate_devices=True)
-    from bpmem.strategies.distributed_predict import check, predict_rank
-
-    check(spec, step, step.world_size)
-    return [predict_rank(spec, step, rank, step.world_size) for rank in range(step.world_size)]
-
-
 def _most_per_device(ranks: list[dict[str, Any]]) -> dict[str, int]:
     """The top-level figures of a split strategy's JSON: for each byte figure, the most that
     any one rank (device) holds, which is what has to fit; each rank's own are in "ranks"."""
@@ -69,9 +51,10 @@ def _most_per_device(ranks: list[dict[str, Any]]) -> dict[str, int]:
 
 def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> int:
     from bpmem.environment import environment
+    from bpmem.estimate import estimate_ranks
 
     try:
-        ranks = _split_predictions(spec, step)
+        ranks = [figures.to_dict() for figures in estimate_ranks(spec, step)]
     except ValueError as error:
         return fail_field(args.prog, error)
     if args.json:
@@ -79,7 +62,7 @@ def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> 
         print(json.dumps({**_most_per_device(ranks), "ranks": per_rank, "config": echo_config(spec, step),
                           "environment": environment("cpu")}, indent=2))
         return 0
-    print(f"bpmem estimate: {describe(spec, step)}, {step.strategy} over {step.world_size}")
+    print(f"bpmem estimate: {describe(spec, step)}, {step.strategy.name} over {step.world_size}")
     for rank, figures in enumerate(ranks):
         print_table(f" rank {rank}", [
             (name.removesuffix("_bytes").replace("_", " "), figures[name], note) for name, note in (
@@ -89,7 +72,7 @@ def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> 
                 ("peak_bytes", "estimate"), ("comm_bytes", "sent and received per step"))
             if figures.get(name) is not None])
     print(f"  bubble: {ranks[0]['bubble_fraction']:.2f} of the step idle on each rank")
-    if step.strategy == "model-parallel":
+    if step.strategy.placement == DEVICES:
         print("  on separate GPUs; where the stages share one device (a CPU run) no input is copied, and a "
               "stage after a ReLU, tanh or sigmoid keeps one boundary less")
     return 0
@@ -115,7 +98,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         if index >= torch.cuda.device_count():
             return fail(args.prog, f"argument --device: {device} does not exist; allowed: cpu, "
                                     + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
-    if step.strategy in SPLIT_STRATEGIES:
+    if isinstance(step.strategy, SplitConfig):
         return _measure_split(args, spec, step, device)
     try:
         result = measure(spec, step, device=device, rss=args.rss)
@@ -160,17 +143,16 @@ def _out_of_memory(spec: MLPSpec, step: StepSpec, device: str, error: BaseExcept
 def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, device: str) -> int:
     """model-parallel runs here, one row per stage; the others need one process per rank."""
     from bpmem.environment import environment
-    from bpmem.strategies.model_parallel import measure_stages
 
-    if step.strategy != "model-parallel":
-        return fail(args.prog, f"argument --strategy: {step.strategy} runs one process per rank; run it with "
+    if step.strategy.placement != DEVICES:
+        return fail(args.prog, f"argument --strategy: {step.strategy.name} runs one process per rank; run it with "
                                 f"`torchrun --nproc-per-node {step.world_size} -m bpmem.worker --cell JSON --out "
                                 "rows.json`, or in a `bpmem run` config; allowed here: model-parallel and the "
                                 "single-device strategies")
     from bpmem.measure_cell import is_out_of_memory
 
     try:
-        stages = measure_stages(spec, step, device, warmup=1, repeats=3)
+        stages = step.strategy.measure_stages(spec, step, device, warmup=1, repeats=3)
     except ValueError as error:
         return fail_field(args.prog, error)
     except Exception as error:  # an allocation that failed is the user's size, not a crash

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from dataclasses import asdict, fields
 from typing import Any, NoReturn
 
+from bpmem.figures import MEANINGS
 from bpmem.spec import (
     ACTIVATIONS,
     BUDGET_ALLOWED,
@@ -16,29 +18,17 @@ from bpmem.spec import (
     LOSSES,
     MODES,
     OPTIMIZERS,
-    POLICIES,
-    STRATEGIES,
     MLPSpec,
     SpecError,
     StepSpec,
     parse_budget,
 )
+from bpmem.strategies import registry
 from bpmem.units import format_bytes
 
-FIGURES_HELP = """\
-figures (bytes; printed in IEC units, exact integers with --json):
-  params_bytes            parameter storages: every Linear's weight (out x in) and bias
-  grads_bytes             the .grad storages after backward (same size as params)
-  optimizer_bytes         optimizer state: sgd 0, sgd-momentum 1x params,
-                          adam 2x params plus one 0-dim 'step' tensor per parameter
-  saved_activation_bytes  distinct storages autograd keeps for backward: the input
-                          batch, each hidden activation (twice for gelu: input and
-                          output), the loss internals; parameters excluded
-  peak_bytes              largest total of live tensor storages during one steady-state
-                          step: zero_grad(set_to_none), forward, backward, optimizer.step
-  inference_peak_bytes    the same for one forward under torch.inference_mode()
-  per_layer               saved bytes by module, plus 'loss' and 'regularizer'
-"""
+FIGURES_HELP = "figures (bytes; printed in IEC units, exact integers with --json):\n" + "".join(
+    textwrap.fill(meaning, 96, initial_indent=f"  {name:<26}", subsequent_indent=" " * 28) + "\n"
+    for name, meaning in MEANINGS.items()) + f"  {'per_layer':<26}saved bytes by module, plus loss and regularizer\n"
 
 
 RUN_HELP = """\
@@ -122,31 +112,37 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="B", help="rows per batch")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer, help="torch.optim choice")
     g.add_argument("--mode", choices=MODES, default=t.mode, help="train: full step; inference: forward only")
-    g.add_argument("--strategy", choices=STRATEGIES, default=t.strategy,
-                   help="memory strategy (checkpointing variants, compile-budget; see below)")
-    g.add_argument("--segments", type=positive_int, default=t.segments, metavar="K",
-                   help="checkpoint-segments: number of uniform checkpointed segments")
-    g.add_argument("--microbatches", type=positive_int, default=t.microbatches, metavar="K",
-                   help="microbatch: micro-batches per step, gradients accumulated")
-    g.add_argument("--budget", type=budget_type, default=t.budget, metavar="BYTES|FRACTION",
-                   help="checkpoint-budget / compile-budget: a fraction of the plain step's retained bytes "
-                        "in (0, 1] (0.5), or bytes with a unit ('64MiB') or as an integer >= 2 (1000000)")
-    g.add_argument("--policy", choices=POLICIES, default=t.policy,
-                   help="checkpoint-selective: keep matmul outputs or activation outputs")
-    g.add_argument("--world-size", type=positive_int, default=t.world_size, metavar="N",
-                   help="split strategies (ddp, fsdp, tensor-parallel, pipeline-*, model-parallel): ranks or "
-                        "devices, >= 2; the pipelines also take --microbatches")
+    g.add_argument("--strategy", choices=registry.STRATEGIES, default=registry.PLAIN,
+                   help="memory strategy: " + "; ".join(f"{name}: {cls.summary}"
+                                                        for name, cls in registry.REGISTRY.items()))
+    add_strategy_parameter_flags(g)
+
+
+def add_strategy_parameter_flags(group: Any) -> None:
+    """One flag per strategy parameter in the registry; a flag given to a strategy that does
+    not take it is an error naming it (``registry.make_config``)."""
+    for name in registry.parameters():
+        users = [s for s in registry.STRATEGIES if name in registry.parameters(s)]
+        meta = next(f.metadata for s in users for f in fields(registry.REGISTRY[s]) if f.name == name)
+        default = next(f.default for f in fields(registry.REGISTRY[users[0]]) if f.name == name)
+        kind = str if meta["choices"] else budget_type if not isinstance(default, int) else positive_int
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=meta["choices"], default=None,
+                           metavar=meta["metavar"], help=f"{', '.join(users)}: {meta['help']}"
+                           + (f" ({', '.join(meta['choices'])})" if meta["choices"] else ""))
 
 
 def specs_from_args(args: argparse.Namespace) -> tuple[MLPSpec, StepSpec]:
     values = vars(args)
     spec = MLPSpec(**{f.name: values[f.name] for f in fields(MLPSpec)})
-    step = StepSpec(**{f.name: values[f.name] for f in fields(StepSpec) if f.name in values})
+    given = {name: values[name] for name in registry.parameters() if values.get(name) is not None}
+    step = registry.make_step(values["strategy"], **given,
+                              **{f.name: values[f.name] for f in fields(StepSpec) if f.name in values
+                                 and f.name != "strategy"})
     return spec, step
 
 
 def echo_config(spec: MLPSpec, step: StepSpec, device: str | None = None) -> dict[str, Any]:
-    config = {**asdict(spec), **asdict(step)}
+    config = {**asdict(spec), **registry.flat_step(step)}
     if device is not None:
         config["device"] = device
     return config

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from bpmem.torch_private import allocator_events
+
 
 class AllocatorTraceProbe:
     """Peak of the CPU allocator's own stream of allocations and frees (``torch.profiler``
@@ -40,10 +42,9 @@ class AllocatorTraceProbe:
 
     def __exit__(self, *exc_info: object) -> None:
         self._profile.__exit__(*exc_info)
-        events = [e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"]
         live = self.baseline_bytes
-        for event in sorted(events, key=lambda e: e.start_ns()):
-            live += event.nbytes()
+        for event in sorted(allocator_events(self._profile), key=lambda e: e.start_ns):
+            live += event.nbytes
             self.peak_bytes = max(self.peak_bytes, live)
         self.end_bytes = live
         self._profile = None

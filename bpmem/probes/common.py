@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from bpmem.torch_private import storage_address, view_base, wrapper_inner_tensors
 
 
 class Probe(Protocol):
@@ -27,9 +28,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     in one inner tensor (``_local_tensor``, ``elem``), which ``__tensor_flatten__`` names, so
     unwrap to that. Needs no import of ``torch.distributed``; a plain tensor is returned as is.
     """
-    while is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        inner = [t for t in (getattr(tensor, name) for name in names) if isinstance(t, torch.Tensor)]
+    while (inner := wrapper_inner_tensors(tensor)) is not None:
         if len(inner) != 1:
             break
         tensor = inner[0]
@@ -39,11 +38,11 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def storage_key(tensor: torch.Tensor) -> int:
     """Identity of the storage behind ``tensor``: views of one buffer share it.
 
-    ``_cdata`` is the address of the C++ StorageImpl. It is unique while the storage lives,
+    The key is the address of the C++ StorageImpl. It is unique while the storage lives,
     and unlike ``data_ptr()`` it is also distinct for meta tensors (whose data_ptr is 0).
     A DTensor's key is its local shard's.
     """
-    return local_tensor(tensor).untyped_storage()._cdata
+    return storage_address(local_tensor(tensor).untyped_storage())
 
 
 def distinct_storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -58,5 +57,5 @@ def distinct_storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
 
 def is_leaf_param(tensor: torch.Tensor) -> bool:
     """A parameter-like leaf (requires grad, made by no op), or a view of one (W.t())."""
-    base = tensor._base if tensor._base is not None else tensor
+    base = view_base(tensor)
     return base.is_leaf and base.requires_grad

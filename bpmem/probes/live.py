@@ -11,10 +11,19 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from bpmem.analytic.ledger import Ledger
 from bpmem.probes.common import local_tensor
+from bpmem.torch_private import (
+    DISPATCH_MODES,
+    FUNCTION_MODES,
+    ModeStack,
+    TorchDispatchMode,
+    is_accumulate_grad,
+    running_backward,
+    storage_address,
+    tree_leaves,
+)
 from bpmem.tracking import storage_id
 
 
@@ -40,17 +49,17 @@ class _Tracked:
 
 
 @contextlib.contextmanager
-def _on_top(mode: Any, length: Any, at: Any, pop: Any, push: Any) -> Iterator[None]:
+def _on_top(mode: Any, stack: ModeStack) -> Iterator[None]:
     """Lift the modes above ``mode`` off its stack for the block, then put them back."""
     above = []
-    while length() > 0 and at(length() - 1) is not mode:
-        above.append(at(length() - 1))
-        pop(None) if pop is torch._C._pop_torch_dispatch_stack else pop()
+    while stack.length() > 0 and stack.top() is not mode:
+        above.append(stack.top())
+        stack.pop()
     try:
         yield
     finally:
         for other in reversed(above):
-            push(other)
+            stack.push(other)
 
 
 _PROBE_IDS = itertools.count()
@@ -75,12 +84,16 @@ def _fresh_storage_nbytes(tensor: torch.Tensor) -> int:
     return extent * tensor.element_size()
 
 
-class _LiveMode(TorchDispatchMode):
-    """Sees every aten op below autograd, so forward, backward and optimizer ops alike."""
+class _ProbeMode:
+    """A torch mode that reports to one probe."""
 
     def __init__(self, probe: LiveTensorProbe) -> None:
         super().__init__()
         self._probe = probe
+
+
+class _LiveMode(_ProbeMode, TorchDispatchMode):
+    """Sees every aten op below autograd, so forward, backward and optimizer ops alike."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
@@ -88,12 +101,8 @@ class _LiveMode(TorchDispatchMode):
         return out
 
 
-class _GraphHookMode(TorchFunctionMode):
+class _GraphHookMode(_ProbeMode, TorchFunctionMode):
     """Sits above autograd, where results already carry their grad_fn, to hook new nodes."""
-
-    def __init__(self, probe: LiveTensorProbe) -> None:
-        super().__init__()
-        self._probe = probe
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
@@ -139,14 +148,10 @@ class LiveTensorProbe:
         self._resizable_bytes: dict[int, int] = {}  # storage key -> bytes as last read
         self.resizable_peak_bytes = 0  # the most the resizable storages held at once
         self._tracked: dict[int, _Tracked] = {}
-        self._by_category: dict[str, int] = {}
-        self._live = 0
-        self._phase = "outside"
+        # the same ledger the analytic replay keeps: totals by category, the peak, and (with
+        # record_timeline) one Event per op, comparable with the predicted timeline
+        self.ledger = Ledger()
         self._active = False
-        self.peak_bytes = 0
-        self.peak_by_category: dict[str, int] = {}
-        self.peak_op = ""
-        self.peak_phase = ""
         self.peak_by_op: dict[str, int] = {}  # filled only with track_ops=True
         self.track_ops = False
         self.peak_tracked: dict[int, _Tracked] = {}  # what was live at the peak (track_ops=True)
@@ -163,13 +168,13 @@ class LiveTensorProbe:
     def phase(self, name: str) -> Iterator[None]:
         """Label the storages created inside the block (and timeline events) with ``name``;
         ``phase_end[name]`` keeps the live bytes by category as the block ends."""
-        previous, self._phase = self._phase, name
+        previous, self.ledger.phase = self.ledger.phase, name
         try:
             yield
         finally:
-            self.phase_end[name] = {k: v for k, v in self._by_category.items() if v}
+            self.phase_end[name] = self.ledger.nonzero_categories()
             self.phase_ends.append((name, self.phase_end[name]))
-            self._phase = previous
+            self.ledger.phase = previous
 
     def _counts(self, device: torch.device) -> bool:
         if self._device is None:
@@ -179,7 +184,7 @@ class LiveTensorProbe:
                                                       or device.index == self._device.index)
 
     def _track(self, storage: torch.UntypedStorage, category: str) -> None:
-        key = storage._cdata
+        key = storage_address(storage)
         if key in self._tracked or not self._counts(storage.device):
             return
         self._add(key, _Tracked(storage.nbytes(), category, self._current_op, module=self._module()))
@@ -194,15 +199,13 @@ class LiveTensorProbe:
 
     def _add(self, key: int, tracked: _Tracked) -> None:
         self._tracked[key] = tracked
-        self._by_category[tracked.category] = self._by_category.get(tracked.category, 0) + tracked.nbytes
-        self._live += tracked.nbytes
+        self.ledger.alloc(key, tracked.nbytes, tracked.category, record=False)
 
     def _on_free(self, key: int) -> None:
         tracked = self._tracked.pop(key, None)
         if tracked is None or not self._active:
             return
-        self._by_category[tracked.category] -= tracked.nbytes
-        self._live -= tracked.nbytes
+        self.ledger.free(key, record=False)
         self._note("free")
 
     def _on_op(self, op: str, out: Any, inputs: Any = ()) -> None:
@@ -218,10 +221,10 @@ class LiveTensorProbe:
                                  if isinstance(t, torch.Tensor)}
                     if key in given:
                         continue  # a view or in-place result on a storage older than the block: nothing new
-                if self._phase == "backward" or torch._C._current_graph_task_id() != -1:
+                if self.ledger.phase == "backward" or running_backward():
                     self._track_alias(leaf)  # inside autograd's backward, labelled or not
                 else:
-                    self._track(leaf.untyped_storage(), self._phase)
+                    self._track(leaf.untyped_storage(), self.ledger.phase)
         self._note(op)
 
     def _track_alias(self, tensor: torch.Tensor) -> None:
@@ -237,10 +240,10 @@ class LiveTensorProbe:
         """
         if not self._counts(tensor.device):
             return
-        key = torch._C._storage_id(tensor)
+        key = storage_id(tensor)
         tracked = self._tracked.get(key)
         if tracked is None:
-            tracked = _Tracked(_fresh_storage_nbytes(tensor), self._phase, self._current_op, aliases=0,
+            tracked = _Tracked(_fresh_storage_nbytes(tensor), self.ledger.phase, self._current_op, aliases=0,
                                module=self._module())
             self._add(key, tracked)
         elif tracked.aliases is None:
@@ -268,7 +271,7 @@ class LiveTensorProbe:
             # the gradient a node receives may be a sum the engine made while the mode stood
             # aside (two gradients of one tensor that cannot be added in place): see it here
             node.register_prehook(self._see_gradients)
-            if not hasattr(node, "variable"):  # AccumulateGrad hands nothing on: no pause
+            if not is_accumulate_grad(node):  # an AccumulateGrad hands nothing on: no pause
                 node.register_hook(self._pause_after_node)
                 stack.extend(next_node for next_node, _ in node.next_functions)
 
@@ -295,28 +298,24 @@ class LiveTensorProbe:
         """
         # every bpmem live mode on top of the stack steps aside, so nested probes (each hooked
         # on the same nodes) leave the sum in place too; the first hook to run pops them all
-        while torch._C._len_torch_dispatch_stack() > 0:
-            top = torch._C._get_dispatch_stack_at(torch._C._len_torch_dispatch_stack() - 1)
-            if not isinstance(top, _LiveMode):
-                break
-            torch._C._pop_torch_dispatch_stack(None)
+        while isinstance(DISPATCH_MODES.top(), _LiveMode):
+            DISPATCH_MODES.pop()
 
     def _resync_resizable(self) -> None:
         for category, storage in self._resizable:
-            now, before = storage.nbytes(), self._resizable_bytes.get(storage._cdata, 0)
+            key = storage_address(storage)
+            now, before = storage.nbytes(), self._resizable_bytes.get(key, 0)
             if now != before:
-                self._resizable_bytes[storage._cdata] = now
-                self._by_category[category] = self._by_category.get(category, 0) + now - before
-                self._live += now - before
+                self._resizable_bytes[key] = now
+                self.ledger.resize(("resizable", key), now, category)
         self.resizable_peak_bytes = max(self.resizable_peak_bytes, sum(self._resizable_bytes.values()))
 
     def _note(self, op: str) -> None:
         if self._resizable:
             self._resync_resizable()
-        if self._live > self.peak_bytes:
-            self.peak_bytes = self._live
-            self.peak_by_category = {k: v for k, v in self._by_category.items() if v}
-            self.peak_op, self.peak_phase = op, self._phase
+        peak_before = self.ledger.peak
+        self.ledger.note(op, record=self._record_timeline)
+        if self.ledger.peak > peak_before:
             if self.track_ops:
                 by_op: dict[str, int] = {}
                 for tracked in self._tracked.values():
@@ -327,12 +326,18 @@ class LiveTensorProbe:
             if self.on_peak is not None:
                 self.on_peak()
         if self._record_timeline:
-            by_category = {k: v for k, v in self._by_category.items() if v}
-            self.timeline.append(TimelineEvent(len(self.timeline), op, self._phase, self._live, by_category))
+            self.timeline.append(TimelineEvent(len(self.timeline), op, self.ledger.phase, self.ledger.total,
+                                               self.ledger.nonzero_categories()))
 
     @property
     def live_bytes(self) -> int:
-        return self._live
+        return self.ledger.total
+
+    # the peak and where it fell, as the ledger recorded them
+    peak_bytes = property(lambda self: self.ledger.peak, doc="the most live bytes at once")
+    peak_by_category = property(lambda self: self.ledger.peak_by_category, doc="live bytes by category then")
+    peak_op = property(lambda self: self.ledger.peak_op, doc="the op after which the peak was reached")
+    peak_phase = property(lambda self: self.ledger.peak_phase, doc="the phase it was reached in")
 
     def __enter__(self) -> LiveTensorProbe:
         self._active = True
@@ -340,7 +345,7 @@ class LiveTensorProbe:
             for tensor in tensors:
                 self._track(local_tensor(tensor).untyped_storage(), category)
         self._preexisting = {}  # hold no references: they would keep freed storages alive
-        self._resizable = [(c, st) for c, st in self._resizable if st._cdata not in self._tracked]
+        self._resizable = [(c, st) for c, st in self._resizable if storage_address(st) not in self._tracked]
         self._note("start")
         self._mode = _LiveMode(self)
         self._graph_mode = _GraphHookMode(self)
@@ -352,11 +357,9 @@ class LiveTensorProbe:
         assert self._mode is not None
         # a measurement that ends before one it encloses (possible only without `with`) takes
         # its own modes off the stacks and leaves the inner one's in place
-        with _on_top(self._mode, torch._C._len_torch_dispatch_stack, torch._C._get_dispatch_stack_at,
-                     torch._C._pop_torch_dispatch_stack, torch._C._push_on_torch_dispatch_stack):
+        with _on_top(self._mode, DISPATCH_MODES):
             self._mode.__exit__(*exc_info)
-        with _on_top(self._graph_mode, torch._C._len_torch_function_stack, torch._C._get_function_stack_at,
-                     torch._C._pop_torch_function_stack, torch._C._push_on_torch_function_stack):
+        with _on_top(self._graph_mode, FUNCTION_MODES):
             self._graph_mode.__exit__(*exc_info)
         self._active = False
         self._resizable = []  # the storage objects would otherwise outlive the step

@@ -17,13 +17,13 @@ compile-budget cell comes from ``AllocatorTraceProbe``, the CPU allocator's own 
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
-from importlib import import_module
 from typing import Any
 
 import torch
 from torch import nn
+
+from bpmem.torch_private import boxed, min_cut_backend, partitioner_memory_budget, reset_compiler_caches
 
 
 class _FlopTally:
@@ -43,7 +43,6 @@ class _FlopTally:
 
 
 def _counting_compiler(tally: _FlopTally):
-    from torch._functorch.aot_autograd import make_boxed_func
     from torch.utils.flop_counter import FlopCounterMode
 
     def compiler(graph: torch.fx.GraphModule, example_inputs: Any):
@@ -55,21 +54,13 @@ def _counting_compiler(tally: _FlopTally):
             tally.total += int(counter.get_total_flops())
             return out
 
-        return make_boxed_func(run)
+        return boxed(run)
 
     return compiler
 
 
 def _backend(tally: _FlopTally):
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    return aot_autograd(
-        fw_compiler=_counting_compiler(tally),
-        bw_compiler=_counting_compiler(tally),
-        decompositions=lambda: import_module("torch._inductor.compile_fx").select_decomp_table(),
-        partition_fn=functools.partial(min_cut_rematerialization_partition, compiler="inductor"),
-    )
+    return min_cut_backend(_counting_compiler(tally), _counting_compiler(tally))
 
 
 @dataclass
@@ -83,13 +74,11 @@ class CompiledBudgetStrategy:
     _compiled: dict[int, Any] = field(default_factory=dict)
 
     def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        import torch._functorch.config as functorch_config
-
         compiled = self._compiled.get(id(model))
         if compiled is None:
-            torch._dynamo.reset()  # fresh caches: earlier models must not share guards or limits
+            reset_compiler_caches()  # fresh caches: earlier models must not share guards or limits
             compiled = self._compiled[id(model)] = torch.compile(model, backend=_backend(self.tally))
-        with functorch_config.patch(activation_memory_budget=min(self.budget, 1.0)):
+        with partitioner_memory_budget(min(self.budget, 1.0)):
             return compiled(x)
 
     def params(self) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+"""The figures bpmem reports, as one typed record, and every name derived from it.
+
+``Figures`` is what ``bpmem estimate`` predicts, what ``bpmem measure`` measures, and what each
+rank of a split strategy and each stage of ``model-parallel`` holds. Its field names are
+results.csv's columns (with ``predicted_`` in front for a prediction), its aliases are the
+short names of ``bpmem check`` rules (``saved:0%``), and the fields marked for the plugin are
+the limits ``pytest --bpmem-compare-fail`` accepts. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from bpmem.analytic.ledger import Event, Term
+
+
+def _figure(alias: str, meaning: str, predicted: bool = True, plugin: bool = False) -> Any:
+    return field(default=None, metadata={"alias": alias, "meaning": meaning, "predicted": predicted,
+                                         "plugin": plugin})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Figures:
+    """Bytes of one step; None where a figure does not apply (a prediction has no CUDA peak)."""
+
+    params_bytes: int | None = _figure("params", "parameters, each storage once")
+    grads_bytes: int | None = _figure("grads", ".grad of every parameter after backward")
+    optimizer_bytes: int | None = _figure("optimizer", "optimizer state (momentum, exp_avg, step, ...)")
+    saved_activation_bytes: int | None = _figure(
+        "saved", "activations retained for backward at the end of forward: every storage the forward made "
+                 "that is still alive then, checkpoint frames included", plugin=True)
+    peak_bytes: int | None = _figure("peak", "the most live bytes at once during one steady-state step",
+                                     plugin=True)
+    inference_peak_bytes: int | None = _figure("inference_peak", "the peak of one forward under inference_mode")
+    saved_hook_bytes: int | None = _figure(
+        "saved_hook", "what autograd's saved-tensor hooks see; equals saved but for checkpointing, whose "
+                      "frames and kept outputs the hooks cannot see", predicted=False)
+    cuda_max_allocated_bytes: int | None = _figure(
+        "cuda_allocated", "torch.cuda.max_memory_allocated over the step (blocks rounded up to 512 B)",
+        predicted=False, plugin=True)
+    cuda_max_reserved_bytes: int | None = _figure(
+        "cuda_reserved", "torch.cuda.max_memory_reserved over the step (what the caching allocator holds)",
+        predicted=False)
+
+    def to_dict(self, drop_none: bool = True) -> dict[str, Any]:
+        """Every field (of a subclass too), without the ones that do not apply."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: v for k, v in out.items() if v is not None} if drop_none else out
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = getattr(self, name, None)
+        return default if value is None else value
+
+
+FIGURE_FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Figures)
+FIGURE_NAMES: tuple[str, ...] = tuple(f.name for f in FIGURE_FIELDS)
+# the figures that have a predicted_ twin in results.csv
+PREDICTED_FIGURES: tuple[str, ...] = tuple(f.name for f in FIGURE_FIELDS if f.metadata["predicted"])
+CUDA_FIGURES: tuple[str, ...] = tuple(name for name in FIGURE_NAMES if name.startswith("cuda_"))
+ALIASES: dict[str, str] = {f.metadata["alias"]: f.name for f in FIGURE_FIELDS}
+# the limits a pytest marker may set, the peak first: it is the one that decides whether a step fits
+PLUGIN_LIMITS: dict[str, str] = dict(sorted(((f.metadata["alias"], f.name) for f in FIGURE_FIELDS
+                                            if f.metadata["plugin"]), key=lambda pair: pair[0] != "peak"))
+MEANINGS: dict[str, str] = {f.name: f.metadata["meaning"] for f in FIGURE_FIELDS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankFigures(Figures):
+    """One rank of a split strategy (or one stage of model-parallel): its own share."""
+
+    textbook_saved_bytes: int | None = None  # the textbook count: micro-batches in flight only
+    bubble_fraction: float | None = None  # of the step, this rank idles
+    comm_bytes: int | None = None  # sent and received per step
+    gathered_bytes: int | None = None  # FSDP: the largest unit's all-gathered parameters
+    buffer_bytes: int | None = None  # DDP: gradient buckets, a second copy of every gradient
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate(Figures):
+    """Predicted figures for one (spec, step), plus how they arise: the terms of the
+    breakdown, the replayed timelines and where the peak falls."""
+
+    per_layer: list[dict[str, Any]] = field(default_factory=list)
+    terms: list[Term] = field(default_factory=list)
+    peak_phase: str = ""
+    peak_op: str = ""
+    peak_by_category: dict[str, int] = field(default_factory=dict)
+    timeline: list[Event] = field(default_factory=list)
+    inference_timeline: list[Event] = field(default_factory=list)
+    recompute_flops: int | None = 0
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    peak_is_exact: bool = True
+
+    @property
+    def training_to_inference_ratio(self) -> float:
+        return self.peak_bytes / self.inference_peak_bytes
+
+    def under_strategy(self, retained: int, peak: int, recompute_flops: int | None, params: dict[str, Any],
+                       terms: list[Term]) -> Estimate:
+        """This plain step's estimate changed by a strategy: what it retains, its estimated
+        (not replayed) peak and recomputation; parameters, gradients, optimizer state and
+        the inference peak are the plain step's."""
+        return dataclasses.replace(
+            self, saved_activation_bytes=retained, peak_bytes=peak, per_layer=[], terms=self.terms + terms,
+            peak_phase="backward", peak_op="", peak_by_category={}, timeline=[], recompute_flops=recompute_flops,
+            strategy_params=params, peak_is_exact=False)
+
+    def to_dict(self, drop_none: bool = True) -> dict[str, Any]:
+        out = {k: v for k, v in super().to_dict(drop_none).items() if k not in ("timeline", "inference_timeline")}
+        out["terms"] = [dataclasses.asdict(t) for t in self.terms]
+        out["training_to_inference_ratio"] = self.training_to_inference_ratio
+        return out

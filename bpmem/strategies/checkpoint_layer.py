@@ -1,0 +1,23 @@
+"""``checkpoint-layer``: every unit (Linear + activation) checkpointed on its own.
+
+Each unit keeps only its input, which is exactly what a ReLU, tanh or sigmoid network keeps
+anyway (the activation's output is the next Linear's input): on such a network it saves
+nothing and recomputes every unit. On GELU, which also keeps its input z, it halves the
+hidden activations."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bpmem.analytic.planner import Segment, layer_plan
+from bpmem.strategies.base import strategy
+from bpmem.strategies.segment_plan import SegmentPlanConfig
+
+if TYPE_CHECKING:
+    from bpmem.spec import MLPSpec
+
+
+@strategy("checkpoint-layer", "every unit (Linear + activation) checkpointed on its own", in_timeline_plot=True)
+class CheckpointLayer(SegmentPlanConfig):
+    def plan(self, spec: MLPSpec, batch_size: int) -> list[Segment]:
+        return layer_plan(spec.depth + 1)

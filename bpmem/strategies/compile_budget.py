@@ -1,0 +1,74 @@
+"""``compile-budget``: ``torch.compile`` whose min-cut partitioner meets
+``activation_memory_budget`` (a fraction of what eager would save); see
+``bpmem.strategies.compiled`` for the backend.
+
+The partitioner's choice has no closed formula, so the prediction asks it: the model is
+compiled and run once on the *meta* device (shapes and dtypes, no data, no memory), the
+saved tensors are counted by ``SavedTensorProbe`` and the compiled graphs' matmul FLOPs by
+their own counter; the plain step's FLOPs are subtracted (each Linear: 2*B*in*out forward,
+the same for its weight gradient, and for its input gradient except on the first layer,
+whose input needs none). This is the one single-device prediction that imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bpmem.analytic.ledger import Term
+from bpmem.analytic.rules import plain_retained_bytes
+from bpmem.strategies.base import BUDGET_HELP, Budget, StrategyConfig, parameter, strategy
+
+if TYPE_CHECKING:
+    from bpmem.figures import Estimate
+    from bpmem.spec import MLPSpec, StepSpec
+
+
+@strategy("compile-budget", "torch.compile's min-cut partitioner under an activation budget (--budget)",
+          opaque_to_probes=True, predicts_by_arithmetic=False)
+class CompileBudget(StrategyConfig):
+    budget: Budget = parameter(Budget(fraction=0.5), "BYTES|FRACTION", BUDGET_HELP)
+
+    def fraction(self, spec: MLPSpec, batch_size: int) -> float:
+        """The partitioner takes a fraction: bytes become one of the plain step's retained bytes."""
+        if self.budget.fraction is not None:
+            return self.budget.fraction
+        return min(1.0, self.budget.of(0) / plain_retained_bytes(spec, batch_size))
+
+    def predict(self, spec: MLPSpec, step: StepSpec, plain: Estimate) -> Estimate:
+        retained, flops = self._partitioner_plan_on_meta(spec, step)
+        terms = [Term("retained (min-cut partitioner's plan)", retained, "saved by the compiled graph, on meta",
+                      "torch.compile's own partition of the joint graph, traced on meta tensors: no memory")]
+        budget_bytes = self.budget.of(plain_retained_bytes(spec, step.batch_size))
+        return plain.under_strategy(retained, plain.peak_bytes - plain.saved_activation_bytes + retained, flops,
+                                    {"budget": self.budget.value, "budget_bytes": budget_bytes}, terms)
+
+    def runtime(self, spec: MLPSpec, step: StepSpec) -> Any:
+        from bpmem.strategies.compiled import CompiledBudgetStrategy
+
+        return CompiledBudgetStrategy(self.fraction(spec, step.batch_size))
+
+    def _partitioner_plan_on_meta(self, spec: MLPSpec, step: StepSpec) -> tuple[int, int]:
+        import warnings
+
+        import torch
+
+        from bpmem.model import build
+        from bpmem.probes import SavedTensorProbe
+        from bpmem.step import forward_objective
+
+        b = step.batch_size
+        model = build(spec, "meta", seed=None)
+        x = torch.empty(b, spec.input_dim, device="meta", dtype=spec.torch_dtype)
+        if spec.loss == "cross_entropy":
+            y = torch.empty(b, device="meta", dtype=torch.long)
+        else:
+            y = torch.empty(b, spec.output_dim, device="meta", dtype=spec.torch_dtype)
+        strategy = self.runtime(spec, step)
+        probe = SavedTensorProbe(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with strategy.tally.counting() as tally, probe:
+                forward_objective(spec, model, x, y, probe.scope, strategy).backward()
+        plain = sum(2 * b * fan_in * fan_out * (3 if index else 2)
+                    for index, (fan_in, fan_out) in enumerate(spec.layer_dims()))
+        return probe.saved_activation_bytes, tally.total - plain

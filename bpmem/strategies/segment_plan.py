@@ -1,0 +1,60 @@
+"""What the checkpointing strategies that cut the chain into segments share: the prediction
+of a segment plan and its runtime.
+
+A subclass says only which plan it runs (``plan``); ``bpmem.analytic.planner`` explains
+what a plan retains and recomputes. The peak is an estimate, not a replay: the plain step's
+exact peak, less the activations no longer retained, plus the largest recompute working set
+(a checkpointed segment's interior boundaries and internals, rebuilt during its backward).
+It assumes the peak falls where the plain step's does, so it is an upper estimate when
+recomputation happens away from that moment; results.csv carries both figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bpmem.analytic.ledger import Term
+from bpmem.analytic.planner import Segment, describe
+from bpmem.analytic.rules import chain_costs, loss_saved_bytes
+from bpmem.strategies.base import StrategyConfig
+
+if TYPE_CHECKING:
+    from bpmem.figures import Estimate
+    from bpmem.spec import MLPSpec, StepSpec
+
+
+@dataclass(frozen=True)
+class SegmentPlanConfig(StrategyConfig):
+    """A strategy that runs a plan of segments, each checkpointed or plain."""
+
+    def plan(self, spec: MLPSpec, batch_size: int) -> list[Segment]:
+        raise NotImplementedError
+
+    def extra_params(self, spec: MLPSpec, batch_size: int) -> dict[str, Any]:
+        """Parameters worth recording beyond the plan's shape (a budget in bytes)."""
+        return {}
+
+    def check(self, spec: MLPSpec, step: StepSpec) -> None:
+        self.plan(spec, step.batch_size)
+
+    def predict(self, spec: MLPSpec, step: StepSpec, plain: Estimate) -> Estimate:
+        b = step.batch_size
+        costs = chain_costs(spec, b)
+        plan = self.plan(spec, b)
+        chain_bytes, flops = costs.plan_cost(plan)
+        retained = chain_bytes + loss_saved_bytes(spec, b)
+        working = max((sum(costs.boundary_bytes[seg.start + 1:seg.end]) + sum(costs.internal_bytes[seg.start:seg.end])
+                       for seg in plan if seg.checkpointed), default=0)
+        params: dict[str, Any] = {"segments": len(plan), "checkpointed": sum(seg.checkpointed for seg in plan),
+                                  "plan": describe(plan), **self.extra_params(spec, b)}
+        terms = [Term("retained (segment plan)", retained, "sum of segment costs + loss",
+                      "checkpointed segment: its input; plain unit: its input and internals (planner.py)")]
+        peak = plain.peak_bytes - plain.saved_activation_bytes + retained + working
+        return plain.under_strategy(retained, peak, flops, params, terms)
+
+    def runtime(self, spec: MLPSpec, step: StepSpec) -> Any:
+        from bpmem.model import as_workload
+        from bpmem.strategies.checkpointing import SegmentStrategy
+
+        return SegmentStrategy(self.name, tuple(self.plan(spec, step.batch_size)), as_workload(spec).blocks)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import pytest
 
 from bpmem.estimate import estimate
+from bpmem.figures import Measured
 from bpmem.measure_cell import measure
 from bpmem.model import build, make_batch
 from bpmem.spec import MLPSpec
@@ -37,7 +38,7 @@ STRATEGIES = {
 _MEASURED: dict[str, dict] = {}
 
 
-def _measured(name: str) -> dict:
+def _measured(name: str) -> Measured:
     if name not in _MEASURED:
         _MEASURED[name] = measure(SPEC, STRATEGIES[name])
     return _MEASURED[name]
@@ -55,14 +56,14 @@ def test_step_time(benchmark, name: str) -> None:
                        rounds=5, warmup_rounds=1)
     measured, predicted = _measured(name), estimate(SPEC, step)
     benchmark.extra_info.update(
-        saved_activation_bytes=measured["saved_activation_bytes"],
+        saved_activation_bytes=measured.saved_activation_bytes,
         predicted_saved_activation_bytes=predicted.saved_activation_bytes,
-        recompute_flops=measured["recompute_flops"], peak_bytes=measured["peak_bytes"],
+        recompute_flops=measured.recompute_flops, peak_bytes=measured.peak_bytes,
         predicted_peak_bytes=predicted.peak_bytes,
-        retained_vs_none=_measured("none")["saved_activation_bytes"] / measured["saved_activation_bytes"],
+        retained_vs_none=_measured("none").saved_activation_bytes / measured.saved_activation_bytes,
     )
-    assert measured["saved_activation_bytes"] == predicted.saved_activation_bytes
+    assert measured.saved_activation_bytes == predicted.saved_activation_bytes
 
 
 def test_sqrt_retains_five_times_less() -> None:
-    assert _measured("none")["saved_activation_bytes"] >= 5 * _measured("checkpoint-sqrt")["saved_activation_bytes"]
+    assert _measured("none").saved_activation_bytes >= 5 * _measured("checkpoint-sqrt").saved_activation_bytes

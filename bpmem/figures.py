@@ -78,19 +78,54 @@ class RankFigures(Figures):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Estimate(Figures):
+class MeasuredRank(Figures):
+    """What one rank of a split strategy (or one stage of model-parallel) measured: the
+    figures of its own share, and its step."""
+
+    rank: int
+    device: str
+    peak_phase: str = ""
+    peak_by_category: dict[str, int] = field(default_factory=dict)
+    gathered_peak_bytes: int | None = None  # FSDP: the most its all-gathered parameters held at once
+    step_time_median_s: float | None = None
+    step_time_iqr_s: float | None = None
+    equivalence_max_rel_err: float | None = None  # its gradients against one device's
+
+
+# what a sweep row takes from a measured rank
+MEASURED_RANK_COLUMNS: tuple[str, ...] = (
+    *(name for name in FIGURE_NAMES if not name.startswith("cuda_") and name != "inference_peak_bytes"),
+    "peak_phase", "step_time_median_s", "step_time_iqr_s", "equivalence_max_rel_err")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepFigures(Figures):
+    """One step's figures and what the probes (or the replay) saw along the way."""
+
+    per_layer: list[dict[str, Any]] = field(default_factory=list)  # saved bytes by module
+    peak_phase: str = ""
+    peak_by_category: dict[str, int] = field(default_factory=dict)
+    timeline: list[Any] = field(default_factory=list)
+    recompute_flops: int | None = 0  # matmul FLOPs recomputed in backward
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measured(StepFigures):
+    """Measured figures of one cell (``bpmem measure``, a sweep row)."""
+
+    loss: float | None = None  # J of the measured step, computed before the update
+    rss_peak_bytes: int | None = None  # with --rss: the process's resident set, sampled
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate(StepFigures):
     """Predicted figures for one (spec, step), plus how they arise: the terms of the
     breakdown, the replayed timelines and where the peak falls."""
 
-    per_layer: list[dict[str, Any]] = field(default_factory=list)
     terms: list[Term] = field(default_factory=list)
-    peak_phase: str = ""
     peak_op: str = ""
-    peak_by_category: dict[str, int] = field(default_factory=dict)
-    timeline: list[Event] = field(default_factory=list)
     inference_timeline: list[Event] = field(default_factory=list)
-    recompute_flops: int | None = 0
-    strategy_params: dict[str, Any] = field(default_factory=dict)
     peak_is_exact: bool = True
 
     @property

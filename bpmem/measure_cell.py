@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpmem.figures import Measured
 from bpmem.model import as_workload
 from bpmem.probes import (
     AllocatorTraceProbe,
@@ -106,9 +107,12 @@ def plain_step_flops(spec: MLPSpec, batch_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
-            rss: bool = False) -> dict[str, Any]:
-    """Measure one configuration; returns the figures that apply, plus per_layer."""
+def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0, rss: bool = False) -> Measured:
+    """Measure one configuration: the figures that apply, per_layer and the timeline."""
+    return Measured(**_measure_fields(spec, step, device, seed, rss))
+
+
+def _measure_fields(spec: MLPSpec, step: StepSpec, device: str, seed: int, rss: bool) -> dict[str, Any]:
     workload = as_workload(spec)
     model = workload.build(device, seed=seed)
     x, y = workload.make_batch(step.batch_size, device, seed=seed)
@@ -118,7 +122,7 @@ def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0,
     if step.mode == "inference":
         result.update(params_bytes=distinct_storage_bytes(model.parameters()), grads_bytes=0,
                       optimizer_bytes=0, saved_activation_bytes=0, peak_bytes=inference.peak_bytes,
-                      per_layer=[], timeline=inference.timeline)
+                      per_layer=[], timeline=inference.timeline, peak_phase="forward", recompute_flops=None)
         return result
 
     if step.mode == "hvp":

@@ -28,7 +28,7 @@ from typing import Any
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
-from bpmem.figures import FIGURE_NAMES, PREDICTED_FIGURES, RankFigures
+from bpmem.figures import FIGURE_NAMES, MEASURED_RANK_COLUMNS, PREDICTED_FIGURES, RankFigures
 from bpmem.measure_cell import is_out_of_memory
 from bpmem.progress import Progress, cell_label
 from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells
@@ -110,11 +110,10 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
         row.update(status="oom" if is_out_of_memory(error) else "error", error=_one_line(error))
         _release_memory(cell.device)
         return row
-    row.update({key: measured[key] for key in FIGURE_NAMES if key in measured})
-    row["peak_phase"] = measured.get("peak_phase", "forward")
-    if timeline_cell(config, cell) and measured.get("timeline"):
-        row["_timeline"] = [(e.index, e.op, e.phase, e.live_bytes) for e in measured["timeline"]]
-    row["recompute_flops"] = measured.get("recompute_flops")
+    row.update({key: value for key, value in measured.to_dict().items() if key in FIGURE_NAMES})
+    row.update(peak_phase=measured.peak_phase, recompute_flops=measured.recompute_flops)
+    if timeline_cell(config, cell) and measured.timeline:
+        row["_timeline"] = [(e.index, e.op, e.phase, e.live_bytes) for e in measured.timeline]
     row.update(status="ok", error="", **time_summary(times))
     return row
 
@@ -139,9 +138,6 @@ def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: Swee
         yield rows
 
 
-MEASURED_RANK_KEYS: tuple[str, ...] = (
-    "params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "saved_hook_bytes", "peak_bytes",
-    "peak_phase", "step_time_median_s", "step_time_iqr_s", "equivalence_max_rel_err")
 
 
 def _rank_rows(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
@@ -186,7 +182,7 @@ def run_model_parallel_cell(cell: Cell, run_id: str, env: dict[str, Any],
         _release_memory(cell.device)
         return rows
     for row, got in zip(rows, measured, strict=True):
-        row.update({k: got[k] for k in MEASURED_RANK_KEYS}, device=got["device"], status="ok", error="")
+        row.update({k: getattr(got, k) for k in MEASURED_RANK_COLUMNS}, device=got.device, status="ok", error="")
     return rows
 
 
@@ -215,7 +211,7 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
         return rows
     measured = {row["rank"]: row for row in outcome.rows}
     for row in rows:
-        row.update({k: measured[row["rank"]][k] for k in MEASURED_RANK_KEYS}, status="ok", error="")
+        row.update({k: measured[row["rank"]][k] for k in MEASURED_RANK_COLUMNS}, status="ok", error="")
     return rows
 
 

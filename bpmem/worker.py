@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bpmem.figures import MeasuredRank
 from bpmem.measure_cell import optimizer_state_tensors, time_summary
 from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
@@ -48,8 +49,8 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[str, Any]:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> MeasuredRank:
+    rank = dist.get_rank()
     device = _device(int(os.environ.get("LOCAL_RANK", rank)))
     setup = step.strategy.setup_rank(spec, step, rank, device)
     holder = nn.ModuleList(setup.modules)
@@ -102,18 +103,16 @@ def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> dict[s
         strategies.barrier()
         times.append(time.perf_counter() - start)
     buckets = setup.buffer_bytes()
-    return {
-        "rank": rank, "world_size": world, "device": str(device),
-        "params_bytes": distinct_storage_bytes(setup.params),
-        "grads_bytes": distinct_storage_bytes(p.grad for p in setup.params),
-        "optimizer_bytes": distinct_storage_bytes(optimizer_state_tensors(optimizer)),
-        "saved_activation_bytes": saved.peak_retained_bytes, "saved_hook_bytes": saved.saved_activation_bytes,
+    return MeasuredRank(
+        rank=rank, device=str(device), params_bytes=distinct_storage_bytes(setup.params),
+        grads_bytes=distinct_storage_bytes(p.grad for p in setup.params),
+        optimizer_bytes=distinct_storage_bytes(optimizer_state_tensors(optimizer)),
+        saved_activation_bytes=saved.peak_retained_bytes, saved_hook_bytes=saved.saved_activation_bytes,
         # DDP's buckets are alive all along, so they add to the peak wherever it falls
-        "peak_bytes": live.peak_bytes + buckets, "peak_phase": live.peak_phase,
-        "peak_by_category": {**live.peak_by_category, "buckets": buckets},
-        "gathered_peak_bytes": live.resizable_peak_bytes,
-        **time_summary(times), "equivalence_max_rel_err": error,
-    }
+        peak_bytes=live.peak_bytes + buckets, peak_phase=live.peak_phase,
+        peak_by_category={**live.peak_by_category, "buckets": buckets},
+        gathered_peak_bytes=live.resizable_peak_bytes, **time_summary(times), equivalence_max_rel_err=error,
+    )
 
 
 def _inject_fault(rank: int, where: str) -> None:
@@ -169,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         everything: list[Any] = []
         for index, (spec, step) in enumerate(plan):
             # run_rank's own names die with its frame; release() collects the cycles left
-            row = {**run_rank(spec, step, args.repeats, args.warmup), "cell_index": index}
+            row = {**run_rank(spec, step, args.repeats, args.warmup).to_dict(drop_none=False), "cell_index": index,
+                   "world_size": world}
             release()
             rows: list[Any] | None = [None] * world if rank == 0 else None
             dist.gather_object(row, rows, dst=0)

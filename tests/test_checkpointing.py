@@ -49,8 +49,8 @@ def test_retained_bytes_and_recompute_flops_are_predicted_exactly(strategy: str,
         step = _step(batch_size=6, strategy=strategy, segments=2, budget=0.6, k=4,
                      policy=policy if policy != "-" else "save-matmuls")
         measured, predicted = measure(spec, step), estimate(spec, step)
-        assert measured["saved_activation_bytes"] == predicted.saved_activation_bytes, (step, measured)
-        assert measured["recompute_flops"] == predicted.recompute_flops, step
+        assert measured.saved_activation_bytes == predicted.saved_activation_bytes, (step, measured)
+        assert measured.recompute_flops == predicted.recompute_flops, step
 
 
 def test_selective_checkpointing_is_measured_truly() -> None:
@@ -60,14 +60,14 @@ def test_selective_checkpointing_is_measured_truly() -> None:
     spec, b = SMALL, 6
     s, h, q = spec.itemsize, spec.hidden_dim, spec.output_dim
     plain = measure(spec, make_step(batch_size=b))
-    assert plain["saved_hook_bytes"] == plain["saved_activation_bytes"]  # nothing hidden without it
+    assert plain.saved_hook_bytes == plain.saved_activation_bytes  # nothing hidden without it
     selective = measure(spec, make_step(batch_size=b, strategy="checkpoint-selective", policy="save-matmuls"))
-    hidden = selective["saved_activation_bytes"] - selective["saved_hook_bytes"]
+    hidden = selective.saved_activation_bytes - selective.saved_hook_bytes
     assert hidden == spec.depth * b * h * s + b * q * s  # every z_i and the logits o
     # what the hooks still see: the checkpoint's input X and the loss internals
-    assert selective["saved_hook_bytes"] == b * spec.input_dim * s + loss_bytes(spec, b)
+    assert selective.saved_hook_bytes == b * spec.input_dim * s + loss_bytes(spec, b)
     segments = measure(spec, make_step(batch_size=b, strategy="checkpoint-segments", segments=2))
-    assert segments["saved_hook_bytes"] == segments["saved_activation_bytes"]
+    assert segments.saved_hook_bytes == segments.saved_activation_bytes
 
 
 def _gradients(spec: MLPSpec, step: StepSpec) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -102,9 +102,9 @@ def test_compile_budget_meets_results_within_tolerance_and_recomputes() -> None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         measured = measure(spec, step)
     plain = estimate(spec, make_step(batch_size=16)).saved_activation_bytes
-    assert measured["saved_activation_bytes"] < plain
-    assert measured["recompute_flops"] > 0
-    assert measured["peak_bytes"] > measured["params_bytes"]  # from the allocator trace, not the live probe
+    assert measured.saved_activation_bytes < plain
+    assert measured.recompute_flops > 0
+    assert measured.peak_bytes > measured.params_bytes  # from the allocator trace, not the live probe
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.2])
@@ -114,8 +114,8 @@ def test_compile_budget_is_predicted_exactly_by_the_partitioner_on_meta(budget: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         predicted, measured = estimate(spec, step), measure(spec, step)
-    assert measured["saved_activation_bytes"] == predicted.saved_activation_bytes
-    assert measured["recompute_flops"] == predicted.recompute_flops
+    assert measured.saved_activation_bytes == predicted.saved_activation_bytes
+    assert measured.recompute_flops == predicted.recompute_flops
 
 
 def _random_costs(rng: random.Random, n: int) -> ChainCosts:
@@ -154,18 +154,18 @@ def test_budget_plan_meets_ten_budgets_as_measured_and_beats_uniform_segments() 
         budget = smallest + (plain - smallest) * k // 9
         step = make_step(batch_size=b, strategy="checkpoint-budget", budget=int(budget))
         measured = measure(spec, step)
-        assert measured["saved_activation_bytes"] <= budget, (k, budget)
+        assert measured.saved_activation_bytes <= budget, (k, budget)
         uniform = [costs.plan_cost(uniform_plan(costs.n, segments)) for segments in range(1, costs.n + 1)]
         fitting = [flops for retained, flops in uniform if retained + loss <= budget]
         if fitting:
-            assert measured["recompute_flops"] <= min(fitting)
+            assert measured.recompute_flops <= min(fitting)
 
 
 def test_sqrt_checkpointing_keeps_five_times_less_on_a_deep_chain() -> None:
     """A depth-64 chain (width 64 here, to stay quick): sqrt(65) -> 9 segments."""
     spec, b = MLPSpec(input_dim=64, hidden_dim=64, output_dim=10, depth=64), 16
-    plain = measure(spec, make_step(batch_size=b))["saved_activation_bytes"]
-    sqrt = measure(spec, make_step(batch_size=b, strategy="checkpoint-sqrt"))["saved_activation_bytes"]
+    plain = measure(spec, make_step(batch_size=b)).saved_activation_bytes
+    sqrt = measure(spec, make_step(batch_size=b, strategy="checkpoint-sqrt")).saved_activation_bytes
     assert plain >= 5 * sqrt
 
 
@@ -186,7 +186,7 @@ def test_hvp_saved_bytes_are_predicted_exactly() -> None:
                        depth=rng.randint(1, 4), bias=rng.random() < 0.5, activation=rng.choice(ACTIVATIONS),
                        loss=rng.choice(LOSSES), dtype=rng.choice(("float32", "float64", "bfloat16")))
         step = make_step(batch_size=rng.randint(1, 20), mode="hvp")
-        assert measure(spec, step)["saved_activation_bytes"] == estimate(spec, step).saved_activation_bytes
+        assert measure(spec, step).saved_activation_bytes == estimate(spec, step).saved_activation_bytes
         train = estimate(spec, make_step(batch_size=step.batch_size))
         assert estimate(spec, step).saved_activation_bytes > train.saved_activation_bytes  # the graph grows
 
@@ -215,6 +215,6 @@ def test_microbatch_retains_one_micro_batch_and_matches_the_full_batch(microbatc
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     del optimizer
     measured, predicted = measure(spec, step), estimate(spec, step)
-    assert measured["saved_activation_bytes"] == predicted.saved_activation_bytes
+    assert measured.saved_activation_bytes == predicted.saved_activation_bytes
     if microbatches > 1:
-        assert measured["saved_activation_bytes"] < estimate(spec, make_step(batch_size=10)).saved_activation_bytes
+        assert measured.saved_activation_bytes < estimate(spec, make_step(batch_size=10)).saved_activation_bytes

@@ -43,12 +43,12 @@ def assert_estimate_matches_measure(spec: MLPSpec, step: StepSpec) -> None:
     measured = measure(spec, step)
     predicted = estimate(spec, step)
     for figure in EXACT_FIGURES:
-        assert measured[figure] == getattr(predicted, figure), (figure, spec, step)
+        assert getattr(measured, figure) == getattr(predicted, figure), (figure, spec, step)
     if step.mode == "train":
-        assert measured["per_layer"] == predicted.per_layer
+        assert measured.per_layer == predicted.per_layer
         # Where the peak falls, by category, explains every byte of it.
-        assert measured["peak_by_category"] == predicted.peak_by_category
-        assert measured["peak_phase"] == predicted.peak_phase
+        assert measured.peak_by_category == predicted.peak_by_category
+        assert measured.peak_phase == predicted.peak_phase
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

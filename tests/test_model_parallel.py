@@ -34,7 +34,8 @@ FIGURES = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_b
 
 
 def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int) -> list[dict]:
-    return step.strategy.measure_stages(spec, step, device, warmup, repeats)
+    return [stage.to_dict(drop_none=False) for stage in step.strategy.measure_stages(spec, step, device, warmup,
+                                                                                       repeats)]
 
 
 def predict_stages(spec: MLPSpec, step: StepSpec, separate_devices: bool) -> list[dict]:

@@ -141,11 +141,11 @@ def test_cuda_measure_reports_allocator_peaks() -> None:
     spec, step = MLPSpec(), make_step(batch_size=256)
     result = measure(spec, step, device="cuda")
     predicted = estimate(spec, step)
-    assert result["saved_activation_bytes"] == predicted.saved_activation_bytes
+    assert result.saved_activation_bytes == predicted.saved_activation_bytes
     # The allocator rounds every block up to 512 B and holds cuBLAS workspace: never below
     # the live tensor bytes it served.
-    assert result["cuda_max_allocated_bytes"] >= predicted.params_bytes + predicted.saved_activation_bytes
-    assert result["cuda_max_reserved_bytes"] >= result["cuda_max_allocated_bytes"]
+    assert result.cuda_max_allocated_bytes >= predicted.params_bytes + predicted.saved_activation_bytes
+    assert result.cuda_max_reserved_bytes >= result.cuda_max_allocated_bytes
 
 
 def test_allocator_trace_agrees_with_the_live_probe_on_the_plain_step() -> None:

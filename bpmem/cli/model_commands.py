@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from bpmem.cli.options import describe, echo_config, fail, fail_field, print_table, specs_from_args
+from bpmem.figures import FIGURE_NAMES
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.base import DEVICES, NoStrategy, SplitConfig
 from bpmem.units import format_bytes
@@ -101,20 +102,17 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if isinstance(step.strategy, SplitConfig):
         return _measure_split(args, spec, step, device)
     try:
-        result = measure(spec, step, device=device, rss=args.rss)
+        measured = measure(spec, step, device=device, rss=args.rss)
     except Exception as error:  # an allocation that failed is the user's size, not a crash
         if not is_out_of_memory(error):
             raise
         return fail(args.prog, _out_of_memory(spec, step, device, error))
-    result.pop("timeline", None)
+    result = {k: v for k, v in measured.to_dict().items() if k != "timeline"}
     if args.json:
         print(json.dumps({**result, "config": echo_config(spec, step, device), "environment": environment(device)},
                          indent=2))
         return 0
-    rows = [(k.removesuffix("_bytes"), result[k], "") for k in (
-        "params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
-        "inference_peak_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "rss_peak_bytes",
-    ) if k in result]
+    rows = [(k.removesuffix("_bytes"), result[k], "") for k in (*FIGURE_NAMES, "rss_peak_bytes") if k in result]
     print_table(f"bpmem measure on {device}: {describe(spec, step)}", rows)
     return 0
 
@@ -152,7 +150,8 @@ def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, devi
     from bpmem.measure_cell import is_out_of_memory
 
     try:
-        stages = step.strategy.measure_stages(spec, step, device, warmup=1, repeats=3)
+        stages = [stage.to_dict(drop_none=False)
+                  for stage in step.strategy.measure_stages(spec, step, device, warmup=1, repeats=3)]
     except ValueError as error:
         return fail_field(args.prog, error)
     except Exception as error:  # an allocation that failed is the user's size, not a crash

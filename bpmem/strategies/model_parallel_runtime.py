@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bpmem.analytic.schedules import stage_of_label, stage_ranges
+from bpmem.figures import MeasuredRank
 from bpmem.model import build, make_batch, units
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class ModelParallelStrategy:
                 for start, end in self.ranges]
 
 
-def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int) -> list[dict[str, Any]]:
+def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int) -> list[MeasuredRank]:
     """One row of measured figures per stage: parameters, gradients and optimizer state of
     its parameters; the activations its modules save; the peak of its device (on the first
     stage placed there; a device shared by several stages has one peak); the step time; and
@@ -115,14 +116,12 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
         first_on_device = devices.index(devices[k]) == k
         state = [v for p in stage_params for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
         peak, phase = peaks[devices[k]] if first_on_device else (None, "")
-        rows.append({
-            "rank": k, "device": str(devices[k]),
-            "params_bytes": distinct_storage_bytes(stage_params),
-            "grads_bytes": distinct_storage_bytes(p.grad for p in stage_params),
-            "optimizer_bytes": distinct_storage_bytes(state),
-            "saved_activation_bytes": saved_by_stage[k], "saved_hook_bytes": saved_by_stage[k],
-            "peak_bytes": peak, "peak_phase": phase,
-            **time_summary(times), "equivalence_max_rel_err": error,
-        })
+        rows.append(MeasuredRank(
+            rank=k, device=str(devices[k]), params_bytes=distinct_storage_bytes(stage_params),
+            grads_bytes=distinct_storage_bytes(p.grad for p in stage_params),
+            optimizer_bytes=distinct_storage_bytes(state),
+            saved_activation_bytes=saved_by_stage[k], saved_hook_bytes=saved_by_stage[k],
+            peak_bytes=peak, peak_phase=phase, **time_summary(times), equivalence_max_rel_err=error,
+        ))
     return rows
 

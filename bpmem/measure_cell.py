@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from bpmem.figures import Measured
-from bpmem.model import as_workload
+from bpmem.model import as_workload, meta_batch
 from bpmem.probes import (
     AllocatorTraceProbe,
     CudaProbe,
@@ -100,8 +100,7 @@ def plain_step_flops(spec: MLPSpec, batch_size: int) -> int:
 
     workload = as_workload(spec)
     model = workload.build("meta", seed=None)
-    x, y = (torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype, device="meta")
-            for t in workload.make_batch(1, "cpu"))
+    x, y = meta_batch(workload, batch_size)
     with FlopCounterMode(display=False) as counter:
         forward_objective(workload, model, x, y).backward()
     return int(counter.get_total_flops())

@@ -121,3 +121,10 @@ class MLP:
 def as_workload(model: MLPSpec | Workload) -> Workload:
     """A workload: an ``MLPSpec`` becomes the seed's ``MLP``; a workload stays itself."""
     return MLP(model) if isinstance(model, MLPSpec) else model
+
+
+def meta_batch(workload: Workload, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of ``batch_size`` rows on the *meta* device: the shapes and dtypes of one real
+    row (``make_batch(1)``), no data and no memory, whatever the batch size."""
+    return tuple(torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype, device="meta")  # type: ignore[return-value]
+                 for t in workload.make_batch(1, "cpu"))

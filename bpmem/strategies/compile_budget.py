@@ -50,19 +50,13 @@ class CompileBudget(StrategyConfig):
     def _partitioner_plan_on_meta(self, spec: MLPSpec, step: StepSpec) -> tuple[int, int]:
         import warnings
 
-        import torch
-
-        from bpmem.model import build
+        from bpmem.model import as_workload, meta_batch
         from bpmem.probes import SavedTensorProbe
         from bpmem.step import forward_objective
 
-        b = step.batch_size
-        model = build(spec, "meta", seed=None)
-        x = torch.empty(b, spec.input_dim, device="meta", dtype=spec.torch_dtype)
-        if spec.loss == "cross_entropy":
-            y = torch.empty(b, device="meta", dtype=torch.long)
-        else:
-            y = torch.empty(b, spec.output_dim, device="meta", dtype=spec.torch_dtype)
+        b, workload = step.batch_size, as_workload(spec)
+        model = workload.build("meta", seed=None)
+        x, y = meta_batch(workload, b)
         strategy = self.runtime(spec, step)
         probe = SavedTensorProbe(model)
         with warnings.catch_warnings():

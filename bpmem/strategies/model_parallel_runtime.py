@@ -4,6 +4,7 @@ strategy's config and prediction)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from bpmem.analytic.schedules import stage_of_label, stage_ranges
 from bpmem.figures import MeasuredRank
-from bpmem.model import build, make_batch, units
+from bpmem.model import as_workload, units
 
 if TYPE_CHECKING:
     from bpmem.spec import MLPSpec, StepSpec
@@ -38,10 +39,11 @@ class ModelParallelStrategy:
 
     devices: tuple[torch.device, ...]
     ranges: tuple[tuple[int, int], ...]
+    blocks: Callable[[nn.Module], list[list[nn.Module]]] = units  # the workload's chain
     name: str = "model-parallel"
 
     def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        chain = units(model)
+        chain = self.blocks(model)
         for device, (start, end) in zip(self.devices, self.ranges, strict=True):
             x = x.to(device)  # a no-op where the device is the same
             for unit in chain[start:end]:
@@ -54,14 +56,14 @@ class ModelParallelStrategy:
 
     def place(self, model: nn.Sequential) -> None:
         """Move each stage's modules to its device (the Parameter objects stay the same)."""
-        chain = units(model)
+        chain = self.blocks(model)
         for device, (start, end) in zip(self.devices, self.ranges, strict=True):
             for unit in chain[start:end]:
                 for module in unit:
                     module.to(device)
 
     def stage_parameters(self, model: nn.Sequential) -> list[list[nn.Parameter]]:
-        chain = units(model)
+        chain = self.blocks(model)
         return [[p for unit in chain[start:end] for module in unit for p in module.parameters()]
                 for start, end in self.ranges]
 
@@ -78,10 +80,11 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
 
     step.strategy.check(spec, step)
     devices = stage_devices(device, step.world_size)
-    strategy = ModelParallelStrategy(devices, stage_ranges(spec, step.world_size))
-    model = build(spec, devices[0], seed=0)
+    workload = as_workload(spec)
+    strategy = ModelParallelStrategy(devices, stage_ranges(spec, step.world_size), workload.blocks)
+    model = workload.build(devices[0], seed=0)
     strategy.place(model)
-    x, y = make_batch(spec, step.batch_size, devices[0], seed=0)
+    x, y = workload.make_batch(step.batch_size, devices[0], seed=0)
     y = y.to(devices[-1])
     optimizer = make_optimizer(step, model)
 

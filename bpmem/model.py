@@ -123,6 +123,13 @@ def as_workload(model: MLPSpec | Workload) -> Workload:
     return MLP(model) if isinstance(model, MLPSpec) else model
 
 
+def with_regularizer(workload: Workload, loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """J = L + s, or L for a workload without s. No name outlives the sum, so s (one element)
+    is kept by the graph alone, as when the sum is written inline."""
+    reg = workload.regularizer(model)
+    return loss if reg is None else loss + reg
+
+
 def meta_batch(workload: Workload, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of ``batch_size`` rows on the *meta* device: the shapes and dtypes of one real
     row (``make_batch(1)``), no data and no memory, whatever the batch size."""

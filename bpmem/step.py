@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager as ContextManager
 import torch
 from torch import nn
 
-from bpmem.model import as_workload
+from bpmem.model import as_workload, with_regularizer
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.checkpointing import Strategy
 from bpmem.workload import Workload
@@ -56,8 +56,7 @@ def forward_objective(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: tor
         loss = workload.data_loss(output, y)
     del output
     with scope("regularizer"):
-        reg = workload.regularizer(model)
-    return loss if reg is None else loss + reg
+        return with_regularizer(workload, loss, model)
 
 
 def train_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -97,9 +96,7 @@ def _accumulating_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim
             del output
             if index == 0:
                 with scope("regularizer"):
-                    reg = workload.regularizer(model)
-                    objective = objective if reg is None else objective + reg
-                    del reg  # s itself is not kept by the graph: let it die as it did inline
+                    objective = with_regularizer(workload, objective, model)
         with phase("backward"):
             objective.backward()
         total += objective.item()

@@ -115,6 +115,7 @@ class PipelineConfig(SplitConfig):
                 reg = workload.regularizer(nn.ModuleList(modules))
                 if reg is not None:
                     reg.backward()
+                del reg  # as a temporary would: s dies with its backward
 
         params = [p for module in modules for p in module.parameters()]
         inputs = [t for t in (x_local, y_local) if t is not None]

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bpmem.model import as_workload
+from bpmem.model import as_workload, with_regularizer
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.workload import Workload
 
@@ -76,9 +76,7 @@ def objective_step(spec: MLPSpec | Workload, forward: nn.Module, weights: nn.Mod
 
     def run(phase: Any) -> None:
         with phase("forward"):
-            objective = workload.data_loss(forward(x), y)
-            reg = workload.regularizer(weights)
-            objective = objective if reg is None else objective + reg
+            objective = with_regularizer(workload, workload.data_loss(forward(x), y), weights)
         with phase("backward"):
             objective.backward()
 

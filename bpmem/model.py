@@ -123,10 +123,9 @@ def as_workload(model: MLPSpec | Workload) -> Workload:
     return MLP(model) if isinstance(model, MLPSpec) else model
 
 
-def with_regularizer(workload: Workload, loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """J = L + s, or L for a workload without s. No name outlives the sum, so s (one element)
-    is kept by the graph alone, as when the sum is written inline."""
-    reg = workload.regularizer(model)
+def add_regularizer(loss: torch.Tensor, reg: torch.Tensor | None) -> torch.Tensor:
+    """J = L + s, or L for a workload without s. Called with both as temporaries, it frees
+    them as ``L + s`` written inline does (L, then s), so timelines match the replay."""
     return loss if reg is None else loss + reg
 
 

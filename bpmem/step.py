@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager as ContextManager
 import torch
 from torch import nn
 
-from bpmem.model import as_workload, with_regularizer
+from bpmem.model import add_regularizer, as_workload
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.checkpointing import Strategy
 from bpmem.workload import Workload
@@ -56,7 +56,8 @@ def forward_objective(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: tor
         loss = workload.data_loss(output, y)
     del output
     with scope("regularizer"):
-        return with_regularizer(workload, loss, model)
+        reg = workload.regularizer(model)
+    return loss if reg is None else loss + reg  # L dies before s as the frame clears
 
 
 def train_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -96,7 +97,7 @@ def _accumulating_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim
             del output
             if index == 0:
                 with scope("regularizer"):
-                    objective = with_regularizer(workload, objective, model)
+                    objective = add_regularizer(objective, workload.regularizer(model))
         with phase("backward"):
             objective.backward()
         total += objective.item()

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bpmem.model import as_workload, with_regularizer
+from bpmem.model import add_regularizer, as_workload
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.workload import Workload
 
@@ -76,7 +76,7 @@ def objective_step(spec: MLPSpec | Workload, forward: nn.Module, weights: nn.Mod
 
     def run(phase: Any) -> None:
         with phase("forward"):
-            objective = with_regularizer(workload, workload.data_loss(forward(x), y), weights)
+            objective = add_regularizer(workload.data_loss(forward(x), y), workload.regularizer(weights))
         with phase("backward"):
             objective.backward()
 

@@ -126,6 +126,7 @@ def _random_costs(rng: random.Random, n: int) -> ChainCosts:
     )
 
 
+@pytest.mark.slow  # a whole sweep
 def test_budget_dp_is_optimal_against_brute_force() -> None:
     rng = random.Random(0)
     for _ in range(150):

@@ -99,6 +99,7 @@ def test_graph_labels_saved_tensors_with_the_estimates_bytes(bias: bool, activat
     assert f"saved {format_bytes(64 * 784 * 4)}" in svg  # X
 
 
+@pytest.mark.slow  # a whole sweep
 def test_a_model_parallel_run_on_one_cpu_is_reported(tmp_path: Path) -> None:
     """model-parallel on the CPU puts both stages on the one device: the device's peak is on
     the first stage's row, and the second stage's row has none. That is a complete row, not

@@ -39,6 +39,7 @@ def test_a_bad_shard_names_the_flag(text: str, tmp_path: Path, capsys) -> None:
     assert stop.value.code == 2 and "argument --shard" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole sweep
 def test_three_shards_merged_equal_the_unsharded_run(tmp_path: Path, capsys) -> None:
     config = tmp_path / "grid.toml"
     config.write_text(toml_text.dumps(CONFIG))

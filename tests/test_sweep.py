@@ -109,6 +109,7 @@ def test_config_error_lists_allowed_values() -> None:
     assert "cross_entropy" in str(caught.value) and "mse" in str(caught.value)
 
 
+@pytest.mark.slow  # a whole sweep
 def test_a_second_run_never_overwrites_silently(tmp_path: Path, capsys) -> None:
     config, out = str(_write(tmp_path, TINY)), str(tmp_path / "run")
     assert _run(["run", "--config", config, "--out", out, "--quiet"], capsys)[0] == 0
@@ -120,6 +121,7 @@ def test_a_second_run_never_overwrites_silently(tmp_path: Path, capsys) -> None:
     assert len(pd.read_csv(tmp_path / "run" / "results.csv")) == 12
 
 
+@pytest.mark.slow  # a whole sweep
 def test_default_out_makes_a_new_folder_each_time(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     config = str(_write(tmp_path, TINY.replace("batch_sizes = [1, 2, 4]", "batch_sizes = [1]")))
@@ -164,6 +166,7 @@ def test_oom_marks_larger_batches_skipped_and_the_sweep_goes_on(tmp_path: Path, 
     assert (frame2[(frame2.depth == 1) & (frame2.batch_size == 4)].status == "oom").all()
 
 
+@pytest.mark.slow  # a whole sweep
 def test_an_error_becomes_a_row_with_its_message(tmp_path: Path, capsys, monkeypatch) -> None:
     def broken(spec, step, device="cpu", **kwargs):
         raise ValueError("the kernel was on strike")

@@ -31,6 +31,8 @@ from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import hvp_step, inference_step, make_optimizer, train_step
 from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.checkpointing import Strategy
+from bpmem.torch_private import data_dependent_errors, fake_tensor_mode
+from bpmem.workload import Workload
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -56,12 +58,17 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     }
 
 
-def measure_inference_peak(model: nn.Module, x: torch.Tensor) -> LiveTensorProbe:
+def measure_inference_peak(model: nn.Module, x: torch.Tensor, workload: Workload | None = None) -> LiveTensorProbe:
     """Peak of one inference forward; live at the start are the parameters and the batch."""
-    probe = LiveTensorProbe({"params": model.parameters(), "inputs": [x]})
+    probe = LiveTensorProbe({"params": model.parameters(), "inputs": _tensors(x)})
     with probe:
-        inference_step(model, x, probe.phase)
+        inference_step(model, x, probe.phase, workload)
     return probe
+
+
+def _tensors(*batch: Any) -> list[torch.Tensor]:
+    """The tensors of a batch: inputs may be a tuple, the target may be None."""
+    return [t for item in batch for t in (item if isinstance(item, tuple) else (item,)) if t is not None]
 
 
 def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -72,7 +79,7 @@ def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.opti
         "params": params,
         "grads": [p.grad for p in params],
         "optimizer": optimizer_state_tensors(optimizer),
-        "inputs": [x, y],
+        "inputs": _tensors(x, y),
     })
     with probe:
         train_step(spec, model, optimizer, x, y, phase=probe.phase, strategy=strategy)
@@ -106,17 +113,38 @@ def plain_step_flops(spec: MLPSpec, batch_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def measure(spec: MLPSpec, step: StepSpec, device: str = "cpu", seed: int = 0, rss: bool = False) -> Measured:
-    """Measure one configuration: the figures that apply, per_layer and the timeline."""
-    return Measured(**_measure_fields(spec, step, device, seed, rss))
+def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed: int = 0, rss: bool = False,
+            fake: bool = False) -> Measured:
+    """Measure one configuration: the figures that apply, per_layer and the timeline.
+
+    With ``fake``, every tensor is a fake one (``bpmem.torch_private.fake_tensor_mode``): the
+    same steps under the same probes, with no data and no memory, as ``bpmem estimate
+    --model`` runs them. A model whose forward depends on its data cannot run so: that is a
+    ``DataDependentModel`` error."""
+    if not fake:
+        return Measured(**_measure_fields(spec, step, device, seed, rss))
+    try:
+        with fake_tensor_mode():
+            return Measured(**_measure_fields(spec, step, device, seed, rss=False))
+    except data_dependent_errors() as error:
+        raise DataDependentModel(str(error).strip().splitlines()[0] if str(error).strip() else "") from None
 
 
-def _measure_fields(spec: MLPSpec, step: StepSpec, device: str, seed: int, rss: bool) -> dict[str, Any]:
+class DataDependentModel(ValueError):
+    """The model's forward depends on its data (``nonzero``, ``.item()``, a branch on a value),
+    which tensors without data cannot follow."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"model: its forward depends on the data ({detail[:160]}), which an estimate without "
+                         "data cannot follow; allowed: bpmem measure --model ..., which runs it for real")
+
+
+def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed: int, rss: bool) -> dict[str, Any]:
     workload = as_workload(spec)
     model = workload.build(device, seed=seed)
     x, y = workload.make_batch(step.batch_size, device, seed=seed)
     result: dict[str, Any] = {}
-    inference = measure_inference_peak(model, x)
+    inference = measure_inference_peak(model, x, workload)
     result["inference_peak_bytes"] = inference.peak_bytes
     if step.mode == "inference":
         result.update(params_bytes=distinct_storage_bytes(model.parameters()), grads_bytes=0,
@@ -125,18 +153,20 @@ def _measure_fields(spec: MLPSpec, step: StepSpec, device: str, seed: int, rss: 
         return result
 
     if step.mode == "hvp":
-        return _measure_hvp(spec, model, x, y, result)
-    strategy = step.strategy.runtime(spec, step)
+        return _measure_hvp(workload, model, x, y, result)
+    plain = isinstance(step.strategy, NoStrategy)
+    strategy = None if plain else step.strategy.runtime(spec, step)
     optimizer = make_optimizer(step, model)
-    train_step(spec, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
+    train_step(workload, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
     saved = SavedTensorProbe(model)
+    objective_bytes: list[int] = []  # J's, each micro-batch's with gradient accumulation
     with saved:
-        result["loss"] = train_step(spec, model, optimizer, x, y, scope=saved.scope, strategy=strategy)
+        result["loss"] = train_step(workload, model, optimizer, x, y, scope=saved.scope, strategy=strategy,
+                                    observe=lambda j: objective_bytes.append(j.numel() * j.element_size()))
     result.update(_state_bytes(model, optimizer))
     result["saved_hook_bytes"] = saved.saved_activation_bytes
     result["per_layer"] = saved.per_layer()
-    result["strategy_params"] = strategy.params()
-    plain = isinstance(step.strategy, NoStrategy)
+    result["strategy_params"] = strategy.params() if strategy is not None else {}
     plain_flops = 0 if plain else plain_step_flops(spec, step.batch_size)
     if step.strategy.opaque_to_probes:
         # Dynamo runs eagerly under a dispatch mode, so neither the live probe nor an outer
@@ -156,8 +186,8 @@ def _measure_fields(spec: MLPSpec, step: StepSpec, device: str, seed: int, rss: 
     # ends, but J itself (one element), plus the inputs the graph holds on to. This sees what
     # checkpointing keeps in its own frames, which saved-tensor hooks cannot.
     made_in_forward = max(ends.get("forward", 0) for name, ends in live.phase_ends if name == "forward")
-    made_in_forward -= spec.itemsize  # J (each micro-batch's, with gradient accumulation)
-    result["saved_activation_bytes"] = made_in_forward + saved.packed_bytes_of([x, y])
+    made_in_forward -= objective_bytes[-1]  # J (each micro-batch's, with gradient accumulation)
+    result["saved_activation_bytes"] = made_in_forward + saved.packed_bytes_of(_tensors(x, y))
     result["recompute_flops"] = 0 if plain else step_flops(spec, model, optimizer, x, y, strategy) - plain_flops
     result["peak_bytes"] = live.peak_bytes
     result["peak_phase"] = live.peak_phase
@@ -174,7 +204,7 @@ def _measure_fields(spec: MLPSpec, step: StepSpec, device: str, seed: int, rss: 
     return result
 
 
-def _measure_hvp(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+def _measure_hvp(spec: MLPSpec | Workload, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  result: dict[str, Any]) -> dict[str, Any]:
     """Saved bytes over the forward and the create_graph backward; the peak of the whole H v."""
     params = list(model.parameters())
@@ -183,7 +213,7 @@ def _measure_hvp(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tens
     saved = SavedTensorProbe(model)
     with saved:
         hvp_step(spec, model, x, y, vector, scope=saved.scope)
-    live = LiveTensorProbe({"params": params, "inputs": [x, y, *vector]})
+    live = LiveTensorProbe({"params": params, "inputs": [*_tensors(x, y), *vector]})
     with live:
         hvp_step(spec, model, x, y, vector, phase=live.phase)
     params_bytes = distinct_storage_bytes(params)

@@ -30,8 +30,9 @@ def build(spec: MLPSpec, device: str | torch.device = "cpu", seed: int | None = 
     for index, (fan_in, fan_out) in enumerate(spec.layer_dims()):
         if index > 0:
             layers.append(_ACTIVATION_MODULES[spec.activation]())
-        layers.append(nn.Linear(fan_in, fan_out, bias=spec.bias))
-    return nn.Sequential(*layers).to(device=device, dtype=spec.torch_dtype)
+        # made in place, never moved with .to(): a fake-tensor build cannot swap parameters
+        layers.append(nn.Linear(fan_in, fan_out, bias=spec.bias, device=device, dtype=spec.torch_dtype))
+    return nn.Sequential(*layers)
 
 
 def weight_matrices(model: nn.Module) -> list[torch.Tensor]:
@@ -103,6 +104,9 @@ class MLP:
     def make_batch(self, batch_size: int, device: str | torch.device = "cpu",
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         return make_batch(self.spec, batch_size, device, seed)
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return model(inputs)
 
     def data_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return data_loss(self.spec, output, target)

@@ -22,6 +22,7 @@ from torch import nn
 from bpmem.model import add_regularizer, as_workload
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.checkpointing import Strategy
+from bpmem.torch_private import is_fake
 from bpmem.workload import Workload
 
 ModelSpec = MLPSpec | Workload  # an MLPSpec stands for the seed's MLP (``bpmem.model.MLP``)
@@ -51,7 +52,7 @@ def forward_objective(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: tor
                       scope: Labeller = _unlabelled, strategy: Strategy | None = None) -> torch.Tensor:
     """J = L + s. Only J survives the call: L, s and the logits are kept by the graph alone."""
     workload = as_workload(spec)
-    output = strategy.forward(model, x) if strategy is not None else model(x)
+    output = strategy.forward(model, x) if strategy is not None else workload.forward(model, x)
     with scope("loss"):
         loss = workload.data_loss(output, y)
     del output
@@ -62,8 +63,10 @@ def forward_objective(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: tor
 
 def train_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
                x: torch.Tensor, y: torch.Tensor, phase: Labeller = _unlabelled,
-               scope: Labeller = _unlabelled, strategy: Strategy | None = None) -> float:
-    """One training step; returns J (computed before the update) as a Python float.
+               scope: Labeller = _unlabelled, strategy: Strategy | None = None,
+               observe: Callable[[torch.Tensor], None] | None = None) -> float:
+    """One training step; returns J (computed before the update) as a Python float (NaN on
+    fake tensors, which have no value). ``observe`` sees each J before its backward.
 
     With the ``microbatch`` strategy the batch is cut into k micro-batches
     (``torch.chunk``: views, no copies) and the gradients accumulate: micro-batch i adds
@@ -71,36 +74,45 @@ def train_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimiz
     """
     microbatches = getattr(strategy, "microbatches", 0)
     if microbatches:
-        return _accumulating_step(spec, model, optimizer, x, y, microbatches, phase, scope)
+        return _accumulating_step(spec, model, optimizer, x, y, microbatches, phase, scope, observe)
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     with phase("forward"):
         objective = forward_objective(spec, model, x, y, scope, strategy)
+    if observe is not None:
+        observe(objective)
     with phase("backward"):
         objective.backward()
     with phase("optimizer_step"):
         optimizer.step()
-    return objective.item()
+    return _value(objective)
+
+
+def _value(objective: torch.Tensor) -> float:
+    return float("nan") if is_fake(objective) else objective.item()
 
 
 def _accumulating_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                       y: torch.Tensor, microbatches: int, phase: Labeller, scope: Labeller) -> float:
+                       y: torch.Tensor, microbatches: int, phase: Labeller, scope: Labeller,
+                       observe: Callable[[torch.Tensor], None] | None) -> float:
     workload = as_workload(spec)
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for index, (x_part, y_part) in enumerate(zip(x.chunk(microbatches), y.chunk(microbatches), strict=True)):
         with phase("forward"):
-            output = model(x_part)
+            output = workload.forward(model, x_part)
             with scope("loss"):
                 objective = workload.data_loss(output, y_part) * (x_part.shape[0] / x.shape[0])
             del output
             if index == 0:
                 with scope("regularizer"):
                     objective = add_regularizer(objective, workload.regularizer(model))
+        if observe is not None:
+            observe(objective)
         with phase("backward"):
             objective.backward()
-        total += objective.item()
+        total += _value(objective)
         del objective
     with phase("optimizer_step"):
         optimizer.step()
@@ -127,7 +139,8 @@ def hvp_step(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor
         torch.autograd.grad(dot, params)
 
 
-def inference_step(model: nn.Module, x: torch.Tensor, phase: Labeller = _unlabelled) -> torch.Tensor:
+def inference_step(model: nn.Module, x: torch.Tensor, phase: Labeller = _unlabelled,
+                   workload: Workload | None = None) -> torch.Tensor:
     """One forward with autograd off: nothing is saved, each activation dies at the next layer."""
     with phase("forward"), torch.inference_mode():
-        return model(x)
+        return workload.forward(model, x) if workload is not None else model(x)

@@ -34,6 +34,9 @@ Private API -> what bpmem needs it for -> fence:
 - ``torch._C._stash_obj_in_tls`` / ``_remove_obj_from_tls``: the contextvars context that
   backward stashes, switched off to show that it causes the gloo teardown abort
   (``benchmarks/teardown_abort.py``) -> ``context_stash_disabled``
+- ``torch._subclasses.fake_tensor`` (``FakeTensorMode``, ``FakeTensor`` and its data-dependence
+  exceptions): ``bpmem estimate --model`` runs the step on tensors without data ->
+  ``fake_tensor_mode``, ``is_fake``, ``data_dependent_errors``
 - ``torch.distributed.fsdp._fully_shard._fully_shard.FSDPModule``,
   ``pipelining.stage._PipelineStageBase``, ``pipelining.schedules._PipelineSchedule``:
   objects that must be gone before the final barrier -> ``distributed_object_types``
@@ -270,3 +273,33 @@ def reset_compiler_caches() -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
+
+
+def fake_tensor_mode() -> contextlib.AbstractContextManager[Any]:
+    """``torch._subclasses.fake_tensor.FakeTensorMode``: tensors with a device, a dtype and a
+    shape but no data. Ops dispatch as on the device the fake tensors claim, so kernel choices
+    (SDPA's CPU flash kernel, for one) are the real device's, and nothing is allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def is_fake(tensor: Any) -> bool:
+    """Whether ``tensor`` is a fake tensor (no data: ``.item()`` is impossible)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
+def data_dependent_errors() -> tuple[type[BaseException], ...]:
+    """What fake tensors raise when an op's result depends on the data: ``nonzero``, ``.item()``,
+    a boolean mask, a branch on a tensor's value."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    errors: list[type[BaseException]] = [DataDependentOutputException, DynamicOutputShapeException]
+    try:
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+        errors.append(GuardOnDataDependentSymNode)
+    except ImportError:  # older torch: the two above cover it
+        pass
+    return tuple(errors)

@@ -21,6 +21,7 @@ class Workload(Protocol):
     - ``build``: the module, its parameters initialised from ``seed`` so two builds match;
     - ``make_batch``: ``(inputs, target)`` for ``batch_size`` rows; ``inputs`` is a tensor
       or a tuple of tensors, passed to the model positionally;
+    - ``forward``: the model's output for a batch's inputs (a tuple is passed positionally);
     - ``data_loss``: L, the batch's mean loss, from the model's output and the target;
     - ``regularizer``: s, a term added to L that needs the model (None when there is none);
     - ``blocks``: the ordered chain that checkpointing and pipelining cut, as lists of
@@ -33,6 +34,8 @@ class Workload(Protocol):
     def build(self, device: Any, seed: int | None = 0) -> Any: ...
 
     def make_batch(self, batch_size: int, device: Any, seed: int = 0) -> tuple[Any, Any]: ...
+
+    def forward(self, model: Any, inputs: Any) -> Any: ...
 
     def data_loss(self, output: Any, target: Any) -> Any: ...
 

@@ -99,8 +99,10 @@ def test_strategy_names_are_compared_only_in_their_own_modules() -> None:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare):
+                # "none" is also a loss and a default: it counts where the comparison is about a strategy
+                plain = registry.PLAIN if "strateg" in ast.unparse(node) else None
                 for operand in [node.left, *node.comparators]:
-                    if isinstance(operand, ast.Constant) and operand.value in names | {registry.PLAIN}:
+                    if isinstance(operand, ast.Constant) and operand.value in names | {plain}:
                         offenders.append(f"{path.name}:{node.lineno} compares {operand.value!r}")
                     if isinstance(operand, (ast.Tuple, ast.List, ast.Set)):
                         offenders += [f"{path.name}:{node.lineno} compares {e.value!r}" for e in operand.elts

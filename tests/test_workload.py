@@ -35,6 +35,9 @@ class TinyConvNet:
         x = torch.randn(batch_size, 3, 8, 8, generator=generator).to(device)
         return x, torch.randint(0, 5, (batch_size,), generator=generator).to(device)
 
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return model(inputs)
+
     def data_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(output, target)
 

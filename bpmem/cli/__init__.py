@@ -20,6 +20,7 @@ from bpmem.cli.options import FIGURES_HELP, RUN_HELP, Parser, add_model_flags, f
 from bpmem.cli.run_commands import cmd_check, cmd_graph, cmd_report, cmd_run
 from bpmem.figures import ALIASES as FIGURE_ALIASES
 from bpmem.spec import InfeasibleBudget, SpecError
+from bpmem.user_model import UserModelError
 
 __all__ = ["build_parser", "main", "run", "add_model_flags"]
 
@@ -125,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(args.prog, f"argument --device: {args.device!r} is not allowed; allowed: cpu, cuda, cuda:N")
     try:
         return args.func(args)
+    except UserModelError as error:
+        return fail(args.prog, f"argument {error}")
     except SpecError as error:
         return fail(args.prog, f"argument --{error.field.replace('_', '-')}: {error.value!r} is not allowed; "
                                 f"allowed: {error.allowed}")

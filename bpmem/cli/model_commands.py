@@ -18,6 +18,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from bpmem.estimate import estimate
 
     spec, step = specs_from_args(args)
+    if not isinstance(spec, MLPSpec):
+        from bpmem.cli.user_commands import run_user_step
+
+        return run_user_step(args, spec, step, "cpu", fake=True)
     if isinstance(step.strategy, SplitConfig):
         return _estimate_split(args, spec, step)
     est = estimate(spec, step)
@@ -99,6 +103,10 @@ def cmd_measure(args: argparse.Namespace) -> int:
         if index >= torch.cuda.device_count():
             return fail(args.prog, f"argument --device: {device} does not exist; allowed: cpu, "
                                     + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
+    if not isinstance(spec, MLPSpec):
+        from bpmem.cli.user_commands import run_user_step
+
+        return run_user_step(args, spec, step, device, fake=False)
     if isinstance(step.strategy, SplitConfig):
         return _measure_split(args, spec, step, device)
     try:

@@ -105,9 +105,23 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="bias on every Linear (the seed's exercise 2)")
     g.add_argument("--activation", choices=ACTIVATIONS, default=d.activation, help="phi")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype, help="parameter and activation dtype")
-    g.add_argument("--loss", choices=LOSSES, default=d.loss, help="l(o, y)")
+    g.add_argument("--loss", choices=(*LOSSES, "none"), default=d.loss,
+                   help="l(o, y); none (with --model): the model's output is the scalar loss")
     g.add_argument("--l2", type=non_negative_float, default=d.l2, metavar="LAMBDA",
                    help="lambda of s = lambda/2 * sum ||W||_F^2")
+    g = parser.add_argument_group("your own model (instead of the MLP; README, \"Your own model\")")
+    g.add_argument("--model", default="mlp", metavar="MODULE:FACTORY",
+                   help="FACTORY(**kwargs) returns an nn.Module, e.g. bpmem.models.gpt:make_gpt (default: mlp, "
+                        "the seed's network, shaped by the flags above)")
+    g.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY")
+    g.add_argument("--data", metavar="MODULE:FUNC",
+                   help="FUNC(batch_size, device) returns (inputs, target); inputs a tensor or a tuple")
+    g.add_argument("--input", action="append", metavar="SHAPE",
+                   help="instead of --data: an input by shape, B the batch, e.g. 'float32[B,3,32,32]' "
+                        "(repeat for several inputs)")
+    g.add_argument("--target", metavar="SHAPE", help="the target by shape, e.g. 'int64[B]<10' (values 0..9)")
+    g.add_argument("--blocks", metavar="PATH", help="the ModuleList of the model's ordered blocks, e.g. blocks "
+                                                    "(default: the children of an nn.Sequential)")
     g = parser.add_argument_group("step")
     g.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="B", help="rows per batch")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer, help="torch.optim choice")
@@ -131,9 +145,10 @@ def add_strategy_parameter_flags(group: Any) -> None:
                            + (f" ({', '.join(meta['choices'])})" if meta["choices"] else ""))
 
 
-def specs_from_args(args: argparse.Namespace) -> tuple[MLPSpec, StepSpec]:
+def specs_from_args(args: argparse.Namespace) -> tuple[Any, StepSpec]:
+    """The model (an ``MLPSpec``, or a ``UserModel`` with ``--model``) and the step."""
     values = vars(args)
-    spec = MLPSpec(**{f.name: values[f.name] for f in fields(MLPSpec)})
+    spec = user_model_from_args(args) or MLPSpec(**{f.name: values[f.name] for f in fields(MLPSpec)})
     given = {name: values[name] for name in registry.parameters() if values.get(name) is not None}
     step = registry.make_step(values["strategy"], **given,
                               **{f.name: values[f.name] for f in fields(StepSpec) if f.name in values
@@ -141,8 +156,27 @@ def specs_from_args(args: argparse.Namespace) -> tuple[MLPSpec, StepSpec]:
     return spec, step
 
 
+def user_model_from_args(args: argparse.Namespace) -> Any:
+    """The ``UserModel`` the --model flags name, or None for the MLP; ``UserModelError`` names a flag."""
+    values = vars(args)
+    if values.get("model", "mlp") == "mlp":
+        for flag in ("data", "input", "target", "blocks"):
+            if values.get(flag):
+                raise SpecError(flag, values[flag], "only with --model MODULE:FACTORY")
+        return None
+    from bpmem.user_model import TensorShape, UserModel
+
+    return UserModel(values["model"], values["model_kwargs"], values.get("data"),
+                     tuple(TensorShape.parse(text, "--input") for text in values.get("input") or ()),
+                     TensorShape.parse(values["target"], "--target") if values.get("target") else None,
+                     values["loss"], values.get("blocks"))
+
+
 def echo_config(spec: MLPSpec, step: StepSpec, device: str | None = None) -> dict[str, Any]:
-    config = {**asdict(spec), **registry.flat_step(step)}
+    model = asdict(spec) if isinstance(spec, MLPSpec) else {"model": spec.factory, "model_kwargs": spec.kwargs_json,
+                                                             "data": spec.data, "loss": spec.loss,
+                                                             "blocks": spec.blocks_path}
+    config = {**model, **registry.flat_step(step)}
     if device is not None:
         config["device"] = device
     return config
@@ -155,7 +189,9 @@ def print_table(title: str, rows: list[tuple[str, int, str]]) -> None:
         print(f"  {name:<{width}}  {format_bytes(nbytes):>11}  {nbytes:>15,} B  {note}")
 
 
-def describe(spec: MLPSpec, step: StepSpec) -> str:
+def describe(spec: Any, step: StepSpec) -> str:
+    if not isinstance(spec, MLPSpec):
+        return f"{spec.factory}, {spec.loss} loss, B={step.batch_size}, {step.optimizer}, {step.mode}"
     dims = "-".join(str(n) for n in [spec.input_dim] + [spec.hidden_dim] * spec.depth + [spec.output_dim])
     return (f"{dims}, {'bias' if spec.bias else 'no bias'}, {spec.activation}, {spec.loss}, {spec.dtype}, "
             f"B={step.batch_size}, {step.optimizer}, {step.mode}")

@@ -17,8 +17,8 @@ from bpmem.tracking import SAVED
 class SavedTensorProbe:
     """Bytes autograd saves for backward, deduplicated by storage, parameters excluded.
 
-    Each saved tensor is attributed to the module whose forward was running when autograd
-    packed it (a forward pre-hook on every leaf module of ``model``), or to the label of the
+    Each saved tensor is attributed to the innermost module whose forward was running when
+    autograd packed it (forward hooks on every module of ``model`` but the root), or to the label of the
     innermost ``scope()`` the caller opened (e.g. "loss"), else to "outside". A storage saved
     twice (a ReLU output is also the next Linear's input) counts once, for its first saver.
 
@@ -83,7 +83,7 @@ class SavedTensorProbe:
     def __enter__(self) -> SavedTensorProbe:
         if self._model is not None:
             for name, module in self._model.named_modules():
-                if next(module.children(), None) is None:  # leaf modules only
+                if name:  # every module but the root; the innermost running one owns what is saved
                     label = f"{name}.{type(module).__name__}"
                     self._handles.append(module.register_forward_pre_hook(self._enter_module(label)))
                     self._handles.append(module.register_forward_hook(self._leave_module()))

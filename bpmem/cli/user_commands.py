@@ -1,0 +1,64 @@
+"""``bpmem estimate --model`` and ``bpmem measure --model``: one step of your own model.
+
+The estimate runs the very steps ``measure`` runs, under the same probes, on fake tensors
+(shapes, dtypes and the device's kernel choices, but no data and no memory), so the two
+agree by construction wherever the fake kernels return what the real ones do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+from bpmem.cli.options import describe, echo_config, fail, print_table
+from bpmem.figures import FIGURE_NAMES
+from bpmem.spec import StepSpec
+from bpmem.strategies.base import NoStrategy
+
+# what a missing double backward says (CPU SDPA's flash kernel, for one)
+_NO_DOUBLE_BACKWARD = re.compile(r"derivative for (\S+) is not implemented")
+
+
+def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, device: str, fake: bool) -> int:
+    """Estimate (``fake``) or measure one step of a user model; print a table or --json."""
+    from bpmem.environment import environment
+    from bpmem.measure_cell import DataDependentModel, is_out_of_memory, measure
+    from bpmem.user_model import UserModelError
+
+    if not isinstance(step.strategy, NoStrategy):
+        return fail(args.prog, f"argument --strategy: {step.strategy.name} with --model is not supported yet; "
+                                "allowed: none")
+    try:
+        measured = measure(workload, step, device=device, rss=getattr(args, "rss", False) and not fake, fake=fake)
+    except UserModelError as error:
+        return fail(args.prog, f"argument {error}")
+    except DataDependentModel as error:
+        return fail(args.prog, str(error))
+    except RuntimeError as error:
+        missing = _NO_DOUBLE_BACKWARD.search(str(error))
+        if missing and step.mode == "hvp":
+            return fail(args.prog, f"argument --mode: hvp needs a double backward of every op, and {missing.group(1)} "
+                                    "has none; allowed: train, inference")
+        if not is_out_of_memory(error):
+            raise
+        return fail(args.prog, f"out of memory on {device}: {str(error).strip().splitlines()[0][:200]}; allowed: a "
+                                "smaller --batch-size, or bpmem estimate --model ... to size it first")
+    figures = {k: v for k, v in measured.to_dict().items() if k != "timeline"}
+    if args.json:
+        how = "estimate: fake tensors, no data" if fake else f"measure on {device}"
+        print(json.dumps({**figures, "how": how, "config": echo_config(workload, step, device),
+                          "environment": environment(device)}, indent=2))
+        return 0
+    verb = "estimate (fake tensors: no data, no memory)" if fake else f"measure on {device}"
+    print_table(f"bpmem {verb}: {describe(workload, step)}",
+                [(k.removesuffix("_bytes"), figures[k], "") for k in FIGURE_NAMES if k in figures])
+    _print_top_modules(measured.per_layer)
+    return 0
+
+
+def _print_top_modules(per_layer: list[dict[str, Any]], count: int = 8) -> None:
+    top = sorted((row for row in per_layer if row["saved_bytes"]), key=lambda row: -row["saved_bytes"])[:count]
+    if top:
+        print_table("  saved by module (largest first)", [(row["name"], row["saved_bytes"], "") for row in top])

@@ -1,0 +1,221 @@
+"""Your own ``nn.Module`` behind the model seam: ``--model MODULE:FACTORY`` with its data.
+
+``FACTORY(**kwargs)`` returns the module. A batch comes from ``--data MODULE:FUNC``
+(``FUNC(batch_size, device)`` returns ``(inputs, target)``: inputs a tensor or a tuple of
+tensors, passed to the model positionally; target a tensor, or None with ``--loss none``), or
+from shapes with ``B`` for the batch size: ``--input 'float32[B,3,32,32]' --target 'int64[B]<10'``
+(integer tensors need a range: ``<N`` draws from 0..N-1). The loss is ``cross_entropy``
+(logits ``(..., C)`` against integer targets ``(...)``), ``mse``, or ``none`` (the model's
+output is the scalar loss). The ordered blocks that checkpointing and pipelining cut are the
+children of an ``nn.Sequential`` model, or of the ``ModuleList`` at ``--blocks PATH``.
+
+Every failure to load is a ``UserModelError`` naming the flag: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "none")
+_DTYPES: tuple[str, ...] = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
+
+
+class UserModelError(ValueError):
+    """A user model, data function or shape that cannot be used; ``flag`` names the option."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        self.flag = flag
+        super().__init__(f"{flag}: {message}")
+
+
+def load_callable(text: str, flag: str) -> Any:
+    """``pkg.module:name`` imported and looked up; errors name ``flag``."""
+    module_name, sep, attribute = str(text).partition(":")
+    if not sep or not module_name or not attribute:
+        raise UserModelError(flag, f"{text!r} is not MODULE:NAME; allowed: e.g. bpmem.models.gpt:make_gpt")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - an import can fail in any way; say which
+        raise UserModelError(flag, f"cannot import {module_name!r}: {type(error).__name__}: {error}") from None
+    found = module
+    for part in attribute.split("."):
+        if not hasattr(found, part):
+            raise UserModelError(flag, f"{module_name!r} has no {attribute!r}; allowed: a callable in that module")
+        found = getattr(found, part)
+    if not callable(found):
+        raise UserModelError(flag, f"{text} is not callable; allowed: a function or class")
+    return found
+
+
+@dataclass(frozen=True)
+class TensorShape:
+    """One tensor of the shorthand: dtype, dims (ints, or "B" for the batch), integer range."""
+
+    dtype: str
+    dims: tuple[int | str, ...]
+    high: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, flag: str) -> TensorShape:
+        match = re.fullmatch(r"\s*(\w+)\[([^\]]*)\]\s*(?:<\s*([0-9]+)\s*)?", text)
+        if not match or match.group(1) not in _DTYPES:
+            raise UserModelError(flag, f"{text!r} is not a tensor shape; allowed: DTYPE[DIMS] with DTYPE one of "
+                                       f"{', '.join(_DTYPES)} and B for the batch, e.g. 'float32[B,3,32,32]' or "
+                                       "'int64[B]<10'")
+        dims: list[int | str] = []
+        for dim in (d.strip() for d in match.group(2).split(",") if d.strip()):
+            if dim == "B" or (dim.isdigit() and int(dim) >= 1):
+                dims.append(dim if dim == "B" else int(dim))
+            else:
+                raise UserModelError(flag, f"{text!r}: dimension {dim!r}; allowed: B or an integer >= 1")
+        high = int(match.group(3)) if match.group(3) else None
+        integer = not match.group(1).startswith(("float", "bfloat"))
+        if integer and match.group(1) != "bool" and (high is None or high < 1):
+            raise UserModelError(flag, f"{text!r}: an integer tensor needs a range; allowed: e.g. "
+                                       f"'{match.group(1)}[{match.group(2)}]<10' (values 0..9)")
+        return cls(match.group(1), tuple(dims), high)
+
+    def make(self, batch_size: int, device: Any, generator: Any) -> Any:
+        import torch
+
+        shape = tuple(batch_size if d == "B" else d for d in self.dims)
+        dtype = getattr(torch, self.dtype)
+        if self.dtype == "bool":
+            return torch.randint(0, 2, shape, generator=generator).to(device=device, dtype=dtype)
+        if self.high is not None:
+            return torch.randint(0, self.high, shape, generator=generator).to(device=device, dtype=dtype)
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class UserModel:
+    """A user's module and data as a ``bpmem.workload.Workload``."""
+
+    factory: str
+    kwargs_json: str = "{}"
+    data: str | None = None
+    inputs: tuple[TensorShape, ...] = ()
+    target: TensorShape | None = None
+    loss: str = "cross_entropy"
+    blocks_path: str | None = None
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise UserModelError("--loss", f"{self.loss!r} is not allowed; allowed: {', '.join(LOSSES)}")
+        try:
+            kwargs = json.loads(self.kwargs_json)
+        except json.JSONDecodeError as error:
+            raise UserModelError("--model-kwargs", f"not JSON: {error}; allowed: an object, e.g. "
+                                                   "'{\"layers\": 4}'") from None
+        if not isinstance(kwargs, dict):
+            raise UserModelError("--model-kwargs", "allowed: a JSON object, e.g. '{\"layers\": 4}'")
+        if (self.data is None) == (not self.inputs):
+            raise UserModelError("--data", "give either --data MODULE:FUNC or --input SHAPE (with --target); "
+                                           "allowed: one of them")
+        if self.data is None and (self.target is None) != (self.loss == "none"):
+            raise UserModelError("--target", "with --input, give --target SHAPE unless --loss none; allowed: "
+                                             "e.g. --target 'int64[B]<10'")
+        load_callable(self.factory, "--model")
+        if self.data is not None:
+            load_callable(self.data, "--data")
+        object.__setattr__(self, "name", self.name or self.factory)
+
+    # -- the Workload protocol ------------------------------------------------------------
+    def build(self, device: Any = "cpu", seed: int | None = 0) -> Any:
+        import torch
+        from torch import nn
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            model = load_callable(self.factory, "--model")(**json.loads(self.kwargs_json))
+        except UserModelError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the factory is the user's code
+            raise UserModelError("--model", f"{self.factory} raised {type(error).__name__}: {error}") from None
+        if not isinstance(model, nn.Module):
+            raise UserModelError("--model", f"{self.factory} returned {type(model).__name__}; allowed: an nn.Module")
+        wanted = torch.device(device)
+        tensors = [*model.parameters(), *model.buffers()]
+        # .to() only where needed: a model built from fake tensors cannot swap its parameters
+        moved = any(t.device.type != wanted.type or (wanted.index is not None and t.device.index != wanted.index)
+                    for t in tensors)
+        return model.to(wanted) if moved else model
+
+    def make_batch(self, batch_size: int, device: Any = "cpu", seed: int = 0) -> tuple[Any, Any]:
+        import torch
+
+        if self.data is None:
+            generator = torch.Generator().manual_seed(seed)
+            made = tuple(shape.make(batch_size, device, generator) for shape in self.inputs)
+            inputs = made[0] if len(made) == 1 else made
+            target = self.target.make(batch_size, device, generator) if self.target is not None else None
+            return inputs, target
+        torch.manual_seed(seed)
+        try:
+            batch = load_callable(self.data, "--data")(batch_size, torch.device(device))
+        except UserModelError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the data function is the user's code
+            raise UserModelError("--data", f"{self.data} raised {type(error).__name__}: {error}") from None
+        return self._checked_batch(batch)
+
+    def _checked_batch(self, batch: Any) -> tuple[Any, Any]:
+        import torch
+
+        allowed = "allowed: (inputs, target), inputs a tensor or a tuple of tensors, target a tensor or None"
+        if not isinstance(batch, tuple) or len(batch) != 2:
+            raise UserModelError("--data", f"{self.data} returned {type(batch).__name__}; {allowed}")
+        inputs, target = batch
+        tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise UserModelError("--data", f"{self.data} returned inputs that are not tensors; {allowed}")
+        if target is None and self.loss != "none":
+            raise UserModelError("--data", f"{self.data} returned no target, and --loss is {self.loss}; "
+                                           "allowed: a target tensor, or --loss none")
+        if target is not None and not isinstance(target, torch.Tensor):
+            raise UserModelError("--data", f"{self.data} returned a target of type {type(target).__name__}; "
+                                           f"{allowed}")
+        return inputs, target
+
+    def forward(self, model: Any, inputs: Any) -> Any:
+        return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+    def data_loss(self, output: Any, target: Any) -> Any:
+        from torch import nn
+
+        if self.loss == "none":
+            if output.dim() != 0:
+                raise UserModelError("--loss", f"none needs the model to return a scalar loss; it returned shape "
+                                               f"{tuple(output.shape)}; allowed: cross_entropy, mse")
+            return output
+        if self.loss == "cross_entropy":
+            return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+        return nn.functional.mse_loss(output, target)
+
+    def regularizer(self, model: Any) -> None:
+        return None  # weight decay, if any, belongs to the optimizer
+
+    def blocks(self, model: Any) -> list[list[Any]]:
+        from torch import nn
+
+        if self.blocks_path is not None:
+            try:
+                container = model.get_submodule(self.blocks_path)
+            except AttributeError:
+                raise UserModelError("--blocks", f"the model has no submodule {self.blocks_path!r}; allowed: a "
+                                                 "dotted path to an nn.ModuleList or nn.Sequential") from None
+            return [[child] for child in container.children()]
+        if isinstance(model, nn.Sequential):
+            return [[child] for child in model.children()]
+        raise UserModelError("--blocks", f"{type(model).__name__} is not an nn.Sequential; allowed: --blocks PATH to "
+                                         "the ModuleList of its blocks, e.g. transformer.h")
+
+    @property
+    def analytic(self) -> None:
+        return None

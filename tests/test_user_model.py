@@ -1,0 +1,119 @@
+"""Your own model: ``bpmem estimate --model`` (fake tensors, no memory) equals ``bpmem measure
+--model`` (real tensors) to the byte; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bpmem.cli import main
+from bpmem.estimate import estimate
+from bpmem.figures import PREDICTED_FIGURES
+from bpmem.measure_cell import DataDependentModel, measure
+from bpmem.spec import MLPSpec
+from bpmem.strategies.registry import make_step
+from bpmem.user_model import TensorShape, UserModel, UserModelError
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT = UserModel("bpmem.models.gpt:make_gpt", data="bpmem.models.gpt:make_batch", blocks_path="blocks")
+RESNET = UserModel("bpmem.models.resnet:make_resnet", data="bpmem.models.resnet:make_batch")
+SHAPES = UserModel("tests.fixtures.user_models:small_mlp", inputs=(TensorShape.parse("float32[B,20]", "--input"),),
+                   target=TensorShape.parse("int64[B]<5", "--target"))
+
+
+def _figures(measured: object) -> dict[str, int]:
+    return {name: getattr(measured, name) for name in PREDICTED_FIGURES}
+
+
+@pytest.mark.parametrize("workload", [GPT, RESNET, SHAPES], ids=["gpt", "resnet", "shapes"])
+@pytest.mark.parametrize("mode,optimizer", [("train", "adam"), ("train", "sgd-momentum"), ("inference", "sgd")])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_the_estimate_without_data_equals_the_measurement(workload: UserModel, mode: str, optimizer: str,
+                                                          batch_size: int) -> None:
+    step = make_step(batch_size=batch_size, mode=mode, optimizer=optimizer)
+    real, fake = measure(workload, step), measure(workload, step, fake=True)
+    assert _figures(fake) == _figures(real)
+    assert fake.per_layer == real.per_layer  # attributed to the same modules, by path
+
+
+def test_on_the_mlp_the_fake_run_equals_the_arithmetic() -> None:
+    """Three independent routes to one number: real tensors, fake tensors, autograd's rules."""
+    spec, step = MLPSpec(depth=3, bias=True, activation="gelu"), make_step(batch_size=16, optimizer="adam")
+    assert _figures(measure(spec, step, fake=True)) == _figures(measure(spec, step)) == _figures(estimate(spec, step))
+
+
+def test_a_model_that_returns_its_loss_with_two_inputs() -> None:
+    workload = UserModel("tests.fixtures.user_models:scalar_loss", data="tests.fixtures.user_models:two_inputs",
+                         loss="none")
+    step = make_step(batch_size=4, optimizer="adam")
+    assert _figures(measure(workload, step, fake=True)) == _figures(measure(workload, step))
+
+
+def test_a_data_dependent_forward_is_a_clear_error() -> None:
+    workload = UserModel("tests.fixtures.user_models:masked_mean",
+                         inputs=(TensorShape.parse("float32[B,20]", "--input"),),
+                         target=TensorShape.parse("float32[B,5]", "--target"), loss="mse")
+    with pytest.raises(DataDependentModel, match="depends on the data.*bpmem measure --model"):
+        measure(workload, make_step(batch_size=4), fake=True)
+    assert measure(workload, make_step(batch_size=4)).peak_bytes > 0  # measured for real, it runs
+
+
+def test_the_gpt_at_a_million_rows_is_estimated_in_little_memory() -> None:
+    """Fake tensors hold no data: batch 1,000,000 costs what batch 1 does (checked in a fresh
+    process: its peak resident set)."""
+    script = ("import resource, json\nfrom bpmem.cli import main\n"
+              "import contextlib, io\nbuf = io.StringIO()\n"
+              "with contextlib.redirect_stdout(buf):\n"
+              "    code = main(['estimate', '--model', 'bpmem.models.gpt:make_gpt', '--data', "
+              "'bpmem.models.gpt:make_batch', '--batch-size', '1000000', '--json'])\n"
+              "out = json.loads(buf.getvalue())\n"
+              "print(json.dumps({'code': code, 'peak': out['peak_bytes'], "
+              "'rss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["code"] == 0 and outcome["peak"] > 2**40  # terabytes predicted...
+    assert outcome["rss_kib"] < 2**20  # ...in under 1 GiB of this process
+
+
+GPT_FLAGS = ["--model", "bpmem.models.gpt:make_gpt", "--data", "bpmem.models.gpt:make_batch"]
+BAD = {
+    "no-colon": (["estimate", "--model", "bpmem.models.gpt", "--data", "x:y"], "--model", "MODULE:NAME"),
+    "no-module": (["estimate", "--model", "nowhere.at_all:make", "--data", "x:y"], "--model", "cannot import"),
+    "no-name": (["estimate", "--model", "bpmem.models.gpt:make_gtp", "--data", "bpmem.models.gpt:make_batch"],
+                "--model", "has no 'make_gtp'"),
+    "factory-raises": (["measure", "--model", "tests.fixtures.user_models:raises", "--input", "float32[B,20]",
+                        "--target", "int64[B]<5"], "--model", "raised ValueError: no such checkpoint"),
+    "not-a-module": (["measure", "--model", "tests.fixtures.user_models:not_a_module", "--input", "float32[B,20]",
+                      "--target", "int64[B]<5"], "--model", "returned str"),
+    "wrong-batch": (["measure", "--model", "tests.fixtures.user_models:small_mlp", "--data",
+                     "tests.fixtures.user_models:wrong_batch"], "--data", "(inputs, target)"),
+    "no-data": (["estimate", "--model", "bpmem.models.gpt:make_gpt"], "--data", "--input"),
+    "bad-shape": (["estimate", "--model", "tests.fixtures.user_models:small_mlp", "--input", "float32(B,20)",
+                   "--target", "int64[B]<5"], "--input", "DTYPE[DIMS]"),
+    "integer-without-range": (["estimate", "--model", "tests.fixtures.user_models:small_mlp", "--input",
+                               "float32[B,20]", "--target", "int64[B]"], "--target", "needs a range"),
+    "kwargs-not-json": (["estimate", *GPT_FLAGS, "--model-kwargs", "{layers: 2}"], "--model-kwargs", "JSON"),
+    "strategy": (["estimate", *GPT_FLAGS, "--strategy", "checkpoint-sqrt"], "--strategy", "allowed: none"),
+    "mlp-with-data": (["estimate", "--data", "bpmem.models.gpt:make_batch"], "--data", "--model"),
+    "data-dependent": (["estimate", "--model", "tests.fixtures.user_models:masked_mean", "--input",
+                        "float32[B,20]", "--target", "float32[B,5]", "--loss", "mse"], "model", "bpmem measure"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(case: str, capsys) -> None:
+    argv, flag, words = BAD[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and words in err, err
+
+
+def test_the_shape_parser_names_what_it_accepts() -> None:
+    assert TensorShape.parse("int64[B, 7]<10", "--target") == TensorShape("int64", ("B", 7), 10)
+    with pytest.raises(UserModelError, match="dimension '0'"):
+        TensorShape.parse("float32[B,0]", "--input")

@@ -62,6 +62,7 @@ def test_a_data_dependent_forward_is_a_clear_error() -> None:
     assert measure(workload, make_step(batch_size=4)).peak_bytes > 0  # measured for real, it runs
 
 
+@pytest.mark.slow  # dozens of fake-tensor steps
 def test_the_gpt_at_a_million_rows_is_estimated_in_little_memory() -> None:
     """Fake tensors hold no data: batch 1,000,000 costs what batch 1 does (checked in a fresh
     process: its peak resident set)."""

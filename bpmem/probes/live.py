@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,6 +26,21 @@ from bpmem.torch_private import (
     tree_leaves,
 )
 from bpmem.tracking import storage_id
+
+# Bytes a storage occupies: its own size rounded up to a multiple of this. 1 counts tensors as
+# they are; 512 is the CUDA caching allocator's block granularity, what max_memory_allocated
+# counts (``allocator_blocks``).
+BLOCK_GRANULARITY: contextvars.ContextVar[int] = contextvars.ContextVar("bpmem_block_granularity", default=1)
+
+
+@contextlib.contextmanager
+def allocator_blocks(granularity: int) -> Iterator[None]:
+    """Count every storage the live probes see as the allocator's rounded block inside the block."""
+    token = BLOCK_GRANULARITY.set(granularity)
+    try:
+        yield
+    finally:
+        BLOCK_GRANULARITY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -198,6 +214,8 @@ class LiveTensorProbe:
         return self._tracked.get(key)
 
     def _add(self, key: int, tracked: _Tracked) -> None:
+        granularity = BLOCK_GRANULARITY.get()
+        tracked.nbytes = -(-tracked.nbytes // granularity) * granularity  # an allocator's block: rounded up
         self._tracked[key] = tracked
         self.ledger.alloc(key, tracked.nbytes, tracked.category, record=False)
 

@@ -1,0 +1,86 @@
+"""``bpmem fit``: will the step fit, at which batch, and what to turn on when it does not."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from bpmem.cli.options import describe, echo_config, fail, specs_from_args
+from bpmem.spec import MLPSpec
+from bpmem.units import format_bytes, parse_bytes
+
+CANNOT_SEE = {
+    "cpu": ["allocator caching and fragmentation", "kernels' internal scratch memory (oneDNN)"],
+    "cuda": ["the CUDA context (hundreds of MiB per process)", "cuBLAS and cuDNN workspaces", "NCCL buffers",
+             "the caching allocator's fragmentation (reserved above allocated)"],
+}
+
+
+def add_fit_parser(sub: argparse._SubParsersAction, add_model_flags) -> None:  # type: ignore[type-arg]
+    fit = sub.add_parser("fit", help="the largest batch size whose predicted peak fits a memory budget",
+                         description="Search the batch size with the estimate (never by allocating): the "
+                                     "largest batch whose predicted training peak fits --memory, the peak there "
+                                     "and at the next batch, and for each strategy the largest batch it reaches.")
+    add_model_flags(fit)
+    fit.add_argument("--memory", required=True, metavar="SIZE", help="the budget, e.g. 80GiB or 1500000000")
+    fit.add_argument("--device-kind", choices=("cpu", "cuda"), default="cpu",
+                     help="cuda: count each storage as the CUDA allocator's 512 B-rounded block")
+    fit.add_argument("--json", action="store_true", help="max_batch_size and the per-strategy figures as JSON")
+    fit.set_defaults(func=cmd_fit)
+
+
+def _strategies(model: object, step) -> list:  # noqa: ANN001 - StepSpec in, StepSpecs out
+    """Every other single-device strategy at its defaults, for the MLP; a user model has the
+    plain step only for now."""
+    from bpmem.strategies import registry
+    from bpmem.strategies.base import ONE_DEVICE
+
+    if not isinstance(model, MLPSpec):
+        return []
+    names = [n for n in registry.names(ONE_DEVICE) if registry.REGISTRY[n].predicts_by_arithmetic]
+    return [dataclasses.replace(step, strategy=registry.make_config(n)) for n in names if n != step.strategy.name]
+
+
+def _both(nbytes: int | None) -> str:
+    return "—" if nbytes is None else f"{format_bytes(nbytes)} ({nbytes:,} B)"
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from bpmem.environment import environment
+    from bpmem.fit import fit
+
+    try:
+        memory = parse_bytes(args.memory)
+    except ValueError:
+        return fail(args.prog, f"argument --memory: {args.memory!r} is not a size; allowed: bytes or a size with "
+                                "a unit, e.g. 80GiB")
+    model, step = specs_from_args(args)
+    if step.mode != "train":
+        return fail(args.prog, f"argument --mode: fit sizes a training step; allowed: train (not {step.mode})")
+    answers = fit(model, step, memory, _strategies(model, step), args.device_kind)
+    first = answers[0]
+    if first.error:
+        return fail(args.prog, f"argument --strategy: {first.error}")
+    if args.json:
+        print(json.dumps({"max_batch_size": first.max_batch_size, "peak_bytes": first.peak_bytes,
+                          "next_peak_bytes": first.next_peak_bytes, "memory_bytes": memory,
+                          "device_kind": args.device_kind, "cannot_see": CANNOT_SEE[args.device_kind],
+                          "strategies": [dataclasses.asdict(a) for a in answers],
+                          "config": echo_config(model, step), "environment": environment("cpu")}, indent=2))
+        return 0
+    print(f"bpmem fit: {describe(model, step)} in {format_bytes(memory)} ({args.device_kind})")
+    print(f"  {'strategy':<22} {'largest batch':>14} {'peak there':>26} {'peak at the next batch':>26}")
+    for answer in answers:
+        if answer.error:
+            print(f"  {answer.strategy:<22} {'—':>14}  {answer.error}")
+            continue
+        found = f"{answer.max_batch_size:,}" if answer.max_batch_size else "none fits"
+        print(f"  {answer.strategy:<22} {found:>14} {_both(answer.peak_bytes):>26} "
+              f"{_both(answer.next_peak_bytes):>26}")
+    print(f"  not counted: {', '.join(CANNOT_SEE[args.device_kind])}")
+    if not isinstance(model, MLPSpec) or args.device_kind == "cuda":
+        print("  peaks from the step run on fake tensors (no memory)")
+    else:
+        print("  peaks from the analytic replay; checkpointing's are estimates (README, Gradient checkpointing)")
+    return 0

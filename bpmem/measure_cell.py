@@ -97,19 +97,21 @@ def step_flops(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer
     return int(counter.get_total_flops())
 
 
-def plain_step_flops(spec: MLPSpec, batch_size: int) -> int:
+def plain_step_flops(spec: MLPSpec | Workload, batch_size: int, device: str = "cpu") -> int:
     """Matmul FLOPs of the plain step's forward and backward (the optimizer does no matmul),
-    counted on the *meta* device: shapes only, no memory, so a strategy's cell never has to
-    fit the plain step it is compared with."""
+    counted on fake tensors of ``device``: shapes only, no memory, so a strategy's cell never
+    has to fit the plain step it is compared with, and the kernels are the device's own
+    (attention counts differently on each backend)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from bpmem.step import forward_objective
 
     workload = as_workload(spec)
-    model = workload.build("meta", seed=None)
-    x, y = meta_batch(workload, batch_size)
-    with FlopCounterMode(display=False) as counter:
-        forward_objective(workload, model, x, y).backward()
+    with fake_tensor_mode():
+        model = workload.build(device, seed=None)
+        x, y = meta_batch(workload, batch_size, device)
+        with FlopCounterMode(display=False) as counter:
+            forward_objective(workload, model, x, y).backward()
     return int(counter.get_total_flops())
 
 
@@ -167,7 +169,7 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     result["saved_hook_bytes"] = saved.saved_activation_bytes
     result["per_layer"] = saved.per_layer()
     result["strategy_params"] = strategy.params() if strategy is not None else {}
-    plain_flops = 0 if plain else plain_step_flops(spec, step.batch_size)
+    plain_flops = 0 if plain else plain_step_flops(spec, step.batch_size, device)
     if step.strategy.opaque_to_probes:
         # Dynamo runs eagerly under a dispatch mode, so neither the live probe nor an outer
         # FlopCounterMode would see the compiled step; its own graphs count their FLOPs.

@@ -133,8 +133,8 @@ def add_regularizer(loss: torch.Tensor, reg: torch.Tensor | None) -> torch.Tenso
     return loss if reg is None else loss + reg
 
 
-def meta_batch(workload: Workload, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of ``batch_size`` rows on the *meta* device: the shapes and dtypes of one real
-    row (``make_batch(1)``), no data and no memory, whatever the batch size."""
-    return tuple(torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype, device="meta")  # type: ignore[return-value]
+def meta_batch(workload: Workload, batch_size: int, device: str = "meta") -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of ``batch_size`` rows without data: the shapes and dtypes of one real row
+    (``make_batch(1)``) on the *meta* device (or ``device`` under fake tensors)."""
+    return tuple(torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype, device=device)  # type: ignore[return-value]
                  for t in workload.make_batch(1, "cpu"))

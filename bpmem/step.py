@@ -96,6 +96,9 @@ def _accumulating_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim
                        y: torch.Tensor, microbatches: int, phase: Labeller, scope: Labeller,
                        observe: Callable[[torch.Tensor], None] | None) -> float:
     workload = as_workload(spec)
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise ValueError("strategy: microbatch cuts one input tensor and one target into micro-batches; allowed: "
+                         "a model of one input with a target, or another strategy")
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     total = 0.0

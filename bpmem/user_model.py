@@ -213,8 +213,9 @@ class UserModel:
             return [[child] for child in container.children()]
         if isinstance(model, nn.Sequential):
             return [[child] for child in model.children()]
-        raise UserModelError("--blocks", f"{type(model).__name__} is not an nn.Sequential; allowed: --blocks PATH to "
-                                         "the ModuleList of its blocks, e.g. transformer.h")
+        raise UserModelError("--blocks", f"{type(model).__name__} is not an nn.Sequential, so bpmem cannot run its "
+                                         "blocks as a chain; allowed: an nn.Sequential model, or a strategy that "
+                                         "needs no chain (checkpoint-selective, microbatch)")
 
     @property
     def analytic(self) -> None:

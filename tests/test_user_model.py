@@ -31,7 +31,8 @@ def _figures(measured: object) -> dict[str, int]:
 
 @pytest.mark.parametrize("workload", [GPT, RESNET, SHAPES], ids=["gpt", "resnet", "shapes"])
 @pytest.mark.parametrize("mode,optimizer", [("train", "adam"), ("train", "sgd-momentum"), ("inference", "sgd")])
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("batch_size", [pytest.param(1, marks=pytest.mark.slow), 3,
+                                        pytest.param(8, marks=pytest.mark.slow)])
 def test_the_estimate_without_data_equals_the_measurement(workload: UserModel, mode: str, optimizer: str,
                                                           batch_size: int) -> None:
     step = make_step(batch_size=batch_size, mode=mode, optimizer=optimizer)
@@ -99,7 +100,7 @@ BAD = {
     "integer-without-range": (["estimate", "--model", "tests.fixtures.user_models:small_mlp", "--input",
                                "float32[B,20]", "--target", "int64[B]"], "--target", "needs a range"),
     "kwargs-not-json": (["estimate", *GPT_FLAGS, "--model-kwargs", "{layers: 2}"], "--model-kwargs", "JSON"),
-    "strategy": (["estimate", *GPT_FLAGS, "--strategy", "checkpoint-sqrt"], "--strategy", "allowed: none"),
+    "no-chain": (["estimate", *GPT_FLAGS, "--strategy", "checkpoint-sqrt"], "--blocks", "not an nn.Sequential"),
     "mlp-with-data": (["estimate", "--data", "bpmem.models.gpt:make_batch"], "--data", "--model"),
     "data-dependent": (["estimate", "--model", "tests.fixtures.user_models:masked_mean", "--input",
                         "float32[B,20]", "--target", "float32[B,5]", "--loss", "mse"], "model", "bpmem measure"),
@@ -118,3 +119,27 @@ def test_the_shape_parser_names_what_it_accepts() -> None:
     assert TensorShape.parse("int64[B, 7]<10", "--target") == TensorShape("int64", ("B", 7), 10)
     with pytest.raises(UserModelError, match="dimension '0'"):
         TensorShape.parse("float32[B,0]", "--input")
+
+
+@pytest.mark.parametrize("workload,strategy", [
+    (RESNET, "checkpoint-layer"), (RESNET, "checkpoint-sqrt"), (RESNET, "checkpoint-every-k"),
+    (RESNET, "checkpoint-selective"), (RESNET, "microbatch"), (GPT, "checkpoint-selective"), (GPT, "microbatch"),
+], ids=lambda value: value if isinstance(value, str) else value.factory.rsplit(":", 1)[-1])
+def test_strategies_on_a_user_model_are_estimated_exactly(workload: UserModel, strategy: str) -> None:
+    step = make_step(strategy, batch_size=4, optimizer="adam")
+    real, fake = measure(workload, step), measure(workload, step, fake=True)
+    assert _figures(fake) == _figures(real) and fake.recompute_flops == real.recompute_flops
+    plain = measure(workload, make_step(batch_size=4, optimizer="adam"))
+    assert real.saved_activation_bytes < plain.saved_activation_bytes  # each of these keeps less
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--strategy", "checkpoint-sqrt", "--blocks", "blocks"], "needs an nn.Sequential"),
+    (["--strategy", "checkpoint-budget"], "byte costs"),
+    (["--strategy", "ddp"], "splits the MLP only"),
+    (["--strategy", "compile-budget"], "bpmem measure"),
+])
+def test_a_strategy_that_cannot_apply_says_what_it_needs(argv: list[str], words: str, capsys) -> None:
+    assert main(["estimate", *GPT_FLAGS, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err

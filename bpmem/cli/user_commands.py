@@ -12,10 +12,10 @@ import json
 import re
 from typing import Any
 
-from bpmem.cli.options import describe, echo_config, fail, print_table
+from bpmem.cli.options import describe, echo_config, fail, fail_field, print_table
 from bpmem.figures import FIGURE_NAMES
 from bpmem.spec import StepSpec
-from bpmem.strategies.base import NoStrategy
+from bpmem.strategies.base import SplitConfig
 
 # what a missing double backward says (CPU SDPA's flash kernel, for one)
 _NO_DOUBLE_BACKWARD = re.compile(r"derivative for (\S+) is not implemented")
@@ -27,15 +27,20 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
     from bpmem.measure_cell import DataDependentModel, is_out_of_memory, measure
     from bpmem.user_model import UserModelError
 
-    if not isinstance(step.strategy, NoStrategy):
-        return fail(args.prog, f"argument --strategy: {step.strategy.name} with --model is not supported yet; "
-                                "allowed: none")
+    if isinstance(step.strategy, SplitConfig):
+        return fail(args.prog, f"argument --strategy: {step.strategy.name} splits the MLP only, for now; allowed "
+                                "with --model: the single-device strategies")
+    if fake and step.strategy.opaque_to_probes:
+        return fail(args.prog, f"argument --strategy: {step.strategy.name} compiles the model, which tensors "
+                                "without data cannot follow; allowed: bpmem measure --model ... to measure it")
     try:
         measured = measure(workload, step, device=device, rss=getattr(args, "rss", False) and not fake, fake=fake)
     except UserModelError as error:
         return fail(args.prog, f"argument {error}")
     except DataDependentModel as error:
         return fail(args.prog, str(error))
+    except ValueError as error:  # a strategy that cannot apply to this model says why, naming the field
+        return fail_field(args.prog, error)
     except RuntimeError as error:
         missing = _NO_DOUBLE_BACKWARD.search(str(error))
         if missing and step.mode == "hvp":

@@ -8,20 +8,15 @@ recompute per segment: retained bytes are the inputs of the ceil(n / k) segments
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from bpmem.analytic.planner import Segment
 from bpmem.strategies.base import parameter, strategy
 from bpmem.strategies.segment_plan import SegmentPlanConfig
-
-if TYPE_CHECKING:
-    from bpmem.spec import MLPSpec
 
 
 @strategy("checkpoint-every-k", "a checkpoint over every k units, the last run too (--k K)")
 class CheckpointEveryK(SegmentPlanConfig):
     k: int = parameter(2, "K", "units per checkpointed segment")
 
-    def plan(self, spec: MLPSpec, batch_size: int) -> list[Segment]:
-        n = spec.depth + 1
+    def plan_units(self, units: int) -> list[Segment]:
+        n = units
         return [Segment(start, min(start + self.k, n), True) for start in range(0, n, self.k)]

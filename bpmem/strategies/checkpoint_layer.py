@@ -7,17 +7,12 @@ hidden activations."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from bpmem.analytic.planner import Segment, layer_plan
 from bpmem.strategies.base import strategy
 from bpmem.strategies.segment_plan import SegmentPlanConfig
 
-if TYPE_CHECKING:
-    from bpmem.spec import MLPSpec
-
 
 @strategy("checkpoint-layer", "every unit (Linear + activation) checkpointed on its own", in_timeline_plot=True)
 class CheckpointLayer(SegmentPlanConfig):
-    def plan(self, spec: MLPSpec, batch_size: int) -> list[Segment]:
-        return layer_plan(spec.depth + 1)
+    def plan_units(self, units: int) -> list[Segment]:
+        return layer_plan(units)

@@ -3,19 +3,14 @@ the last checkpointed, as ``torch.utils.checkpoint.checkpoint_sequential`` cuts 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from bpmem.analytic.planner import Segment, uniform_plan
 from bpmem.strategies.base import parameter, strategy
 from bpmem.strategies.segment_plan import SegmentPlanConfig
-
-if TYPE_CHECKING:
-    from bpmem.spec import MLPSpec
 
 
 @strategy("checkpoint-segments", "K uniform segments, all but the last checkpointed (--segments K)")
 class CheckpointSegments(SegmentPlanConfig):
     segments: int = parameter(4, "K", "uniform segments, all but the last checkpointed")
 
-    def plan(self, spec: MLPSpec, batch_size: int) -> list[Segment]:
-        return uniform_plan(spec.depth + 1, self.segments)
+    def plan_units(self, units: int) -> list[Segment]:
+        return uniform_plan(units, self.segments)

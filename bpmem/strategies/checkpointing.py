@@ -41,11 +41,14 @@ class SegmentStrategy:
     """Runs the units segment by segment, checkpointing the segments the plan says."""
 
     name: str
-    plan: tuple[Segment, ...]
+    plan: tuple[Segment, ...] | None  # None: planned from the chain's length (``planner``) at the first step
     blocks: Callable[[nn.Module], list[list[nn.Module]]] = units  # the workload's chain
+    planner: Callable[[int], list[Segment]] | None = None
 
     def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         chain = self.blocks(model)
+        if self.plan is None:
+            object.__setattr__(self, "plan", tuple(self.planner(len(chain))))  # type: ignore[misc]
         for segment in self.plan:
             modules = [m for unit in chain[segment.start:segment.end] for m in unit]
             if segment.checkpointed:
@@ -56,8 +59,8 @@ class SegmentStrategy:
         return x
 
     def params(self) -> dict[str, Any]:
-        checkpointed = sum(s.checkpointed for s in self.plan)
-        return {"segments": len(self.plan), "checkpointed": checkpointed, "plan": describe(list(self.plan))}
+        plan = list(self.plan or ())
+        return {"segments": len(plan), "checkpointed": sum(s.checkpointed for s in plan), "plan": describe(plan)}
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,10 @@ class SelectiveStrategy:
         keep = _MATMULS if self.policy == "save-matmuls" else _ACTIVATIONS
         return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
 
-    def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Sequential, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
         context = functools.partial(create_selective_checkpoint_contexts, self._choose)
-        return checkpoint(model, x, use_reentrant=False, preserve_rng_state=False, context_fn=context)
+        inputs = x if isinstance(x, tuple) else (x,)  # a model of several inputs takes them positionally
+        return checkpoint(model, *inputs, use_reentrant=False, preserve_rng_state=False, context_fn=context)
 
     def params(self) -> dict[str, Any]:
         return {"policy": self.policy}

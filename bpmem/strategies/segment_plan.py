@@ -29,7 +29,13 @@ class SegmentPlanConfig(StrategyConfig):
     """A strategy that runs a plan of segments, each checkpointed or plain."""
 
     def plan(self, spec: MLPSpec, batch_size: int) -> list[Segment]:
-        raise NotImplementedError
+        """The MLP's plan: by default the plan for its depth + 1 units."""
+        return self.plan_units(spec.depth + 1)
+
+    def plan_units(self, units: int) -> list[Segment]:
+        """The plan over a chain of ``units`` blocks, where no byte costs are needed."""
+        raise ValueError(f"strategy: {self.name} plans from the MLP's byte costs; allowed with --model: "
+                         "checkpoint-layer, checkpoint-segments, checkpoint-sqrt, checkpoint-every-k")
 
     def extra_params(self, spec: MLPSpec, batch_size: int) -> dict[str, Any]:
         """Parameters worth recording beyond the plan's shape (a budget in bytes)."""
@@ -57,4 +63,11 @@ class SegmentPlanConfig(StrategyConfig):
         from bpmem.model import as_workload
         from bpmem.strategies.checkpointing import SegmentStrategy
 
-        return SegmentStrategy(self.name, tuple(self.plan(spec, step.batch_size)), as_workload(spec).blocks)
+        workload = as_workload(spec)
+        if workload.analytic is not None:
+            return SegmentStrategy(self.name, tuple(self.plan(workload.analytic, step.batch_size)), workload.blocks)
+        if getattr(workload, "blocks_path", None) is not None:
+            raise ValueError(f"blocks: {self.name} runs the chain of blocks as the model, so it needs an "
+                             "nn.Sequential model; allowed with --blocks: checkpoint-selective, microbatch")
+        self.plan_units(1)  # a strategy that needs byte costs says so before any step runs
+        return SegmentStrategy(self.name, None, workload.blocks, planner=self.plan_units)

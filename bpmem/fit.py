@@ -15,6 +15,7 @@ the allocator's fragmentation (reserved above allocated): leave room for them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,11 +58,24 @@ def predicted_peak(model: MLPSpec | Any, step: StepSpec, device_kind: str = "cpu
         from bpmem.estimate import estimate
 
         return estimate(model, step).peak_bytes
-    from bpmem.measure_cell import measure
+    from bpmem.measure_cell import DataDependentModel, measure_training_peak
+    from bpmem.model import as_workload
     from bpmem.probes.live import allocator_blocks
+    from bpmem.step import make_optimizer, train_step
+    from bpmem.strategies.base import NoStrategy
+    from bpmem.torch_private import data_dependent_errors, fake_tensor_mode
 
-    with allocator_blocks(CUDA_BLOCK_BYTES if device_kind == "cuda" else 1):
-        return measure(model, step, fake=True).peak_bytes
+    workload = as_workload(model)
+    strategy = None if isinstance(step.strategy, NoStrategy) else step.strategy.runtime(model, step)
+    try:  # measure()'s training peak alone: a warm-up step, then the steady-state step under the probe
+        with fake_tensor_mode(), allocator_blocks(CUDA_BLOCK_BYTES if device_kind == "cuda" else 1):
+            module = workload.build("cpu", seed=0)
+            x, y = workload.make_batch(step.batch_size, "cpu")
+            optimizer = make_optimizer(step, module)
+            train_step(workload, module, optimizer, x, y, strategy=strategy)
+            return measure_training_peak(workload, module, optimizer, x, y, strategy).peak_bytes
+    except data_dependent_errors() as error:
+        raise DataDependentModel(str(error).strip().splitlines()[0] if str(error).strip() else "") from None
 
 
 def fit(model: MLPSpec | Any, step: StepSpec, memory: int, strategies: list[StepSpec],
@@ -69,6 +83,7 @@ def fit(model: MLPSpec | Any, step: StepSpec, memory: int, strategies: list[Step
     """For ``step`` and then each step in ``strategies``: the largest batch that fits ``memory``."""
     answers = []
     for candidate in [step, *strategies]:
+        @functools.cache
         def peak_of(batch: int, candidate: StepSpec = candidate) -> int:
             return predicted_peak(model, dataclasses.replace(candidate, batch_size=batch), device_kind)
 

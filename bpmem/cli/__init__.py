@@ -152,6 +152,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     try:
         return main(argv)
+    except BrokenPipeError:  # the reader left (`| head`): nothing more to say, and nothing to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as error:  # noqa: BLE001 - the last line of defence: a bug, said as one
         if os.environ.get("BPMEM_DEBUG"):
             raise

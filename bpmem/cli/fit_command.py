@@ -10,6 +10,7 @@ from bpmem.cli.options import describe, echo_config, fail, specs_from_args
 from bpmem.spec import MLPSpec
 from bpmem.units import format_bytes, parse_bytes
 
+USER_MODEL_STRATEGIES = ("checkpoint-sqrt", "checkpoint-selective", "microbatch")
 CANNOT_SEE = {
     "cpu": ["allocator caching and fragmentation", "kernels' internal scratch memory (oneDNN)"],
     "cuda": ["the CUDA context (hundreds of MiB per process)", "cuBLAS and cuDNN workspaces", "NCCL buffers",
@@ -31,14 +32,14 @@ def add_fit_parser(sub: argparse._SubParsersAction, add_model_flags) -> None:  #
 
 
 def _strategies(model: object, step) -> list:  # noqa: ANN001 - StepSpec in, StepSpecs out
-    """Every other single-device strategy at its defaults, for the MLP; a user model has the
-    plain step only for now."""
+    """Every other single-device strategy at its defaults, for the MLP; for a user model, the
+    three that most often make a step fit (each costs a search on fake tensors)."""
     from bpmem.strategies import registry
     from bpmem.strategies.base import ONE_DEVICE
 
-    if not isinstance(model, MLPSpec):
-        return []
     names = [n for n in registry.names(ONE_DEVICE) if registry.REGISTRY[n].predicts_by_arithmetic]
+    if not isinstance(model, MLPSpec):
+        names = [n for n in names if n in USER_MODEL_STRATEGIES]
     return [dataclasses.replace(step, strategy=registry.make_config(n)) for n in names if n != step.strategy.name]
 
 
@@ -61,7 +62,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     answers = fit(model, step, memory, _strategies(model, step), args.device_kind)
     first = answers[0]
     if first.error:
-        return fail(args.prog, f"argument --strategy: {first.error}")
+        return fail(args.prog, first.error)
     if args.json:
         print(json.dumps({"max_batch_size": first.max_batch_size, "peak_bytes": first.peak_bytes,
                           "next_peak_bytes": first.next_peak_bytes, "memory_bytes": memory,

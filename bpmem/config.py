@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,10 @@ from bpmem.strategies.base import ONE_DEVICE
 from bpmem.strategies.checkpoint_selective import POLICIES
 from bpmem.strategies.registry import STRATEGIES, make_step
 
-MODEL_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec)) + ("optimizer",)
+MLP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec))
+# your own model instead of the MLP: [model] factory = "pkg.mod:make", data = "pkg.mod:batch", kwargs = {...}
+USER_MODEL_KEYS: tuple[str, ...] = ("factory", "data", "kwargs", "input", "target", "blocks")
+MODEL_KEYS: tuple[str, ...] = MLP_KEYS + ("optimizer",) + USER_MODEL_KEYS
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
                              "warmup", "continue_after_oom", "timeout_s", "model")
 
@@ -85,6 +89,10 @@ class Cell:
     @property
     def cell_id(self) -> str:
         s, t = self.spec, self.step
+        if not isinstance(s, MLPSpec):  # your own model: its factory and arguments name it
+            kwargs = "".join(f"-{k}={v}" for k, v in sorted(json.loads(s.kwargs_json).items()))
+            return (f"{s.factory}{kwargs}-{s.loss}-{t.optimizer}-B{t.batch_size}-{t.mode}-{t.strategy.name}"
+                    f"{''.join(f'-{k}={v}' for k, v in sorted(t.strategy_params().items()))}-{self.device}")
         return (f"d{s.input_dim}-h{s.hidden_dim}-q{s.output_dim}-L{s.depth}-{'bias' if s.bias else 'nobias'}-"
                 f"{s.activation}-{s.loss}-{s.dtype}-l2={s.l2:g}-{t.optimizer}-B{t.batch_size}-{t.mode}-"
                 f"{t.strategy.name}{''.join(f'-{k}={v}' for k, v in sorted(t.strategy_params().items()))}-"
@@ -114,7 +122,7 @@ class SweepConfig:
         for combo in itertools.product(*(values for _, values in self.model)):
             fields = dict(zip(keys, combo, strict=True))
             optimizer = fields.pop("optimizer", "sgd")
-            spec = MLPSpec(**fields)
+            spec = _user_model(fields) if "factory" in fields else MLPSpec(**fields)
             for device, (strategy, params), mode in itertools.product(devices or self.devices, self.strategies,
                                                                       self.modes):
                 if mode != "train" and strategy != registry.PLAIN:
@@ -228,16 +236,59 @@ def _model(table: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
         values = _as_list(key, value)
         if not values:
             raise ConfigError(f"model.{key}", "is empty")
+        user = "factory" in table
+        if user and key in MLP_KEYS and key != "loss":
+            raise ConfigError(f"model.{key}", "shapes the MLP only; allowed with factory: "
+                                              f"{', '.join(('optimizer', 'loss', *USER_MODEL_KEYS))}")
+        if not user and key in USER_MODEL_KEYS:
+            raise ConfigError(f"model.{key}", "goes with factory = \"MODULE:FACTORY\" (your own model)")
+        checked = []
         for item in values:  # check each value on its own, so the message names it
             try:
                 if key == "optimizer":
                     StepSpec(optimizer=item)
+                elif user and key in (*USER_MODEL_KEYS, "loss"):
+                    item = _user_model_value(key, item)
                 else:
                     MLPSpec(**{key: item})
             except SpecError as error:
                 raise ConfigError(f"model.{key}", f"{item!r} is not allowed; allowed: {error.allowed}") from None
-        pairs.append((key, tuple(dict.fromkeys(values))))  # depth = [1, 1] is one model, not two
+            checked.append(item)
+        pairs.append((key, tuple(dict.fromkeys(checked))))  # depth = [1, 1] is one model, not two
     return tuple(pairs)
+
+
+def _user_model(fields: dict[str, Any]) -> Any:
+    """A ``UserModel`` from a [model] table's values (``kwargs`` held as JSON text)."""
+    from bpmem.user_model import TensorShape, UserModel
+
+    inputs = () if fields.get("input") is None else (TensorShape.parse(fields["input"], "model.input"),)
+    target = TensorShape.parse(fields["target"], "model.target") if fields.get("target") else None
+    return UserModel(fields["factory"], fields.get("kwargs", "{}"), fields.get("data"), inputs, target,
+                     fields.get("loss", "cross_entropy"), fields.get("blocks"))
+
+
+def _user_model_value(key: str, item: Any) -> Any:
+    """Check one value of a user-model key, naming it; ``kwargs`` comes back as JSON text."""
+    from bpmem.user_model import LOSSES, TensorShape, UserModelError, load_callable
+
+    try:
+        if key in ("factory", "data"):
+            load_callable(item, f"model.{key}")
+        elif key in ("input", "target"):
+            TensorShape.parse(item, f"model.{key}")
+        elif key == "loss" and item not in LOSSES:
+            raise UserModelError("model.loss", f"{item!r} is not allowed; allowed: {', '.join(LOSSES)}")
+        elif key == "kwargs":
+            if not isinstance(item, dict):
+                raise UserModelError("model.kwargs", f"{item!r} is not allowed; allowed: a table, e.g. "
+                                                     "kwargs = { layers = 4 }, or a list of tables (an axis)")
+            return json.dumps(item, sort_keys=True)
+        elif key == "blocks" and not isinstance(item, str):
+            raise UserModelError("model.blocks", f"{item!r} is not allowed; allowed: a dotted module path")
+    except UserModelError as error:
+        raise ConfigError(error.flag, str(error).split(": ", 1)[1]) from None
+    return item
 
 
 def _count(key: str, value: Any, minimum: int) -> int:
@@ -270,7 +321,17 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
         continue_after_oom=flag,
         timeout_s=_count("timeout_s", data.get("timeout_s", 300), 1),
     )
-    if not config.cells():
+    from bpmem.user_model import UserModelError
+
+    try:
+        cells = config.cells()
+    except UserModelError as error:  # a combination of keys that cannot be a model
+        raise ConfigError(error.flag.replace("--", "model."), str(error).split(": ", 1)[1]) from None
+    split = [c.step.strategy.name for c in cells if c.step.world_size > 1 and not isinstance(c.spec, MLPSpec)]
+    if split:
+        raise ConfigError("strategies", f"{split[0]} splits the MLP only, for now; allowed with factory: the "
+                                        "single-device strategies")
+    if not cells:
         raise ConfigError("strategies", f"with modes {list(config.modes)} the grid has no cell: strategies other "
                                         "than none run in train mode only; allowed: add \"train\" to modes, or "
                                         "\"none\" to strategies")

@@ -227,7 +227,8 @@ def _measure_hvp(spec: MLPSpec | Workload, model: nn.Module, x: torch.Tensor, y:
     return result
 
 
-def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int, seed: int = 0) -> list[float]:
+def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: int, repeats: int,
+               seed: int = 0) -> list[float]:
     """Seconds per plain step (no probe) on a fresh model: ``warmup`` untimed, then ``repeats``.
 
     On CUDA each timed step is bracketed by ``torch.cuda.synchronize`` so the clock sees the
@@ -238,7 +239,7 @@ def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats:
     x, y = workload.make_batch(step.batch_size, device, seed=seed)
     if step.mode == "inference":
         def run() -> None:
-            inference_step(model, x)
+            inference_step(model, x, workload=workload)
     elif step.mode == "hvp":
         vector = [torch.randn_like(p) for p in model.parameters()]
 
@@ -246,7 +247,7 @@ def time_steps(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats:
             hvp_step(spec, model, x, y, vector)
     else:
         optimizer = make_optimizer(step, model)
-        strategy = step.strategy.runtime(spec, step)
+        strategy = None if isinstance(step.strategy, NoStrategy) else step.strategy.runtime(spec, step)
 
         def run() -> None:
             train_step(spec, model, optimizer, x, y, strategy=strategy)

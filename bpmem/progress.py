@@ -53,4 +53,5 @@ def _clock(seconds: float) -> str:
 
 def cell_label(cell: Cell) -> str:
     s, t = cell.spec, cell.step
-    return f"depth={s.depth} h={s.hidden_dim} B={t.batch_size} {t.mode} {t.strategy.name} {cell.device}"
+    model = f"depth={s.depth} h={s.hidden_dim}" if hasattr(s, "depth") else s.factory.rsplit(":", 1)[-1]
+    return f"{model} B={t.batch_size} {t.mode} {t.strategy.name} {cell.device}"

@@ -62,6 +62,8 @@ def _save(fig: Any, plots: Path, name: str) -> list[str]:
 
 
 def _model_label(row: Any) -> str:
+    if row.model not in ("", "mlp"):  # your own model: its factory's name and arguments
+        return row.model.rsplit(":", 1)[-1] + (f" {row.model_kwargs}" if row.model_kwargs else "")
     return f"depth {row.depth}, h={row.hidden_dim}" + (", bias" if row.bias else "")
 
 
@@ -73,7 +75,12 @@ def _strategy_label(row: Any) -> str:
 def load(directory: Path):
     from bpmem.results import COLUMNS, MEASURED_COLUMNS, read_results
 
-    frame = read_results(directory / "results.csv", COLUMNS, MEASURED_COLUMNS)  # every column the report reads
+    # every column the report reads; files written before the model columns existed are the MLP's
+    required = tuple(c for c in COLUMNS if c not in ("model", "model_kwargs"))
+    frame = read_results(directory / "results.csv", required, MEASURED_COLUMNS)
+    for column, default in (("model", "mlp"), ("model_kwargs", "")):
+        if column not in frame:
+            frame[column] = default
     if frame.empty:
         from bpmem.results import ResultsFileError
 

@@ -26,7 +26,8 @@ CUDA_COLUMNS: tuple[str, ...] = CUDA_FIGURES
 COLUMNS: tuple[str, ...] = (
     "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version", "git_commit",
     "hostname", "device", "device_name", "cuda_version",
-    "input_dim", "hidden_dim", "output_dim", "depth", "bias", "activation", "dtype", "loss", "l2",
+    "model", "model_kwargs", "input_dim", "hidden_dim", "output_dim", "depth", "bias", "activation", "dtype", "loss",
+    "l2",
     "optimizer", "batch_size", "mode", "strategy", "strategy_params", "world_size", "rank",
     "status", "error",
     *BYTE_COLUMNS,
@@ -119,17 +120,17 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from bpmem.strategies.registry import STRATEGIES
 
     return {"mode": MODES, "strategy": STRATEGIES, "activation": ACTIVATIONS, "dtype": tuple(DTYPES),
-            "loss": LOSSES, "optimizer": OPTIMIZERS, "bias": ("true", "false")}
+            "loss": (*LOSSES, "none"), "optimizer": OPTIMIZERS, "bias": ("true", "false")}
 
 
 # what every ok row of `bpmem run` holds, whatever the strategy
 MEASURED_COLUMNS: tuple[str, ...] = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes",
                                      "peak_bytes")
 # text columns: read as text even when every value happens to look like a number
-TEXT_COLUMNS: tuple[str, ...] = ("run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version",
-                                 "git_commit", "hostname", "device", "device_name", "cuda_version", "activation",
-                                 "dtype", "loss", "optimizer", "mode", "strategy", "strategy_params", "status",
-                                 "error", "peak_phase")
+TEXT_COLUMNS: tuple[str, ...] = (
+    "model", "model_kwargs", "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version",
+    "git_commit", "hostname", "device", "device_name", "cuda_version", "activation", "dtype", "loss", "optimizer",
+    "mode", "strategy", "strategy_params", "status", "error", "peak_phase")
 
 
 def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
@@ -179,6 +180,20 @@ def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
     return rows
 
 
+# the MLP's own columns: empty on the rows of a user's model (its `model` column names it)
+MLP_COLUMNS: tuple[str, ...] = ("input_dim", "hidden_dim", "output_dim", "depth", "bias", "activation", "dtype", "l2")
+
+
+def model_columns(spec: Any) -> dict[str, Any]:
+    """The model's columns of a row: the MLP's shape, or a user model's factory and arguments."""
+    if hasattr(spec, "factory"):
+        return {"model": spec.factory, "model_kwargs": spec.kwargs_json if spec.kwargs_json != "{}" else "",
+                "loss": spec.loss, **dict.fromkeys(MLP_COLUMNS, "")}
+    return {"model": "mlp", "model_kwargs": "", "input_dim": spec.input_dim, "hidden_dim": spec.hidden_dim,
+            "output_dim": spec.output_dim, "depth": spec.depth, "bias": spec.bias, "activation": spec.activation,
+            "dtype": spec.dtype, "loss": spec.loss, "l2": spec.l2}
+
+
 def _check_row(path: Path, number: int, row: dict[str, str]) -> None:
     where = f"{path}, line {number}"
     if not row["cell_id"].strip():
@@ -191,7 +206,8 @@ def _check_row(path: Path, number: int, row: dict[str, str]) -> None:
         least = 0 if column in ("rank", "warmup") or column not in INTEGER_COLUMNS else 1
         if integer and value != "" and not (re.fullmatch(r"[0-9]+", value) and int(value) >= least):
             raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: an integer >= {least} or empty")
-        if column in NON_EMPTY_COLUMNS and not value.strip():
+        mlp_only = column in MLP_COLUMNS and row.get("model", "mlp") not in ("", "mlp")
+        if column in NON_EMPTY_COLUMNS and not value.strip() and not mlp_only:
             raise ResultsFileError(f"{where}: {column} is empty; allowed: the value `bpmem run` wrote")
         if column == "strategy_params" and value and not _json_object(value):
             raise ResultsFileError(f"{where}: strategy_params is {value[:40]!r}; allowed: a JSON object or empty")

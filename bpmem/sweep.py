@@ -31,8 +31,8 @@ from bpmem.estimate import estimate
 from bpmem.figures import FIGURE_NAMES, MEASURED_RANK_COLUMNS, PREDICTED_FIGURES, RankFigures
 from bpmem.measure_cell import is_out_of_memory
 from bpmem.progress import Progress, cell_label
-from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells
-from bpmem.spec import InfeasibleBudget
+from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells, model_columns
+from bpmem.spec import InfeasibleBudget, MLPSpec
 from bpmem.strategies.base import DEVICES, RANKS
 from bpmem.strategies.registry import flat_step
 
@@ -61,17 +61,15 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         **{k: env[k] for k in ("bpmem_version", "torch_version", "python_version", "git_commit", "hostname",
                                "device_name", "cuda_version")},
         "device": cell.device,
-        "input_dim": spec.input_dim, "hidden_dim": spec.hidden_dim, "output_dim": spec.output_dim,
-        "depth": spec.depth, "bias": spec.bias, "activation": spec.activation, "dtype": spec.dtype,
-        "loss": spec.loss, "l2": spec.l2, "optimizer": step.optimizer, "batch_size": step.batch_size,
+        **model_columns(spec), "optimizer": step.optimizer, "batch_size": step.batch_size,
         "mode": step.mode, "strategy": step.strategy.name, "world_size": 1, "rank": 0,
         "repeats": config.repeats, "warmup": config.warmup,
         "strategy_params": json.dumps(step.strategy_params(), sort_keys=True) if step.strategy_params() else "",
     }
     if distributed:
         return row
-    try:
-        predicted = estimate(spec, step)
+    try:  # the MLP by arithmetic; a user's model by its step on fake tensors
+        predicted = estimate(spec, step) if isinstance(spec, MLPSpec) else _fake_estimate(spec, step)
     except InfeasibleBudget as error:  # no plan can fit: nothing to measure, say why
         row.update(status="skipped", error=_one_line(error))
         return row
@@ -87,12 +85,22 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
     return row
 
 
+def _fake_estimate(spec: Any, step: Any) -> Any:
+    from bpmem.measure_cell import measure
+
+    if step.strategy.opaque_to_probes:
+        raise ValueError(f"strategy: {step.strategy.name} cannot run on fake tensors; allowed with factory: "
+                         "the other single-device strategies")
+    return measure(spec, step, fake=True)
+
+
 def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
     """Keep the live-memory timeline of training cells of the deepest model at the batch
     nearest 64: one step per strategy, for the report's timeline plot."""
     depth = max(dict(config.model).get("depth", (1,)))
     batch = min(config.batch_sizes, key=lambda b: (abs(b - 64), b))
-    return (cell.step.mode == "train" and cell.spec.depth == depth and cell.step.batch_size == batch
+    return (isinstance(cell.spec, MLPSpec) and cell.step.mode == "train" and cell.spec.depth == depth
+            and cell.step.batch_size == batch
             and cell.step.strategy.in_timeline_plot)
 
 

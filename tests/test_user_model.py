@@ -143,3 +143,60 @@ def test_a_strategy_that_cannot_apply_says_what_it_needs(argv: list[str], words:
     assert main(["estimate", *GPT_FLAGS, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
+
+
+SWEEP = '''name = "mine"
+batch_sizes = [2, 6]
+modes = ["train", "inference"]
+strategies = ["none", "checkpoint-sqrt"]
+repeats = 1
+warmup = 0
+
+[model]
+factory = "tests.fixtures.user_models:small_mlp"
+kwargs = [{ width = 8 }, { width = 24 }]
+input = "float32[B,20]"
+target = "int64[B]<5"
+'''
+
+
+@pytest.mark.slow  # a whole sweep and its report
+def test_a_sweep_of_your_own_model_predicts_every_row(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "mine.toml"
+    config.write_text(SWEEP)
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    rows = list(__import__("csv").DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 * 2 * 3 and {r["status"] for r in rows} == {"ok"}  # 2 kwargs x 2 batches x 3 kinds
+    assert {r["model"] for r in rows} == {"tests.fixtures.user_models:small_mlp"}
+    assert {r["model_kwargs"] for r in rows} == {'{"width": 8}', '{"width": 24}'} and {r["depth"] for r in rows} == {""}
+    for row in rows:
+        for name in PREDICTED_FIGURES:
+            assert row[name] == row[f"predicted_{name}"], (row["cell_id"], name)
+    assert (out / "report.md").exists()
+    capsys.readouterr()
+    assert main(["check", "--predicted", str(out), "--fail", "saved:0%", "--fail", "peak:0%"]) == 0
+
+
+@pytest.mark.parametrize("change,key", [
+    ('depth = 3\n', "model.depth"),
+    ('', "model.factory"),
+    ('kwargs = 3\n', "model.kwargs"),
+])
+def test_a_bad_model_table_names_its_key(change: str, key: str, tmp_path: Path, capsys) -> None:
+    text = SWEEP.replace("kwargs = [{ width = 8 }, { width = 24 }]\n", change)
+    if key == "model.factory":
+        text = text.replace("small_mlp", "no_such_factory")
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert key in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()  # refused before any output
+
+
+def test_a_split_strategy_on_your_own_model_is_refused(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "split.toml"
+    config.write_text(SWEEP.replace('strategies = ["none", "checkpoint-sqrt"]', 'strategies = ["ddp"]'))
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "strategies: ddp splits the MLP only" in capsys.readouterr().err

@@ -116,6 +116,7 @@ class Measured(StepFigures):
 
     loss: float | None = None  # J of the measured step, computed before the update
     rss_peak_bytes: int | None = None  # with --rss: the process's resident set, sampled
+    caveats: list[str] = field(default_factory=list)  # where a fake-tensor run may differ from a real one
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -126,10 +127,18 @@ def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed:
     if not fake:
         return Measured(**_measure_fields(spec, step, device, seed, rss))
     try:
-        with fake_tensor_mode():
-            return Measured(**_measure_fields(spec, step, device, seed, rss=False))
+        with warnings.catch_warnings(record=True) as caught, fake_tensor_mode():
+            warnings.simplefilter("always")
+            fields = _measure_fields(spec, step, device, seed, rss=False)
+        pointers = any("data pointer of FakeTensor" in str(w.message) for w in caught)
+        return Measured(**fields, caveats=[POINTER_CAVEAT] if pointers else [])
     except data_dependent_errors() as error:
         raise DataDependentModel(str(error).strip().splitlines()[0] if str(error).strip() else "") from None
+
+
+# a kernel chosen after reading data pointers (attention's alignment checks) may differ on fake tensors
+POINTER_CAVEAT = ("the model's step read data pointers, which fake tensors do not have: a kernel chosen that way "
+                  "may differ from a real run's; check with bpmem measure --model")
 
 
 class DataDependentModel(ValueError):

@@ -39,6 +39,7 @@ def test_the_estimate_without_data_equals_the_measurement(workload: UserModel, m
     real, fake = measure(workload, step), measure(workload, step, fake=True)
     assert _figures(fake) == _figures(real)
     assert fake.per_layer == real.per_layer  # attributed to the same modules, by path
+    assert fake.caveats == []
 
 
 def test_on_the_mlp_the_fake_run_equals_the_arithmetic() -> None:
@@ -222,3 +223,9 @@ def test_models_whose_estimate_is_known_to_differ(name: str) -> None:
     step = make_step(batch_size=8, optimizer="adam")
     workload = KNOWN_DIVERGENT[name]
     assert _figures(measure(workload, step, fake=True)) == _figures(measure(workload, step))
+
+
+def test_an_estimate_that_read_data_pointers_says_it_may_differ(capsys) -> None:
+    encoder = KNOWN_DIVERGENT["transformer-encoder"]
+    estimated = measure(encoder, make_step(batch_size=2), fake=True)
+    assert len(estimated.caveats) == 1 and "bpmem measure --model" in estimated.caveats[0]

@@ -60,6 +60,8 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
     print_table(f"bpmem {verb}: {describe(workload, step)}",
                 [(k.removesuffix("_bytes"), figures[k], "") for k in FIGURE_NAMES if k in figures])
     _print_top_modules(measured.per_layer)
+    for caveat in measured.caveats:
+        print(f"  caveat: {caveat}")
     return 0
 
 

@@ -126,6 +126,8 @@ def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed:
     ``DataDependentModel`` error."""
     if not fake:
         return Measured(**_measure_fields(spec, step, device, seed, rss))
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # PyTorch warns once per process; every estimate must hear it
     try:
         with warnings.catch_warnings(record=True) as caught, fake_tensor_mode():
             warnings.simplefilter("always")
@@ -134,6 +136,8 @@ def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed:
         return Measured(**fields, caveats=[POINTER_CAVEAT] if pointers else [])
     except data_dependent_errors() as error:
         raise DataDependentModel(str(error).strip().splitlines()[0] if str(error).strip() else "") from None
+    finally:
+        torch.set_warn_always(warn_always)
 
 
 # a kernel chosen after reading data pointers (attention's alignment checks) may differ on fake tensors

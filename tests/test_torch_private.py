@@ -318,3 +318,15 @@ def test_only_the_fence_touches_torch_internals() -> None:
         if uses and name != FENCE:
             offenders[name] = uses
     assert not offenders, f"use bpmem.torch_private instead (add a fence there if none fits): {offenders}"
+
+
+def test_fake_tensors_have_shapes_and_no_data() -> None:
+    from bpmem.torch_private import data_dependent_errors, fake_tensor_mode, is_fake
+
+    with fake_tensor_mode():
+        x = torch.randn(1_000_000, 1_000)  # four gigabytes, never allocated
+        y = x @ torch.randn(1_000, 3)
+        assert is_fake(y) and y.shape == (1_000_000, 3) and y.device.type == "cpu"
+        with pytest.raises(data_dependent_errors()):
+            torch.nonzero(y)  # how many rows survive depends on the data
+    assert not is_fake(torch.zeros(1))

@@ -49,10 +49,6 @@ class Figures:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {k: v for k, v in out.items() if v is not None} if drop_none else out
 
-    def get(self, name: str, default: Any = None) -> Any:
-        value = getattr(self, name, None)
-        return default if value is None else value
-
 
 FIGURE_FIELDS: tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Figures)
 FIGURE_NAMES: tuple[str, ...] = tuple(f.name for f in FIGURE_FIELDS)

@@ -62,11 +62,10 @@ def predicted_peak(model: MLPSpec | Any, step: StepSpec, device_kind: str = "cpu
     from bpmem.model import as_workload
     from bpmem.probes.live import allocator_blocks
     from bpmem.step import make_optimizer, train_step
-    from bpmem.strategies.base import NoStrategy
     from bpmem.torch_private import data_dependent_errors, fake_tensor_mode
 
     workload = as_workload(model)
-    strategy = None if isinstance(step.strategy, NoStrategy) else step.strategy.runtime(model, step)
+    strategy = step.strategy.runtime(model, step)
     try:  # measure()'s training peak alone: a warm-up step, then the steady-state step under the probe
         with fake_tensor_mode(), allocator_blocks(CUDA_BLOCK_BYTES if device_kind == "cuda" else 1):
             module = workload.build("cpu", seed=0)

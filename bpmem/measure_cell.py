@@ -170,7 +170,7 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     if step.mode == "hvp":
         return _measure_hvp(workload, model, x, y, result)
     plain = isinstance(step.strategy, NoStrategy)
-    strategy = None if plain else step.strategy.runtime(spec, step)
+    strategy = step.strategy.runtime(spec, step)
     optimizer = make_optimizer(step, model)
     train_step(workload, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
     saved = SavedTensorProbe(model)
@@ -191,7 +191,7 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
         result["recompute_flops"] = tally.total - plain_flops
         result["saved_activation_bytes"] = saved.saved_activation_bytes
         optimizer.zero_grad(set_to_none=True)  # the trace cannot see frees of older blocks
-        baseline = distinct_storage_bytes([*model.parameters(), *optimizer_state_tensors(optimizer), x, y])
+        baseline = distinct_storage_bytes([*model.parameters(), *optimizer_state_tensors(optimizer), *_tensors(x, y)])
         with AllocatorTraceProbe(baseline) as trace:
             train_step(spec, model, optimizer, x, y, strategy=strategy)
         result.update(peak_bytes=trace.peak_bytes, peak_phase="", peak_by_category={}, timeline=[])
@@ -260,7 +260,7 @@ def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: in
             hvp_step(spec, model, x, y, vector)
     else:
         optimizer = make_optimizer(step, model)
-        strategy = None if isinstance(step.strategy, NoStrategy) else step.strategy.runtime(spec, step)
+        strategy = step.strategy.runtime(spec, step)
 
         def run() -> None:
             train_step(spec, model, optimizer, x, y, strategy=strategy)

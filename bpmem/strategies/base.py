@@ -138,7 +138,8 @@ class StrategyConfig:
         raise NotImplementedError
 
     def runtime(self, spec: MLPSpec, step: StepSpec) -> Any:
-        """The forward wrapper a single-device step runs (``forward(model, x)``, ``params()``)."""
+        """The forward wrapper a single-device step runs (``forward(model, x)``, ``params()``), or
+        None for the workload's own forward."""
         raise NotImplementedError
 
 
@@ -151,20 +152,7 @@ class NoStrategy(StrategyConfig):
         return plain
 
     def runtime(self, spec: MLPSpec, step: StepSpec) -> Any:
-        return PlainForward()
-
-
-@dataclass(frozen=True)
-class PlainForward:
-    """The model's own forward; needs no torch import of its own."""
-
-    name: str = "none"
-
-    def forward(self, model: Any, x: Any) -> Any:
-        return model(x)
-
-    def params(self) -> dict[str, Any]:
-        return {}
+        return None  # no wrapper: the step runs the workload's own forward
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ Order of work, each on a fresh step of the same model so that probes never watch
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpmem.fake_kernels import DeviceStorageSizes
 from bpmem.figures import Measured
 from bpmem.model import as_workload, meta_batch
 from bpmem.probes import (
@@ -129,7 +131,7 @@ def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed:
     warn_always = torch.is_warn_always_enabled()
     torch.set_warn_always(True)  # PyTorch warns once per process; every estimate must hear it
     try:
-        with warnings.catch_warnings(record=True) as caught, fake_tensor_mode():
+        with warnings.catch_warnings(record=True) as caught, fake_tensor_mode(), DeviceStorageSizes():
             warnings.simplefilter("always")
             fields = _measure_fields(spec, step, device, seed, rss=False)
         pointers = any("data pointer of FakeTensor" in str(w.message) for w in caught)
@@ -222,17 +224,24 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
 def _measure_hvp(spec: MLPSpec | Workload, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  result: dict[str, Any]) -> dict[str, Any]:
     """Saved bytes over the forward and the create_graph backward; the peak of the whole H v."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # H v over what trains: frozen layers have no H
     vector = [torch.randn_like(p) for p in params]
-    hvp_step(spec, model, x, y, vector)  # warm-up
+    try:
+        hvp_step(spec, model, x, y, vector)  # warm-up
+    except RuntimeError as error:
+        missing = re.search(r"derivative for (\S+) is not implemented", str(error))
+        if missing is None:
+            raise
+        raise ValueError(f"mode: hvp differentiates the backward, and {missing.group(1)} has no double backward "
+                         "(CPU attention's flash kernel has none, for one); allowed: train, inference") from None
     saved = SavedTensorProbe(model)
     with saved:
         hvp_step(spec, model, x, y, vector, scope=saved.scope)
-    live = LiveTensorProbe({"params": params, "inputs": [*_tensors(x, y), *vector]})
+    live = LiveTensorProbe({"params": list(model.parameters()), "inputs": [*_tensors(x, y), *vector]})
     with live:
         hvp_step(spec, model, x, y, vector, phase=live.phase)
-    params_bytes = distinct_storage_bytes(params)
-    result.update(params_bytes=params_bytes, grads_bytes=params_bytes, optimizer_bytes=0,
+    result.update(params_bytes=distinct_storage_bytes(model.parameters()), grads_bytes=distinct_storage_bytes(params),
+                  optimizer_bytes=0,
                   saved_activation_bytes=saved.saved_activation_bytes, saved_hook_bytes=saved.saved_activation_bytes,
                   per_layer=saved.per_layer(), peak_bytes=live.peak_bytes, peak_phase=live.peak_phase,
                   peak_by_category=live.peak_by_category, timeline=live.timeline, recompute_flops=0,

@@ -131,7 +131,7 @@ def hvp_step(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     wherever a product or a smooth activation uses them), and it keeps every tensor the
     forward saved alive until the second backward is done.
     """
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     with phase("forward"):
         objective = forward_objective(spec, model, x, y, scope)
     with phase("backward"):

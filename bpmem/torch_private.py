@@ -35,8 +35,9 @@ Private API -> what bpmem needs it for -> fence:
   backward stashes, switched off to show that it causes the gloo teardown abort
   (``benchmarks/teardown_abort.py``) -> ``context_stash_disabled``
 - ``torch._subclasses.fake_tensor`` (``FakeTensorMode``, ``FakeTensor`` and its data-dependence
-  exceptions): ``bpmem estimate --model`` runs the step on tensors without data ->
-  ``fake_tensor_mode``, ``is_fake``, ``data_dependent_errors``
+  exceptions, ``unset_fake_temporarily``): ``bpmem estimate --model`` runs the step on tensors
+  without data, and builds the model outside that mode -> ``fake_tensor_mode``, ``is_fake``,
+  ``data_dependent_errors``, ``fake_mode_active``, ``outside_fake_mode``
 - ``torch.distributed.fsdp._fully_shard._fully_shard.FSDPModule``,
   ``pipelining.stage._PipelineStageBase``, ``pipelining.schedules._PipelineSchedule``:
   objects that must be gone before the final barrier -> ``distributed_object_types``
@@ -143,6 +144,19 @@ class ModeStack:
         """The innermost mode, or None on an empty stack."""
         n = self.length()
         return self.at(n - 1) if n > 0 else None
+
+    @contextlib.contextmanager
+    def lifted_above(self, mode: Any) -> Iterator[None]:
+        """Lift the modes above ``mode`` off the stack for the block, then put them back."""
+        above = []
+        while self.length() > 0 and self.top() is not mode:
+            above.append(self.top())
+            self.pop()
+        try:
+            yield
+        finally:
+            for other in reversed(above):
+                self.push(other)
 
 
 DISPATCH_MODES = ModeStack(
@@ -289,6 +303,21 @@ def is_fake(tensor: Any) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(tensor, FakeTensor)
+
+
+def fake_mode_active() -> bool:
+    """Whether a ``FakeTensorMode`` is on this thread's dispatch stack."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
+
+
+def outside_fake_mode() -> contextlib.AbstractContextManager[Any]:
+    """Leave the active ``FakeTensorMode`` for the block: tensors made there are ordinary
+    ones (meta tensors, with ``torch.device("meta")``), which ``.to(dtype)`` can convert."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 def data_dependent_errors() -> tuple[type[BaseException], ...]:

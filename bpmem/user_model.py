@@ -128,10 +128,28 @@ class UserModel:
     # -- the Workload protocol ------------------------------------------------------------
     def build(self, device: Any = "cpu", seed: int | None = 0) -> Any:
         import torch
-        from torch import nn
+
+        from bpmem.torch_private import fake_mode_active, outside_fake_mode
 
         if seed is not None:
             torch.manual_seed(seed)
+        wanted = torch.device(device)
+        if fake_mode_active():
+            # Fake parameters cannot be converted in place (``.to(torch.bfloat16)`` swaps
+            # tensors, which a fake one refuses), so the factory runs on the meta device,
+            # where nothing is allocated either, and the result becomes fake on ``device``.
+            with outside_fake_mode(), torch.device("meta"):
+                model = self._construct()
+            return as_fake_on(model, wanted)
+        model = self._construct()
+        tensors = [*model.parameters(), *model.buffers()]
+        moved = any(t.device.type != wanted.type or (wanted.index is not None and t.device.index != wanted.index)
+                    for t in tensors)
+        return model.to(wanted) if moved else model
+
+    def _construct(self) -> Any:
+        from torch import nn
+
         try:
             model = load_callable(self.factory, "--model")(**json.loads(self.kwargs_json))
         except UserModelError:
@@ -140,12 +158,7 @@ class UserModel:
             raise UserModelError("--model", f"{self.factory} raised {type(error).__name__}: {error}") from None
         if not isinstance(model, nn.Module):
             raise UserModelError("--model", f"{self.factory} returned {type(model).__name__}; allowed: an nn.Module")
-        wanted = torch.device(device)
-        tensors = [*model.parameters(), *model.buffers()]
-        # .to() only where needed: a model built from fake tensors cannot swap its parameters
-        moved = any(t.device.type != wanted.type or (wanted.index is not None and t.device.index != wanted.index)
-                    for t in tensors)
-        return model.to(wanted) if moved else model
+        return model
 
     def make_batch(self, batch_size: int, device: Any = "cpu", seed: int = 0) -> tuple[Any, Any]:
         import torch
@@ -220,3 +233,26 @@ class UserModel:
     @property
     def analytic(self) -> None:
         return None
+
+
+def as_fake_on(model: Any, device: Any) -> Any:
+    """``model`` (built on the meta device) with every parameter and buffer replaced by a
+    tensor of the same shape, strides, dtype and ``requires_grad`` on ``device``, made under
+    the active fake mode. A parameter shared by two modules (a tied embedding) stays shared."""
+    import torch
+    from torch import nn
+
+    made: dict[int, Any] = {}
+
+    def like(tensor: Any) -> Any:
+        if id(tensor) not in made:
+            empty = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+            made[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+        return made[id(tensor)]
+
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, like(param))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, like(buffer))
+    return model

@@ -29,6 +29,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import bpmem
+from tests.fixtures import zoo
+from tests.fixtures.zoo import FF, HEADS, VOCAB, B, C, D, E, H, K, L
 
 F32, I64 = 4, 8
 
@@ -46,13 +48,7 @@ def _saved(model: nn.Module, step) -> bpmem.api.Measurement:  # type: ignore[nam
 
 # -- a CNN: Conv2d, BatchNorm2d, ReLU, MaxPool2d, Linear ------------------------------------
 
-B, C, H, K = 4, 8, 12, 10
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(C * (H // 2) ** 2, K))
+_cnn = zoo.cnn
 
 
 def cnn_derivation() -> int:
@@ -74,23 +70,7 @@ def test_cnn_saves_what_its_ops_keep() -> None:
 
 # -- a transformer block: SDPA attention, LayerNorm, GELU, dropout ----------------------------
 
-L, E, HEADS, FF = 6, 16, 2, 32
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv, self.out = nn.Linear(E, 3 * E), nn.Linear(E, E)
-        self.norm1, self.norm2 = nn.LayerNorm(E), nn.LayerNorm(E)
-        self.up, self.down = nn.Linear(E, FF), nn.Linear(FF, E)
-        self.drop = nn.Dropout(0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        q, k, v = self.qkv(self.norm1(x)).view(batch, L, 3, HEADS, E // HEADS).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, E/heads)
-        x = x + self.out(attended.transpose(1, 2).reshape(batch, L, E))
-        return x + self.drop(self.down(F.gelu(self.up(self.norm2(x)))))
+Block = zoo.Block
 
 
 def transformer_derivation() -> int:
@@ -120,19 +100,7 @@ def test_transformer_block_saves_what_its_ops_keep() -> None:
 
 # -- an embedding whose weight is tied to the output layer ------------------------------------
 
-VOCAB, D = 50, 12
-
-
-class Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D)
-        self.mix = nn.Linear(D, D)
-        self.head = nn.Linear(D, VOCAB, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+Tied = zoo.Tied
 
 
 def tied_derivation() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -15,17 +16,17 @@ from torch.overrides import TorchFunctionMode
 
 from bpmem.analytic.ledger import Ledger
 from bpmem.probes.common import local_tensor
+from bpmem.probes.engine_sums import FakeEngineSums, storage_id_or_none
 from bpmem.torch_private import (
     DISPATCH_MODES,
     FUNCTION_MODES,
-    ModeStack,
     TorchDispatchMode,
     is_accumulate_grad,
+    is_fake,
     running_backward,
     storage_address,
     tree_leaves,
 )
-from bpmem.tracking import storage_id
 
 # Bytes a storage occupies: its own size rounded up to a multiple of this. 1 counts tensors as
 # they are; 512 is the CUDA caching allocator's block granularity, what max_memory_allocated
@@ -64,31 +65,10 @@ class _Tracked:
     role: str = ""  # what it turned out to be, set later by bpmem.api: "gradients", "optimizer"
 
 
-@contextlib.contextmanager
-def _on_top(mode: Any, stack: ModeStack) -> Iterator[None]:
-    """Lift the modes above ``mode`` off its stack for the block, then put them back."""
-    above = []
-    while stack.length() > 0 and stack.top() is not mode:
-        above.append(stack.top())
-        stack.pop()
-    try:
-        yield
-    finally:
-        for other in reversed(above):
-            stack.push(other)
-
-
 _PROBE_IDS = itertools.count()
 # ops whose output shares its input's storage although the storage is new to the program:
 # ``torch.tensor(list)`` reaches the dispatcher only as ``lift_fresh`` of a tensor made outside it
 FRESH_OPS: frozenset[str] = frozenset({"lift_fresh", "lift_fresh_copy"})
-
-
-def _storage_id_or_none(tensor: torch.Tensor) -> int | None:
-    try:
-        return storage_id(tensor)
-    except (RuntimeError, NotImplementedError):  # no storage (a sparse or wrapper tensor)
-        return None
 
 
 def _fresh_storage_nbytes(tensor: torch.Tensor) -> int:
@@ -127,7 +107,7 @@ class _GraphHookMode(_ProbeMode, TorchFunctionMode):
         return out
 
 
-class LiveTensorProbe:
+class LiveTensorProbe(FakeEngineSums):
     """Peak and timeline of live tensor storages over a block of work, by category.
 
     ``preexisting`` names the storages alive before the block that count towards the total
@@ -179,6 +159,7 @@ class LiveTensorProbe:
         self.phase_ends: list[tuple[str, dict[str, int]]] = []  # every time, in order
         self._mode: _LiveMode | None = None
         self._node_key = f"bpmem-live-{next(_PROBE_IDS)}"  # marks the autograd nodes this probe hooked
+        FakeEngineSums.__init__(self)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -220,6 +201,7 @@ class LiveTensorProbe:
         self.ledger.alloc(key, tracked.nbytes, tracked.category, record=False)
 
     def _on_free(self, key: int) -> None:
+        self._release(key)
         tracked = self._tracked.pop(key, None)
         if tracked is None or not self._active:
             return
@@ -228,14 +210,16 @@ class LiveTensorProbe:
 
     def _on_op(self, op: str, out: Any, inputs: Any = ()) -> None:
         self._current_op = op
+        if self._engine_sums and op == "add" and running_backward() and self._as_real_sum(out, inputs[0]):
+            return
         given = None  # storages of the op's inputs, computed only if an output could alias one
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 leaf = local_tensor(leaf)
-                key = _storage_id_or_none(leaf)
+                key = self._key(leaf)
                 if key is not None and key not in self._tracked and op not in FRESH_OPS:
                     if given is None:
-                        given = {_storage_id_or_none(local_tensor(t)) for t in tree_leaves(inputs)
+                        given = {storage_id_or_none(local_tensor(t)) for t in tree_leaves(inputs)
                                  if isinstance(t, torch.Tensor)}
                     if key in given:
                         continue  # a view or in-place result on a storage older than the block: nothing new
@@ -258,7 +242,7 @@ class LiveTensorProbe:
         """
         if not self._counts(tensor.device):
             return
-        key = storage_id(tensor)
+        key = self._key(tensor)
         tracked = self._tracked.get(key)
         if tracked is None:
             tracked = _Tracked(_fresh_storage_nbytes(tensor), self.ledger.phase, self._current_op, aliases=0,
@@ -267,7 +251,7 @@ class LiveTensorProbe:
         elif tracked.aliases is None:
             return  # a storage tracked by its storage object already
         tracked.aliases += 1
-        weakref.finalize(tensor, self._on_alias_dead, key)
+        self._watch_alias(tensor, key)
 
     def _on_alias_dead(self, key: int) -> None:
         tracked = self._tracked.get(key)
@@ -288,32 +272,44 @@ class LiveTensorProbe:
             node.metadata[self._node_key] = True
             # the gradient a node receives may be a sum the engine made while the mode stood
             # aside (two gradients of one tensor that cannot be added in place): see it here
-            node.register_prehook(self._see_gradients)
+            node.register_prehook(functools.partial(self._see_gradients, self._number(node)))
             if not is_accumulate_grad(node):  # an AccumulateGrad hands nothing on: no pause
-                node.register_hook(self._pause_after_node)
+                node.register_hook(functools.partial(self._pause_after_node, self._edges(node)))
                 stack.extend(next_node for next_node, _ in node.next_functions)
 
-    def _see_gradients(self, grad_outputs: Any) -> None:
+    def _see_gradients(self, number: int, grad_outputs: Any) -> None:
+        self._node_starts(number)
         if not self._active:
             return
         found = False
         for grad in grad_outputs:
-            if isinstance(grad, torch.Tensor) and _storage_id_or_none(local_tensor(grad)) not in self._tracked:
+            if isinstance(grad, torch.Tensor) and self._key(local_tensor(grad)) not in self._tracked:
                 self._current_op = "add (gradient sum)"
                 self._track_alias(local_tensor(grad))
                 found = True
         if found:
             self._note("add (gradient sum)")
 
-    def _pause_after_node(self, grad_inputs: Any, grad_outputs: Any) -> None:
-        """Step aside while the engine hands this node's outputs to the next nodes.
+    def _pause_after_node(self, edges: tuple[Any, ...], grad_inputs: Any, grad_outputs: Any) -> None:
+        """Step aside while the engine hands this node's outputs to the next nodes, if it
+        will sum one of them in place.
 
         Autograd sums two gradients that meet at one input (a weight used by its Linear and by
-        the regulariser) in place, unless a dispatch mode is active, in which case it adds out
-        of place (``isTensorSubclassLike`` is true under any mode). Watching would then add a
-        weight-sized buffer that an unwatched step never allocates. So the mode leaves the stack
-        here; the engine restores the thread-local mode stack before it runs the next node.
+        the regulariser) in place where it can (``bpmem.probes.engine_sums``), unless a
+        dispatch mode is active, in which case it adds out of place (``isTensorSubclassLike``
+        is true under any mode). Watching would then add a weight-sized buffer that an
+        unwatched step never allocates. So the mode leaves the stack here; the engine restores
+        the thread-local mode stack before it runs the next node. Where every sum will be out
+        of place anyway, the mode stays and sees each sum when it is made, beside its inputs.
         """
+        in_place, out_of_place = self._coming_sums(edges, grad_inputs)
+        if not in_place or torch.is_grad_enabled():
+            return
+        if out_of_place or any(is_fake(g) for g in grad_inputs):
+            # watch every sum, and count those a real engine makes in place as in place (fake
+            # tensors sum out of place regardless; an out-of-place sum is seen beside its inputs)
+            self._engine_sums = True
+            return
         # every bpmem live mode on top of the stack steps aside, so nested probes (each hooked
         # on the same nodes) leave the sum in place too; the first hook to run pops them all
         while isinstance(DISPATCH_MODES.top(), _LiveMode):
@@ -375,9 +371,9 @@ class LiveTensorProbe:
         assert self._mode is not None
         # a measurement that ends before one it encloses (possible only without `with`) takes
         # its own modes off the stacks and leaves the inner one's in place
-        with _on_top(self._mode, DISPATCH_MODES):
+        with DISPATCH_MODES.lifted_above(self._mode):
             self._mode.__exit__(*exc_info)
-        with _on_top(self._graph_mode, FUNCTION_MODES):
+        with FUNCTION_MODES.lifted_above(self._graph_mode):
             self._graph_mode.__exit__(*exc_info)
         self._active = False
         self._resizable = []  # the storage objects would otherwise outlive the step

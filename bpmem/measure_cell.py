@@ -147,6 +147,11 @@ POINTER_CAVEAT = ("the model's step read data pointers, which fake tensors do no
                   "may differ from a real run's; check with bpmem measure --model")
 
 
+# what torch.utils.checkpoint raises when an in-place op overwrites a tensor it keeps
+IN_PLACE_CLASH = re.compile(r"modified by an inplace operation|cached during selective activation checkpoint "
+                            r"has been mutated")
+
+
 class DataDependentModel(ValueError):
     """The model's forward depends on its data (``nonzero``, ``.item()``, a branch on a value),
     which tensors without data cannot follow."""
@@ -174,7 +179,14 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     plain = isinstance(step.strategy, NoStrategy)
     strategy = step.strategy.runtime(spec, step)
     optimizer = make_optimizer(step, model)
-    train_step(workload, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
+    try:
+        train_step(workload, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
+    except RuntimeError as error:
+        if plain or not IN_PLACE_CLASH.search(str(error)):
+            raise
+        raise ValueError(f"strategy: {step.strategy.name} cannot run this model: an in-place op (such as "
+                         "ReLU(inplace=True)) overwrites a tensor a checkpoint keeps; allowed: the model without "
+                         "in-place ops, or microbatch") from None
     saved = SavedTensorProbe(model)
     objective_bytes: list[int] = []  # J's, each micro-batch's with gradient accumulation
     with saved:

@@ -1,16 +1,22 @@
-"""The runtime of the checkpointing strategies: ``torch.utils.checkpoint`` (non-reentrant) over the
-MLP's units, and the micro-batch marker ``train_step`` loops on.
+"""The runtime of the checkpointing strategies: ``torch.utils.checkpoint`` (non-reentrant) over a
+chain of blocks, and the micro-batch marker ``train_step`` loops on.
 
-Unit j of the ``nn.Sequential`` built by ``bpmem.model.build`` is modules [2j, 2j+2): a Linear
-and its activation; the last unit is the output Linear alone, so there are depth + 1 units.
+The chain is the workload's ``blocks``. For the MLP, unit j of the ``nn.Sequential`` built by
+``bpmem.model.build`` is modules [2j, 2j+2): a Linear and its activation; the last unit is
+the output Linear alone, so there are depth + 1 units. Where the chain is the whole model (the
+MLP, a user's ``nn.Sequential``) the runtime runs it segment by segment. Where the blocks sit
+inside the model's own forward (a ``ModuleList`` named by ``--blocks``), the model runs its own
+forward, and for the step each checkpointed segment's first block runs the whole segment
+under one checkpoint while the segment's other blocks hand their input straight on.
 RNG state is not saved (``preserve_rng_state=False``): the MLP has no dropout, and the
 state would add a 5 KiB tensor per checkpoint for nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,11 +50,16 @@ class SegmentStrategy:
     plan: tuple[Segment, ...] | None  # None: planned from the chain's length (``planner``) at the first step
     blocks: Callable[[nn.Module], list[list[nn.Module]]] = units  # the workload's chain
     planner: Callable[[int], list[Segment]] | None = None
+    # the model's own forward, where the blocks sit inside it (``--blocks``); None: the chain is the model
+    model_forward: Callable[[nn.Module, Any], torch.Tensor] | None = None
 
     def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         chain = self.blocks(model)
         if self.plan is None:
             object.__setattr__(self, "plan", tuple(self.planner(len(chain))))  # type: ignore[misc]
+        if self.model_forward is not None:
+            with _segments_in_place(chain, self.plan):
+                return self.model_forward(model, x)
         for segment in self.plan:
             modules = [m for unit in chain[segment.start:segment.end] for m in unit]
             if segment.checkpointed:
@@ -61,6 +72,61 @@ class SegmentStrategy:
     def params(self) -> dict[str, Any]:
         plan = list(self.plan or ())
         return {"segments": len(plan), "checkpointed": sum(s.checkpointed for s in plan), "plan": describe(plan)}
+
+
+class NotAChain(ValueError):
+    """The model does not call its blocks one after another, each on the last one's output."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"blocks: {why}, so bpmem cannot checkpoint them as a chain; allowed: --blocks naming a "
+                         "ModuleList whose blocks the forward calls in order, each on the previous one's output "
+                         "alone, or checkpoint-selective")
+
+
+@contextlib.contextmanager
+def _segments_in_place(chain: list[list[nn.Module]], plan: tuple[Segment, ...]) -> Iterator[None]:
+    """For the block: each checkpointed segment's first block runs the segment (checkpointed)
+    when the model calls it; the segment's later blocks then pass their input on unchanged.
+    Each replacement is an instance ``forward``, removed while the segment really runs (and
+    when backward recomputes it), so every block keeps its own ``__call__`` and hooks."""
+    patched: list[nn.Module] = []
+
+    def run_segment(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        saved = {id(m): m.__dict__.pop("forward") for m in modules if "forward" in m.__dict__}
+        try:
+            return _run(modules, x)
+        finally:
+            for m in modules:
+                if id(m) in saved:
+                    m.forward = saved[id(m)]
+
+    for segment in plan:
+        if not segment.checkpointed or segment.end - segment.start < 1:
+            continue
+        modules = [m for unit in chain[segment.start:segment.end] for m in unit]
+        handed: list[torch.Tensor] = []
+
+        def first(x: torch.Tensor, *more: Any, _modules: list[nn.Module] = modules,
+                  _handed: list[torch.Tensor] = handed, **named: Any) -> torch.Tensor:
+            if more or named:
+                raise NotAChain("a block takes more than the previous block's output")
+            _handed[:] = [checkpoint(functools.partial(run_segment, _modules), x, use_reentrant=False,
+                                     preserve_rng_state=False)]
+            return _handed[0]
+
+        def passed_on(x: torch.Tensor, *more: Any, _handed: list[torch.Tensor] = handed, **named: Any) -> torch.Tensor:
+            if more or named or not _handed or x is not _handed[0]:
+                raise NotAChain("the forward does not call the blocks in order on each other's output")
+            return x
+
+        for index, module in enumerate(modules):
+            module.forward = first if index == 0 else passed_on
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
 
 
 @dataclass(frozen=True)

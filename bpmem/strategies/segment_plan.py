@@ -66,8 +66,7 @@ class SegmentPlanConfig(StrategyConfig):
         workload = as_workload(spec)
         if workload.analytic is not None:
             return SegmentStrategy(self.name, tuple(self.plan(workload.analytic, step.batch_size)), workload.blocks)
-        if getattr(workload, "blocks_path", None) is not None:
-            raise ValueError(f"blocks: {self.name} runs the chain of blocks as the model, so it needs an "
-                             "nn.Sequential model; allowed with --blocks: checkpoint-selective, microbatch")
         self.plan_units(1)  # a strategy that needs byte costs says so before any step runs
-        return SegmentStrategy(self.name, None, workload.blocks, planner=self.plan_units)
+        # blocks named by --blocks sit inside the model's own forward, which then runs as written
+        inside = workload.forward if getattr(workload, "blocks_path", None) is not None else None
+        return SegmentStrategy(self.name, None, workload.blocks, planner=self.plan_units, model_forward=inside)

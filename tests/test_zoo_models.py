@@ -37,7 +37,8 @@ MODELS = {
 # models with attention: the CPU's flash kernel has no double backward, so no hvp
 NO_HVP = {"transformer-block", "gpt"}
 SEQUENTIAL = {"cnn", "frozen-backbone", "frozen-middle", "in-place", "bfloat16", "resnet"}
-CHAIN_STRATEGIES = ("checkpoint-layer", "checkpoint-segments", "checkpoint-sqrt", "checkpoint-every-k")
+CHAIN_STRATEGIES = ("checkpoint-layer", "checkpoint-segments", "checkpoint-sqrt", "checkpoint-every-k",
+                    "checkpoint-budget")
 
 
 def _figures(measured: object) -> dict[str, int]:
@@ -82,6 +83,12 @@ IN_PLACE_CLASHES = {("in-place", "checkpoint-layer"), ("in-place", "checkpoint-s
 @pytest.mark.parametrize("name,strategy", _strategy_cases())
 def test_every_strategy_that_applies_is_estimated_exactly(name: str, strategy: str) -> None:
     step = make_step(strategy, batch_size=4, optimizer="adam")
+    if strategy == "checkpoint-budget" and name == "frozen-backbone":
+        # its frozen backbone saves nothing, so no checkpoint keeps less than the plain run: half of
+        # the plain bytes is below every plan, and the error says how low a budget can go
+        with pytest.raises(ValueError, match=r"^budget: .* is below the smallest feasible budget"):
+            measure(MODELS[name], step, fake=True)
+        return
     if (name, strategy) in IN_PLACE_CLASHES:
         for fake in (False, True):
             with pytest.raises(ValueError, match=rf"^strategy: {strategy} cannot run this model: an in-place op"):
@@ -110,3 +117,16 @@ def test_checkpointing_blocks_inside_the_models_forward_keeps_its_gradients(stra
     plain = measure(GPT, make_step(batch_size=2))
     checkpointed = measure(GPT, make_step(strategy, batch_size=2))
     assert checkpointed.saved_activation_bytes < plain.saved_activation_bytes / 2  # a block keeps only its input
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.5, 0.2])
+def test_a_budget_on_your_own_model_is_met_with_measured_block_costs(fraction: float) -> None:
+    """checkpoint-budget plans a user's chain from one watched forward: the plan's retained
+    bytes stay within the share of the plain forward's, and the estimate still equals the run."""
+    from bpmem.strategies.base import Budget
+
+    plain = measure(RESNET, make_step(batch_size=4))
+    step = make_step("checkpoint-budget", batch_size=4, budget=Budget(fraction=fraction))
+    real, fake = measure(RESNET, step), measure(RESNET, step, fake=True)
+    assert _figures(fake) == _figures(real) and real.strategy_params == fake.strategy_params
+    assert real.saved_activation_bytes <= fraction * plain.saved_activation_bytes

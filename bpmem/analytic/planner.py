@@ -97,6 +97,15 @@ def sqrt_segments(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
+def smallest_retained(costs: ChainCosts) -> int:
+    """The fewest bytes any plan retains: least[i] = min over j < i of least[j] plus the
+    cheaper of segment [j, i) plain or checkpointed. (A frozen block may retain less plain.)"""
+    least = [0] + [0] * costs.n
+    for i in range(1, costs.n + 1):
+        least[i] = min(least[j] + min(costs.segment_cost(j, i, c)[0] for c in (False, True)) for j in range(i))
+    return least[costs.n]
+
+
 def plan_for_budget(costs: ChainCosts, budget_bytes: int) -> list[Segment] | None:
     """The plan with the fewest recomputed FLOPs whose retained bytes fit ``budget_bytes``.
 

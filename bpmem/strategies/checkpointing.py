@@ -52,9 +52,16 @@ class SegmentStrategy:
     planner: Callable[[int], list[Segment]] | None = None
     # the model's own forward, where the blocks sit inside it (``--blocks``); None: the chain is the model
     model_forward: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    # a planner that needs each block's measured costs (``checkpoint-budget``), used instead of ``planner``
+    cost_planner: Callable[[Any], list[Segment]] | None = None
 
     def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         chain = self.blocks(model)
+        if self.plan is None and self.cost_planner is not None:
+            from bpmem.strategies.block_costs import measure_chain
+
+            measured = measure_chain(model, self.model_forward or (lambda m, v: _run([*m.children()], v)), x, chain)
+            object.__setattr__(self, "plan", tuple(self.cost_planner(measured)))
         if self.plan is None:
             object.__setattr__(self, "plan", tuple(self.planner(len(chain))))  # type: ignore[misc]
         if self.model_forward is not None:

@@ -12,7 +12,7 @@ recomputation happens away from that moment; results.csv carries both figures.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from bpmem.analytic.ledger import Term
 from bpmem.analytic.planner import Segment, describe
@@ -34,8 +34,7 @@ class SegmentPlanConfig(StrategyConfig):
 
     def plan_units(self, units: int) -> list[Segment]:
         """The plan over a chain of ``units`` blocks, where no byte costs are needed."""
-        raise ValueError(f"strategy: {self.name} plans from the MLP's byte costs; allowed with --model: "
-                         "checkpoint-layer, checkpoint-segments, checkpoint-sqrt, checkpoint-every-k")
+        raise NotImplementedError
 
     def extra_params(self, spec: MLPSpec, batch_size: int) -> dict[str, Any]:
         """Parameters worth recording beyond the plan's shape (a budget in bytes)."""
@@ -66,7 +65,16 @@ class SegmentPlanConfig(StrategyConfig):
         workload = as_workload(spec)
         if workload.analytic is not None:
             return SegmentStrategy(self.name, tuple(self.plan(workload.analytic, step.batch_size)), workload.blocks)
-        self.plan_units(1)  # a strategy that needs byte costs says so before any step runs
         # blocks named by --blocks sit inside the model's own forward, which then runs as written
         inside = workload.forward if getattr(workload, "blocks_path", None) is not None else None
+        if self.plans_from_costs:
+            return SegmentStrategy(self.name, None, workload.blocks, model_forward=inside,
+                                   cost_planner=self.plan_measured)
         return SegmentStrategy(self.name, None, workload.blocks, planner=self.plan_units, model_forward=inside)
+
+    plans_from_costs: ClassVar[bool] = False  # True: ``plan_measured`` plans a user's chain from its costs
+
+    def plan_measured(self, chain: Any) -> list[Segment]:
+        """The plan over a user's chain from its measured costs
+        (``bpmem.strategies.block_costs.MeasuredChain``)."""
+        return self.plan_units(chain.costs.n)

@@ -87,6 +87,7 @@ def load(directory: Path):
         raise ResultsFileError(f"{directory / 'results.csv'}: has a header but no rows; allowed: a results.csv "
                                "with at least one row")
     frame["label"] = [_strategy_label(r) for r in frame.itertuples()]
+    frame["model_source"] = frame["model"]  # the factory, before the label replaces it (report_models reads it)
     frame["model"] = [_model_label(r) for r in frame.itertuples()]
     return frame
 

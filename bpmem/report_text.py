@@ -209,6 +209,8 @@ def plots_section(plots: dict[str, list[str]]) -> str:
 
 def write_markdown(frame: Any, plots: dict[str, list[str]]) -> str:
     title = f"# bpmem report: {frame.run_id.iloc[0]}\n\nData: [results.csv](results.csv)."
+    from bpmem.report_models import models_section
+
     sections = [title, environment_section(frame), status_section(frame), summary_section(frame),
-                seed_section(frame), exercises_section(frame), plots_section(plots)]
-    return "\n\n".join(sections) + "\n"
+                seed_section(frame), exercises_section(frame), models_section(frame), plots_section(plots)]
+    return "\n\n".join(section for section in sections if section) + "\n"

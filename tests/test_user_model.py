@@ -122,7 +122,6 @@ def test_the_shape_parser_names_what_it_accepts() -> None:
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--strategy", "checkpoint-budget"], "byte costs"),
     (["--strategy", "ddp"], "splits the MLP only"),
     (["--strategy", "compile-budget"], "bpmem measure"),
 ])

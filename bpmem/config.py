@@ -327,10 +327,16 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
         cells = config.cells()
     except UserModelError as error:  # a combination of keys that cannot be a model
         raise ConfigError(error.flag.replace("--", "model."), str(error).split(": ", 1)[1]) from None
-    split = [c.step.strategy.name for c in cells if c.step.world_size > 1 and not isinstance(c.spec, MLPSpec)]
-    if split:
-        raise ConfigError("strategies", f"{split[0]} splits the MLP only, for now; allowed with factory: the "
-                                        "single-device strategies")
+    # your own model under a split strategy: refused here, before any output, where the strategy
+    # cannot split it at any batch (tensor-parallel; a pipeline of a model that is no nn.Sequential)
+    for spec, strategy in dict.fromkeys((c.spec, c.step.strategy) for c in cells
+                                        if c.step.world_size > 1 and not isinstance(c.spec, MLPSpec)):
+        try:
+            strategy.check_model(spec)
+        except UserModelError as error:
+            raise ConfigError(error.flag.replace("--", "model."), str(error).split(": ", 1)[1]) from None
+        except ValueError as error:
+            raise ConfigError("strategies", str(error).split(": ", 1)[1].replace("--model", "factory")) from None
     if not cells:
         raise ConfigError("strategies", f"with modes {list(config.modes)} the grid has no cell: strategies other "
                                         "than none run in train mode only; allowed: add \"train\" to modes, or "

@@ -24,6 +24,7 @@ from bpmem.analytic.plain_step import plain_estimate
 from bpmem.figures import Estimate, RankFigures
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.base import SplitConfig
+from bpmem.workload import Workload
 
 __all__ = ["estimate", "estimate_ranks", "Estimate", "RankFigures"]
 
@@ -40,9 +41,13 @@ def estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
     return step.strategy.predict(spec, step, plain)
 
 
-def estimate_ranks(spec: MLPSpec, step: StepSpec) -> list[RankFigures]:
-    """Each rank's (or model-parallel stage's) predicted figures under a split strategy."""
+def estimate_ranks(spec: MLPSpec | Workload, step: StepSpec) -> list[RankFigures]:
+    """Each rank's (or model-parallel stage's) predicted figures under a split strategy. Your
+    own model has no arithmetic: its ranks' bytes are None (results.csv leaves them empty),
+    and only what the schedule alone sets (the bubble) is given."""
     if not isinstance(step.strategy, SplitConfig):
         raise ValueError(f"strategy: {step.strategy.name} runs on one device; allowed: a split strategy")
     step.strategy.check(spec, step)
+    if not isinstance(spec, MLPSpec):
+        return step.strategy.schedule_ranks()
     return step.strategy.predict_ranks(spec, step)

@@ -47,6 +47,31 @@ class Outcome:
     returncode: int | None = None
 
 
+def cell_json(spec: Any, step: Any) -> dict[str, Any]:
+    """A cell as the worker's ``--cell`` takes it: the model's fields (the MLP's, or your own
+    model's factory, arguments, data and shapes as text) and the step's, flat."""
+    from bpmem.strategies.registry import flat_step
+
+    model = spec.cell_fields() if hasattr(spec, "cell_fields") else dataclasses.asdict(spec)
+    return {"spec": model, "step": flat_step(step)}
+
+
+def cell_from_json(cell: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, step) of one ``cell_json``: a ``UserModel`` where the fields name a factory,
+    else an ``MLPSpec``; every rank rebuilds the same model from them."""
+    from bpmem.spec import MLPSpec
+    from bpmem.strategies.registry import make_step
+
+    fields = cell.get("spec", {})
+    if "factory" in fields:
+        from bpmem.user_model import UserModel
+
+        spec: Any = UserModel.from_cell_fields(fields)
+    else:
+        spec = MLPSpec(**fields)
+    return spec, make_step(**cell.get("step", {}))
+
+
 def complete_rows(out: Path, world: int, n_cells: int = 1) -> list[dict[str, Any]] | None:
     """The rows rank 0 wrote, if there is exactly one per (cell, rank) and every rank marked
     itself done; else None."""
@@ -63,7 +88,7 @@ def complete_rows(out: Path, world: int, n_cells: int = 1) -> list[dict[str, Any
 
 def launch(cells: list[dict[str, Any]], world: int, log_path: Path, timeout_s: float, repeats: int,
            warmup: int) -> Outcome:
-    """Run ``cells`` (``{"spec": ..., "step": ...}``) in one torchrun job of ``world`` ranks,
+    """Run ``cells`` (``cell_json``'s) in one torchrun job of ``world`` ranks,
     under ``timeout_s``; torchrun's output goes to ``log_path``; nothing of the job outlives
     this call."""
     with tempfile.TemporaryDirectory(prefix="bpmem-dist-") as folder:

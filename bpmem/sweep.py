@@ -12,7 +12,6 @@ valid CSV; ``--resume`` then runs only the cells that have no row yet.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import multiprocessing
@@ -34,7 +33,6 @@ from bpmem.progress import Progress, cell_label
 from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells, model_columns
 from bpmem.spec import InfeasibleBudget, MLPSpec
 from bpmem.strategies.base import DEVICES, RANKS
-from bpmem.strategies.registry import flat_step
 
 
 def _release_memory(device: str) -> None:
@@ -200,7 +198,7 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
     judged by what the ranks recorded. torchrun's output is kept as ``log_dir/<cell_id>.log``
     (a temporary file without ``log_dir``)."""
     from bpmem.estimate import estimate_ranks
-    from bpmem.launch import launch
+    from bpmem.launch import cell_json, launch
 
     world = cell.step.world_size
     try:
@@ -208,11 +206,10 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
     except ValueError as error:
         return _rank_rows(cell, run_id, env, config, [], error)
     rows = _rank_rows(cell, run_id, env, config, predictions)
-    cell_json = {"spec": dataclasses.asdict(cell.spec), "step": flat_step(cell.step)}
     with contextlib.ExitStack() as stack:
         folder = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpmem-log-")))
-        outcome = launch([cell_json], world, folder / f"{cell.cell_id}.log", config.timeout_s, config.repeats,
-                         config.warmup)
+        outcome = launch([cell_json(cell.spec, cell.step)], world, folder / f"{cell.cell_id}.log", config.timeout_s,
+                         config.repeats, config.warmup)
     if outcome.rows is None:
         for row in rows:
             row.update(status="error", error=outcome.error)

@@ -90,6 +90,11 @@ class TensorShape:
             return torch.randint(0, self.high, shape, generator=generator).to(device=device, dtype=dtype)
         return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
+    def __str__(self) -> str:
+        """The shorthand ``parse`` reads back: ``float32[B,20]``, ``int64[B]<10``."""
+        dims = ",".join(str(d) for d in self.dims)
+        return f"{self.dtype}[{dims}]" + (f"<{self.high}" if self.high is not None else "")
+
 
 @dataclass(frozen=True)
 class UserModel:
@@ -124,6 +129,23 @@ class UserModel:
         if self.data is not None:
             load_callable(self.data, "--data")
         object.__setattr__(self, "name", self.name or self.factory)
+
+    def cell_fields(self) -> dict[str, Any]:
+        """The fields as JSON values (shapes as their shorthand): what a worker process gets in
+        its ``--cell`` to build the very same model (``from_cell_fields``)."""
+        return {"factory": self.factory, "kwargs_json": self.kwargs_json, "data": self.data,
+                "inputs": [str(shape) for shape in self.inputs],
+                "target": None if self.target is None else str(self.target), "loss": self.loss,
+                "blocks_path": self.blocks_path}
+
+    @classmethod
+    def from_cell_fields(cls, fields: dict[str, Any]) -> UserModel:
+        """The model ``cell_fields`` described; loading it again checks the factory and data."""
+        target = fields.get("target")
+        return cls(fields["factory"], fields.get("kwargs_json", "{}"), fields.get("data"),
+                   tuple(TensorShape.parse(text, "--input") for text in fields.get("inputs", ())),
+                   TensorShape.parse(target, "--target") if target else None, fields.get("loss", "cross_entropy"),
+                   fields.get("blocks_path"))
 
     # -- the Workload protocol ------------------------------------------------------------
     def build(self, device: Any = "cpu", seed: int | None = 0) -> Any:

@@ -33,13 +33,14 @@ import torch.distributed as dist
 from torch import nn
 
 from bpmem.figures import MeasuredRank
+from bpmem.launch import cell_from_json
 from bpmem.measure_cell import optimizer_state_tensors, time_summary
 from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import _unlabelled, make_optimizer
 from bpmem.strategies import rank_runtime as strategies
-from bpmem.strategies.registry import make_step
 from bpmem.teardown import mark_done, release, sigterm_held
+from bpmem.workload import Workload
 
 
 def _device(local_rank: int) -> torch.device:
@@ -49,7 +50,7 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def run_rank(spec: MLPSpec, step: StepSpec, repeats: int, warmup: int) -> MeasuredRank:
+def run_rank(spec: MLPSpec | Workload, step: StepSpec, repeats: int, warmup: int) -> MeasuredRank:
     rank = dist.get_rank()
     device = _device(int(os.environ.get("LOCAL_RANK", rank)))
     setup = step.strategy.setup_rank(spec, step, rank, device)
@@ -144,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bpmem.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cell", required=True,
-                        help='JSON: {"spec": {MLPSpec fields}, "step": {StepSpec fields, the strategy by name with its '
-                             'parameters beside it}}, or a list of them '
+                        help='JSON: {"spec": {MLPSpec fields, or your own model\'s: factory, kwargs_json, data, '
+                             'inputs, target, loss, blocks_path}, "step": {StepSpec fields, the strategy by name with '
+                             'its parameters beside it}}, or a list of them '
                              "(run one after another in the same process group)")
     parser.add_argument("--out", required=True, type=Path, help="rank 0 writes every rank's row here (JSON)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cells = json.loads(args.cell)
         cells = cells if isinstance(cells, list) else [cells]
-        plan = [(MLPSpec(**c.get("spec", {})), make_step(**c.get("step", {}))) for c in cells]
+        plan = [cell_from_json(cell) for cell in cells]  # the MLP, or your own model rebuilt from its fields
         world = int(os.environ.get("WORLD_SIZE", "1"))
         for spec, step in plan:
             if step.world_size != world:

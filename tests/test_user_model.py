@@ -122,7 +122,8 @@ def test_the_shape_parser_names_what_it_accepts() -> None:
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--strategy", "ddp"], "splits the MLP only"),
+    (["--strategy", "tensor-parallel"], "splits the MLP only"),
+    (["--strategy", "pipeline-gpipe"], "needs an nn.Sequential model"),
     (["--strategy", "compile-budget"], "bpmem measure"),
 ])
 def test_a_strategy_that_cannot_apply_says_what_it_needs(argv: list[str], words: str, capsys) -> None:
@@ -189,11 +190,21 @@ def test_a_bad_model_table_names_its_key(change: str, key: str, tmp_path: Path, 
     assert not (tmp_path / "o").exists()  # refused before any output
 
 
-def test_a_split_strategy_on_your_own_model_is_refused(tmp_path: Path, capsys) -> None:
+def test_a_split_strategy_on_your_own_model_is_refused_only_where_it_splits_the_mlp_alone(tmp_path: Path,
+                                                                                          capsys) -> None:
+    """tensor-parallel splits the MLP's Linear pairs: refused before any output; ddp splits any
+    model (it runs, one row per rank: tests/test_user_model_split.py)."""
+    from bpmem.config import load_config
+
     config = tmp_path / "split.toml"
-    config.write_text(SWEEP.replace('strategies = ["none", "checkpoint-sqrt"]', 'strategies = ["ddp"]'))
+    config.write_text(SWEEP.replace('strategies = ["none", "checkpoint-sqrt"]', 'strategies = ["tensor-parallel"]'))
     assert main(["run", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
-    assert "strategies: ddp splits the MLP only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "strategies: tensor-parallel splits the MLP only" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+    config.write_text(SWEEP.replace('strategies = ["none", "checkpoint-sqrt"]', 'strategies = ["ddp"]'))
+    cells = load_config(config).cells()
+    assert {(c.step.strategy.name, c.step.world_size) for c in cells} == {("ddp", 2)} and len(cells) == 4
 
 
 KNOWN_DIVERGENT = {

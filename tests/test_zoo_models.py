@@ -65,11 +65,13 @@ def test_the_estimate_equals_the_measurement(name: str, mode: str, batch_size: i
 
 
 def _strategy_cases() -> list[object]:
-    cases = []
+    """Every model x every strategy that applies; the fast tier runs each strategy once."""
+    cases, fast = [], set()
     for name in MODELS:
         chain = CHAIN_STRATEGIES if name in SEQUENTIAL or name == "gpt" else ()
         for strategy in (*chain, "checkpoint-selective", "microbatch"):
-            slow = name in ("gpt", "resnet")
+            slow = name in ("gpt", "resnet") or strategy in fast or name == "in-place"
+            fast.add(strategy)
             cases.append(pytest.param(name, strategy, marks=[pytest.mark.slow] if slow else []))
     return cases
 
@@ -119,7 +121,8 @@ def test_checkpointing_blocks_inside_the_models_forward_keeps_its_gradients(stra
     assert checkpointed.saved_activation_bytes < plain.saved_activation_bytes / 2  # a block keeps only its input
 
 
-@pytest.mark.parametrize("fraction", [0.9, 0.5, 0.2])
+@pytest.mark.parametrize("fraction", [pytest.param(0.9, marks=pytest.mark.slow), 0.5,
+                                      pytest.param(0.2, marks=pytest.mark.slow)])
 def test_a_budget_on_your_own_model_is_met_with_measured_block_costs(fraction: float) -> None:
     """checkpoint-budget plans a user's chain from one watched forward: the plan's retained
     bytes stay within the share of the plain forward's, and the estimate still equals the run."""

@@ -28,8 +28,7 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
     from bpmem.user_model import UserModelError
 
     if isinstance(step.strategy, SplitConfig):
-        return fail(args.prog, f"argument --strategy: {step.strategy.name} splits the MLP only, for now; allowed "
-                                "with --model: the single-device strategies")
+        return _split_step(args, workload, step, fake)
     if fake and step.strategy.opaque_to_probes:
         return fail(args.prog, f"argument --strategy: {step.strategy.name} compiles the model, which tensors "
                                 "without data cannot follow; allowed: bpmem measure --model ... to measure it")
@@ -63,6 +62,26 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
     for caveat in measured.caveats:
         print(f"  caveat: {caveat}")
     return 0
+
+
+def _split_step(args: argparse.Namespace, workload: Any, step: StepSpec, fake: bool) -> int:
+    """A split strategy on your own model: what it cannot split is said here, in one line
+    (exit 2); what it can runs one process per rank, which is torchrun's or a sweep's job."""
+    from bpmem.user_model import UserModelError
+
+    try:
+        step.strategy.check(workload, step)
+    except UserModelError as error:
+        return fail(args.prog, f"argument {error}")
+    except ValueError as error:
+        return fail_field(args.prog, error)
+    name = step.strategy.name
+    why = ("bpmem has no per-rank estimate of your own model (no arithmetic of it)" if fake
+           else "it runs one process per rank")
+    return fail(args.prog, f"argument --strategy: {name} on --model: {why}; allowed: measure it with `bpmem run`, "
+                            f"a config of strategies = [\"{name}\"] and [model] factory = \"{workload.factory}\" "
+                            f"(one row per rank), or under `torchrun --nproc-per-node {step.world_size} -m "
+                            "bpmem.worker --cell JSON --out rows.json`")
 
 
 def _print_top_modules(per_layer: list[dict[str, Any]], count: int = 8) -> None:

@@ -155,6 +155,16 @@ class NoStrategy(StrategyConfig):
         return None  # no wrapper: the step runs the workload's own forward
 
 
+def has_arithmetic(spec: Any) -> bool:
+    """Whether bpmem has an arithmetic model of ``spec``: an ``MLPSpec`` or the MLP workload
+    yes; your own model (``--model``, whose ``analytic`` is None) no."""
+    return getattr(spec, "analytic", spec) is not None
+
+
+# what a split strategy's refusal of your own model offers instead
+USER_MODEL_SPLITS = "ddp, fsdp, or a pipeline on an nn.Sequential model"
+
+
 @dataclass(frozen=True)
 class SplitConfig(StrategyConfig):
     """A strategy that spreads one step over ``world_size`` >= 2 ranks or devices; one results
@@ -163,6 +173,23 @@ class SplitConfig(StrategyConfig):
     world_size: int = parameter(2, "N", "ranks or devices, >= 2", minimum=2)  # type: ignore[assignment]
     modes: ClassVar[tuple[str, ...]] = ("train",)
     placement: ClassVar[str] = RANKS
+    # what of the MLP the strategy splits, where your own model need not have it (tensor-parallel's
+    # Linear pairs): it then refuses your own model, saying so; None: it splits any model
+    mlp_only: ClassVar[str | None] = None
+
+    def check_model(self, spec: Any) -> None:
+        """Raise ``ValueError`` ("field: why; allowed: ...") where this strategy cannot split the
+        model at any batch size: asked before any process starts (a sweep config, the CLI)."""
+        if self.mlp_only is not None and not has_arithmetic(spec):
+            raise ValueError(f"strategy: {self.name} splits the MLP only ({self.mlp_only}); allowed with --model: "
+                             f"{USER_MODEL_SPLITS}")
+
+    def schedule_ranks(self) -> list[RankFigures]:
+        """Each rank's figures where bpmem has no arithmetic model (your own): no bytes (the
+        rows' ``predicted_`` columns stay empty), only what the schedule alone sets (the bubble)."""
+        from bpmem.figures import RankFigures
+
+        return [RankFigures() for _ in range(self.world_size)]
 
     def predict(self, spec: MLPSpec, step: StepSpec, plain: Estimate) -> Estimate:
         raise ValueError(f"strategy: {self.name} has one prediction per rank; allowed: predict_ranks")

@@ -1,4 +1,5 @@
-"""``ddp``: ``DistributedDataParallel``; every rank keeps a full replica and 1/p of the rows.
+"""``ddp``: ``DistributedDataParallel``; every rank keeps a full replica and 1/p of the rows,
+of the MLP or of any model of your own (``--model``).
 
 Each rank's loss is the mean over its rows and DDP averages gradients over ranks, which is
 the global mean when the rows split evenly; every rank adds the full s, and the average of
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from bpmem.analytic.plain_step import plain_estimate
 from bpmem.figures import RankFigures
-from bpmem.strategies.base import SplitConfig, strategy
+from bpmem.strategies.base import SplitConfig, has_arithmetic, strategy
 
 if TYPE_CHECKING:
     from bpmem.figures import Estimate
     from bpmem.spec import MLPSpec, StepSpec
+    from bpmem.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,17 @@ class DataParallelConfig(SplitConfig):
         if step.batch_size % self.world_size:
             raise ValueError(f"batch_size: {step.batch_size} does not split evenly over {self.world_size} ranks; "
                              "allowed: a multiple of world_size")
+
+    def owned_parameters(self, spec: MLPSpec | Workload, rank: int) -> list[int]:
+        """Every parameter: a whole replica (DDP), a shard of each (FSDP)."""
+        if has_arithmetic(spec):
+            return super().owned_parameters(spec, rank)
+        from bpmem.strategies.user_split import parameter_count
+
+        return list(range(parameter_count(spec)))
+
+    def schedule_ranks(self) -> list[RankFigures]:
+        return [RankFigures(bubble_fraction=0.0) for _ in range(self.world_size)]  # no rank waits on another
 
     def local_plain(self, spec: MLPSpec, step: StepSpec) -> Estimate:
         """The plain step's estimate at a rank's B/p rows."""
@@ -54,15 +67,15 @@ class DDP(DataParallelConfig):
                            peak_bytes=local.peak_bytes + grads)
         return [rank] * p
 
-    def setup_rank(self, spec: MLPSpec, step: StepSpec, rank: int, device: Any) -> Any:
+    def setup_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel
 
         from bpmem.model import as_workload
-        from bpmem.strategies.rank_runtime import RankSetup, local_rows, objective_step
+        from bpmem.strategies.rank_runtime import RankSetup, batch_tensors, local_rows, objective_step
         from bpmem.torch_private import ddp_bucket_sizes
 
         workload = as_workload(spec)
-        model = workload.build(device, seed=0)
+        model = workload.build(device, seed=0)  # seeded: every rank's replica starts the same
         x_local, y_local = local_rows(*workload.make_batch(step.batch_size, device, seed=0), rank, self.world_size)
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         run = objective_step(spec, wrapped, model, x_local, y_local)
@@ -73,5 +86,5 @@ class DDP(DataParallelConfig):
             # DDP builds them, hold a second copy of every gradient; DDP reports their sizes
             return sum(ddp_bucket_sizes(wrapped))
 
-        return RankSetup([wrapped], list(model.parameters()), x_local, y_local, run, [x_local, y_local],
+        return RankSetup([wrapped], list(model.parameters()), x_local, y_local, run, batch_tensors(x_local, y_local),
                          buffer_bytes=buffer_bytes)

@@ -1,5 +1,7 @@
 """``fsdp``: FSDP2, one ``fully_shard`` per Linear (its own all-gather/reduce-scatter group),
-then the root; each rank keeps 1/p of the rows and a dim-0 shard of every parameter.
+then the root; each rank keeps 1/p of the rows and a dim-0 shard of every parameter. Your own
+model (``--model``): one unit per ordered block that holds parameters (``workload.blocks``),
+then the root; a model without blocks is one unit, the root (``bpmem.strategies.user_split``).
 
 The data loss is as for DDP (FSDP reduce-scatters the averaged gradients of the
 all-gathered parameters). s is computed on the sharded weights (DTensors), outside the
@@ -33,11 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from bpmem.analytic.rules import optimizer_state_bytes, parameter_tensors
 from bpmem.figures import RankFigures
-from bpmem.strategies.base import strategy
+from bpmem.strategies.base import has_arithmetic, strategy
 from bpmem.strategies.ddp import DataParallelConfig
 
 if TYPE_CHECKING:
     from bpmem.spec import MLPSpec, StepSpec
+    from bpmem.workload import Workload
 
 
 def fsdp_shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -73,19 +76,23 @@ class FSDP(DataParallelConfig):
                 comm_bytes=3 * (p - 1) * params + (spec.depth + 1) * 2 * (p - 1) * s // p))
         return ranks
 
-    def setup_rank(self, spec: MLPSpec, step: StepSpec, rank: int, device: Any) -> Any:
+    def setup_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any) -> Any:
         from torch import nn
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
 
         from bpmem.model import as_workload
-        from bpmem.strategies.rank_runtime import RankSetup, local_rows, mesh, objective_step
+        from bpmem.strategies.rank_runtime import RankSetup, batch_tensors, local_rows, mesh, objective_step
+        from bpmem.strategies.user_split import fsdp_units
 
         workload = as_workload(spec)
-        model = workload.build(device, seed=0)
+        model = workload.build(device, seed=0)  # seeded: every rank shards the same weights
         device_mesh = mesh(device, self.world_size)
-        linears = [m for m in model if isinstance(m, nn.Linear)]
-        for linear in linears:
-            fully_shard(linear, mesh=device_mesh)
+        # the MLP: one unit per Linear; your own model: one per ordered block (or none), then the root
+        units = ([m for m in model if isinstance(m, nn.Linear)] if has_arithmetic(workload)
+                 else fsdp_units(workload, model))
+        for unit in units:
+            fully_shard(unit, mesh=device_mesh)
         fully_shard(model, mesh=device_mesh)
         x_local, y_local = local_rows(*workload.make_batch(step.batch_size, device, seed=0), rank, self.world_size)
         run = objective_step(spec, model, model, x_local, y_local)
@@ -97,12 +104,14 @@ class FSDP(DataParallelConfig):
             # not activations. ``unshard()`` registers those very unsharded parameters on the
             # module, so their storages can be named (and excluded) up front, before any is
             # counted; a later step's all-gathers land in the same storages again.
+            # A unit's parameters that are not DTensors while it alone is unsharded are its own
+            # gathered ones (the units inside it stay sharded); the root gathers what no block holds.
             held: list[Any] = []
-            for linear in linears:
-                linear.unshard()
-                held.extend(linear.parameters(recurse=False))
-                linear.reshard()
+            for unit in [*units, model]:
+                unit.unshard()
+                held.extend(p for p in unit.parameters() if not isinstance(p, DTensor))
+                unit.reshard()
             return held
 
-        return RankSetup([model], list(model.parameters()), x_local, y_local, run, [x_local, y_local],
+        return RankSetup([model], list(model.parameters()), x_local, y_local, run, batch_tensors(x_local, y_local),
                          transient_params)

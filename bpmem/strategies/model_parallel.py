@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 
 
 @strategy("model-parallel", "one process, the layers spread over N devices (cuda:0..N-1), no pipelining",
-          placement=DEVICES)
+          placement=DEVICES, mlp_only="its units, one run per device")
 class ModelParallel(SplitConfig):
     def check(self, spec: MLPSpec, step: StepSpec) -> None:
+        self.check_model(spec)
         if spec.depth + 1 < self.world_size:
             raise ValueError(f"depth: {spec.depth} gives {spec.depth + 1} units, fewer than the {self.world_size} "
                              f"devices of model-parallel; allowed: depth >= {self.world_size - 1}")

@@ -7,6 +7,9 @@ mean, and ``scale_grads`` divides the summed gradients by m (the global mean for
 micro-batches); each rank then adds its own weights' share of s and back-propagates it.
 ``bpmem.analytic.schedules`` predicts what each rank keeps; the bubble is (p - 1) / (v m + p - 1)
 for v local stages per rank.
+
+Your own model (``--model``) pipelines where it is an ``nn.Sequential``: the stages are slices
+of its children, as even in count as they go (``bpmem.strategies.user_split``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from bpmem.analytic.planner import uniform_plan
 from bpmem.analytic.rules import units_state_bytes
 from bpmem.analytic.schedules import (
     INTERLEAVED_LOCAL_STAGES,
@@ -25,10 +29,11 @@ from bpmem.analytic.schedules import (
     stage_units,
 )
 from bpmem.figures import RankFigures
-from bpmem.strategies.base import SplitConfig, parameter, strategy
+from bpmem.strategies.base import SplitConfig, has_arithmetic, parameter, strategy
 
 if TYPE_CHECKING:
     from bpmem.spec import MLPSpec, StepSpec
+    from bpmem.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,39 @@ class PipelineConfig(SplitConfig):
     def local_stages(self) -> int:
         return 1
 
-    def check(self, spec: MLPSpec, step: StepSpec) -> None:
+    def check_model(self, spec: MLPSpec | Workload) -> None:
+        super().check_model(spec)
+        self.chain_length(spec)
+        if getattr(spec, "loss", "") == "none":  # the last stage computes the loss from its micro-batch's target
+            raise ValueError(f"loss: {self.name} computes the loss on the last stage from a target; allowed: "
+                             "cross_entropy, mse")
+
+    def chain_length(self, spec: MLPSpec | Workload) -> int:
+        """The units the stages are cut from: the MLP's depth + 1, or the children of your own
+        ``nn.Sequential`` model (anything else is refused, naming what is needed)."""
+        if has_arithmetic(spec):
+            return spec.depth + 1
+        from bpmem.strategies.user_split import sequential_length
+
+        return sequential_length(spec, self.name)
+
+    def stage_ranges(self, spec: MLPSpec | Workload) -> list[tuple[int, int]]:
+        """[start, end) units of each stage, as even as the chain allows."""
+        if has_arithmetic(spec):
+            return stage_units(spec, self)
+        return [(s.start, s.end) for s in uniform_plan(self.chain_length(spec), stage_count(self))]
+
+    def check(self, spec: MLPSpec | Workload, step: StepSpec) -> None:
         p, m = self.world_size, self.microbatches
         stages = stage_count(self)
-        if spec.depth + 1 < stages:
-            raise ValueError(f"depth: {spec.depth} gives {spec.depth + 1} units, fewer than the {stages} stages "
+        self.check_model(spec)
+        units = self.chain_length(spec)
+        if units < stages and has_arithmetic(spec):
+            raise ValueError(f"depth: {spec.depth} gives {units} units, fewer than the {stages} stages "
                              f"of {self.name} on {p} ranks; allowed: depth >= {stages - 1}")
+        if units < stages:
+            raise ValueError(f"model: {spec.name} has {units} children, fewer than the {stages} stages of "
+                             f"{self.name} on {p} ranks; allowed: an nn.Sequential of at least {stages} children")
         if step.batch_size % m:
             raise ValueError(f"batch_size: {step.batch_size} does not split into {m} equal "
                              "micro-batches; allowed: a multiple of microbatches")
@@ -66,7 +98,16 @@ class PipelineConfig(SplitConfig):
                                    comm_bytes=pipeline_comm_bytes(spec, self, b, rank)))
         return out
 
-    def owned_parameters(self, spec: MLPSpec, rank: int) -> list[int]:
+    def schedule_ranks(self) -> list[RankFigures]:
+        p, m = self.world_size, self.microbatches
+        return [RankFigures(bubble_fraction=(p - 1) / (self.local_stages * m + p - 1)) for _ in range(p)]
+
+    def owned_parameters(self, spec: MLPSpec | Workload, rank: int) -> list[int]:
+        if not has_arithmetic(spec):
+            from bpmem.strategies.user_split import owned_indices
+
+            ranges = self.stage_ranges(spec)
+            return owned_indices(spec, [ranges[k] for k in ranks_stages(self, rank)])
         per_unit = 2 if spec.bias else 1
         ranges = stage_units(spec, self)
         return [i for stage in ranks_stages(self, rank)
@@ -78,7 +119,7 @@ class PipelineConfig(SplitConfig):
         kind = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B}[self.schedule]
         return kind(stages[0], n_microbatches=self.microbatches, loss_fn=loss_fn)
 
-    def setup_rank(self, spec: MLPSpec, step: StepSpec, rank: int, device: Any) -> Any:
+    def setup_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any) -> Any:
         from torch import nn
         from torch.distributed.pipelining import PipelineStage
 
@@ -86,9 +127,12 @@ class PipelineConfig(SplitConfig):
         from bpmem.strategies.rank_runtime import RankSetup
 
         workload = as_workload(spec)
-        chain = workload.blocks(workload.build(device, seed=0))
+        model = workload.build(device, seed=0)  # seeded: every rank builds the same weights, keeps its stages
+        # the MLP's units; your own nn.Sequential's children, which are its forward
+        chain = workload.blocks(model) if has_arithmetic(workload) else [[child] for child in model.children()]
+        del model
         x, y = workload.make_batch(step.batch_size, device, seed=0)
-        ranges = stage_units(spec, self)
+        ranges = self.stage_ranges(spec)
         n_stages = len(ranges)
         mine = ranks_stages(self, rank)
         modules = [nn.Sequential(*[m for unit in chain[a:b] for m in unit]) for a, b in (ranges[i] for i in mine)]

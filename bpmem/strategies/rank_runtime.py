@@ -23,6 +23,10 @@ The objective stays J = L + s on the global batch:
   the summed gradients by m (the global mean for equal micro-batches); each rank then adds
   its own weights' share of s and back-propagates it.
 
+Your own model (``--model``) has no s (its workload's regulariser is None), so J = L: DDP and
+FSDP split its rows as above, its inputs a tensor or a tuple of them; a pipeline cuts the
+children of an ``nn.Sequential`` (``bpmem.strategies.user_split``).
+
 Parameters and gradients of FSDP and tensor parallelism are DTensors: the probes count
 their local shards (``bpmem.probes.local_tensor``); ``full_tensors`` gathers them whole for
 the equivalence check.
@@ -48,7 +52,7 @@ class RankSetup:
 
     modules: list[nn.Module]  # the rank's stage modules, or the DDP/FSDP/TP-wrapped model
     params: list[nn.Parameter]  # DTensors for fsdp and tensor-parallel
-    x: torch.Tensor | None
+    x: Any  # this rank's inputs: a tensor, a tuple of them (your own model's), or None
     y: torch.Tensor | None
     run: Any  # callable(phase) -> None: one training step without the optimizer
     inputs: list[torch.Tensor]
@@ -61,14 +65,26 @@ class RankSetup:
     buffer_bytes: Any = field(default=lambda: 0)
 
 
-def local_rows(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's 1/p of the rows, as fresh tensors (not views keeping the global batch)."""
-    rows = x.shape[0] // world_size
-    return x[rank * rows:(rank + 1) * rows].clone(), y[rank * rows:(rank + 1) * rows].clone()
+def local_rows(x: Any, y: Any, rank: int, world_size: int) -> tuple[Any, Any]:
+    """This rank's 1/p of the rows of the inputs (a tensor, or a tuple of them: your own
+    model's) and of the target (None stays None), as fresh tensors (not views keeping the
+    global batch)."""
+
+    def mine(tensor: Any) -> Any:
+        if tensor is None or isinstance(tensor, tuple):
+            return tensor if tensor is None else tuple(mine(t) for t in tensor)
+        rows = tensor.shape[0] // world_size
+        return tensor[rank * rows:(rank + 1) * rows].clone()
+
+    return mine(x), mine(y)
 
 
-def objective_step(spec: MLPSpec | Workload, forward: nn.Module, weights: nn.Module, x: torch.Tensor,
-                   y: torch.Tensor):
+def batch_tensors(x: Any, y: Any) -> list[torch.Tensor]:
+    """The batch's tensors, for the live probe's "inputs": every input and the target, if any."""
+    return [t for t in (*(x if isinstance(x, tuple) else (x,)), y) if t is not None]
+
+
+def objective_step(spec: MLPSpec | Workload, forward: nn.Module, weights: nn.Module, x: Any, y: Any) -> Any:
     """The step of the strategies that run the whole model on every rank (DDP, FSDP, TP):
     J = L + s forward through ``forward`` (the wrapper), s over ``weights``, then backward.
     Under FSDP and TP the weights are DTensors: the workload's s gathers their square sums."""
@@ -76,7 +92,9 @@ def objective_step(spec: MLPSpec | Workload, forward: nn.Module, weights: nn.Mod
 
     def run(phase: Any) -> None:
         with phase("forward"):
-            objective = add_regularizer(workload.data_loss(forward(x), y), workload.regularizer(weights))
+            # the workload's forward: a tuple of inputs goes in positionally (your own model's)
+            objective = add_regularizer(workload.data_loss(workload.forward(forward, x), y),
+                                        workload.regularizer(weights))
         with phase("backward"):
             objective.backward()
 
@@ -89,7 +107,7 @@ def mesh(device: torch.device, world_size: int) -> Any:
     return init_device_mesh(device.type, (world_size,))
 
 
-def reference_gradients(spec: MLPSpec, step: StepSpec, device: torch.device) -> list[torch.Tensor]:
+def reference_gradients(spec: MLPSpec | Workload, step: StepSpec, device: torch.device) -> list[torch.Tensor]:
     """The single-device step's gradients on the same global batch, in build order."""
     from bpmem.step import forward_objective
 

@@ -38,9 +38,11 @@ def tensor_parallel_styles(spec: MLPSpec) -> list[str]:
     return [("colwise", "rowwise")[j % 2] if j < n - n % 2 else "replicated" for j in range(n)]
 
 
-@strategy("tensor-parallel", "colwise/rowwise Linear pairs, hidden features split over the ranks (torchrun)")
+@strategy("tensor-parallel", "colwise/rowwise Linear pairs, hidden features split over the ranks (torchrun)",
+          mlp_only="colwise/rowwise pairs of its Linears")
 class TensorParallel(SplitConfig):
     def check(self, spec: MLPSpec, step: StepSpec) -> None:
+        self.check_model(spec)
         if spec.hidden_dim % self.world_size:
             raise ValueError(f"hidden_dim: {spec.hidden_dim} does not split evenly over {self.world_size} ranks "
                              "for tensor-parallel (each rank keeps hidden_dim / world_size features); "

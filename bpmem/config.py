@@ -1,6 +1,7 @@
 """Sweep configs: a TOML grid over model flags, batch sizes, devices, modes and strategies.
 
-A config file looks like this (every key optional; a list in ``[model]`` is a grid axis)::
+A config file looks like this (every key optional; a list in ``[model]`` is a grid axis, and
+several ``[[model]]`` tables are several grids, one after another)::
 
     name = "quick"
     batch_sizes = [1, 16, 256]          # or { start = 1, stop = 4096, factor = 4 }
@@ -35,6 +36,7 @@ from bpmem.strategies.base import ONE_DEVICE
 from bpmem.strategies.checkpoint_selective import POLICIES
 from bpmem.strategies.registry import STRATEGIES, make_step
 
+Grid = tuple[tuple[str, tuple[Any, ...]], ...]  # a [model] table: (key, values) pairs, a grid
 MLP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec))
 # your own model instead of the MLP: [model] factory = "pkg.mod:make", data = "pkg.mod:batch", kwargs = {...}
 USER_MODEL_KEYS: tuple[str, ...] = ("factory", "data", "kwargs", "input", "target", "blocks")
@@ -101,11 +103,12 @@ class Cell:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A validated sweep. ``model`` holds (field, values) pairs; every combination is a model."""
+    """A validated sweep. Each grid of ``model`` holds (field, values) pairs; every combination
+    is a model."""
 
     name: str = "sweep"
     description: str = ""
-    model: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    model: tuple[Grid, ...] = ((),)  # one grid per [[model]] table; the empty grid: the default MLP
     batch_sizes: tuple[int, ...] = (64,)
     devices: tuple[str, ...] = ("cpu",)
     modes: tuple[str, ...] = ("train",)
@@ -117,10 +120,10 @@ class SweepConfig:
 
     def cells(self, devices: tuple[str, ...] | None = None) -> list[Cell]:
         """Every cell, each series in ascending batch size; ``devices`` as resolved."""
-        keys = [k for k, _ in self.model]
         cells = []
-        for combo in itertools.product(*(values for _, values in self.model)):
-            fields = dict(zip(keys, combo, strict=True))
+        combos = [dict(zip([k for k, _ in grid], combo, strict=True))
+                  for grid in self.model for combo in itertools.product(*(values for _, values in grid))]
+        for fields in combos:
             optimizer = fields.pop("optimizer", "sgd")
             spec = _user_model(fields) if "factory" in fields else MLPSpec(**fields)
             for device, (strategy, params), mode in itertools.product(devices or self.devices, self.strategies,
@@ -134,7 +137,8 @@ class SweepConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["model"] = {k: list(v) for k, v in self.model}
+        grids = [{k: list(v) for k, v in grid} for grid in self.model]
+        out["model"] = grids[0] if len(grids) == 1 else grids
         out["strategies"] = [{"name": name, **dict(params)} for name, params in self.strategies]
         return out
 
@@ -226,9 +230,17 @@ def _devices(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def _model(table: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+def _models(tables: Any) -> tuple[Grid, ...]:
+    """``[model]`` (one grid) or ``[[model]]`` (several, e.g. two models of your own, each
+    with its own factory and data): each grid's cells come after the previous grid's."""
+    if isinstance(tables, list) and tables:
+        return tuple(_model(table) for table in tables)
+    return (_model(tables),)
+
+
+def _model(table: Any) -> Grid:
     if not isinstance(table, dict):
-        raise ConfigError("model", "must be a table ([model])")
+        raise ConfigError("model", "must be a table ([model]) or an array of tables ([[model]])")
     pairs = []
     for key, value in table.items():
         if key not in MODEL_KEYS:
@@ -311,7 +323,7 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
     config = SweepConfig(
         name=name,
         description=str(data.get("description", "")),
-        model=_model(data.get("model", {})),
+        model=_models(data.get("model", {})),
         batch_sizes=_batch_sizes(data.get("batch_sizes", [64])),
         devices=_devices(data.get("devices", ["cpu"])),
         modes=_choices("modes", data.get("modes", ["train"]), MODES),

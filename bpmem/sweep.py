@@ -95,7 +95,7 @@ def _fake_estimate(spec: Any, step: Any) -> Any:
 def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
     """Keep the live-memory timeline of training cells of the deepest model at the batch
     nearest 64: one step per strategy, for the report's timeline plot."""
-    depth = max(dict(config.model).get("depth", (1,)))
+    depth = max(d for grid in config.model for d in dict(grid).get("depth", (1,)))
     batch = min(config.batch_sizes, key=lambda b: (abs(b - 64), b))
     return (isinstance(cell.spec, MLPSpec) and cell.step.mode == "train" and cell.spec.depth == depth
             and cell.step.batch_size == batch

@@ -173,6 +173,21 @@ def test_a_sweep_of_your_own_model_predicts_every_row(tmp_path: Path, capsys) ->
     assert main(["check", "--predicted", str(out), "--fail", "saved:0%", "--fail", "peak:0%"]) == 0
 
 
+def test_two_model_tables_are_two_grids(tmp_path: Path) -> None:
+    """[[model]] twice: each model with its own factory and data, cells one grid after the other."""
+    from bpmem.config import load_config
+
+    text = SWEEP.replace("[model]\n", "[[model]]\n") + (
+        '\n[[model]]\nfactory = "bpmem.models.resnet:make_resnet"\ndata = "bpmem.models.resnet:make_batch"\n')
+    config = tmp_path / "two.toml"
+    config.write_text(text)
+    cells = load_config(config).cells()
+    factories = [c.spec.factory for c in cells]
+    assert factories == sorted(factories, key=lambda f: "resnet" in f)  # the first grid's cells come first
+    assert factories.count("bpmem.models.resnet:make_resnet") == 2 * 3  # 2 batches x (2 strategies + inference)
+    assert factories.count("tests.fixtures.user_models:small_mlp") == 2 * 2 * 3  # and 2 kwargs
+
+
 @pytest.mark.parametrize("change,key", [
     ('depth = 3\n', "model.depth"),
     ('', "model.factory"),

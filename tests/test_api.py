@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from test_zoo import B, Block, H, K, Tied, _cnn, cnn_derivation
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import bpmem
 from bpmem.estimate import estimate
@@ -23,6 +22,7 @@ from bpmem.model import build, make_batch
 from bpmem.spec import MLPSpec
 from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
+from tests.fixtures import zoo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,16 +35,7 @@ def test_a_view_of_an_older_storage_allocates_nothing() -> None:
     assert m.peak_bytes == 1024 * 4
 
 
-class Checkpointed(nn.Module):
-    """A block under non-reentrant checkpoint, then a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 32), nn.Tanh())
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(checkpoint(self.inner, x, use_reentrant=False))
+Checkpointed = zoo.CheckpointedInside  # a block under non-reentrant checkpoint, then a head
 
 
 class InPlace(nn.Module):

@@ -60,13 +60,16 @@ def data_loss(spec: MLPSpec, output: torch.Tensor, target: torch.Tensor) -> torc
     return nn.functional.mse_loss(output, target)
 
 
-def regularizer(spec: MLPSpec, model: nn.Module) -> torch.Tensor:
-    """s = lambda/2 * sum ||W||_F^2 over the weight matrices only.
+def regularizer(spec: MLPSpec, model: nn.Module) -> torch.Tensor | None:
+    """s = lambda/2 * sum ||W||_F^2 over the weight matrices only; None for lambda = 0, which
+    builds no term at all (a zero-weighted one would still allocate its backward's buffers).
 
     Each square sum is taken where its weight lives and then moved next to the last weight
     (the output layer's device, where the loss is), so s works when the layers are spread
     over devices (``model-parallel``); on one device ``.to`` is a no-op and copies nothing.
     A sharded weight's square sum is gathered whole first (``_whole``)."""
+    if spec.l2 == 0:
+        return None
     weights = weight_matrices(model)
     squares = [_whole(w.pow(2).sum()).to(weights[-1].device) for w in weights]
     return torch.stack(squares).sum() * (spec.l2 / 2)
@@ -81,8 +84,8 @@ def _whole(square: torch.Tensor) -> torch.Tensor:
 
 
 def objective(spec: MLPSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """J = L + s, the seed's objective."""
-    return data_loss(spec, model(x), y) + regularizer(spec, model)
+    """J = L + s, the seed's objective (L alone for lambda = 0)."""
+    return add_regularizer(data_loss(spec, model(x), y), regularizer(spec, model))
 
 
 def units(model: nn.Module) -> list[list[nn.Module]]:
@@ -111,7 +114,7 @@ class MLP:
     def data_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return data_loss(self.spec, output, target)
 
-    def regularizer(self, model: nn.Module) -> torch.Tensor:
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         return regularizer(self.spec, model)
 
     def blocks(self, model: nn.Module) -> list[list[nn.Module]]:

@@ -113,19 +113,21 @@ def _live_totals(events: list, skip_setup: bool = False) -> list[int]:
     return [total for total, _ in itertools.groupby(e.live_bytes for e in events)]
 
 
-# every activation with every loss, the optimizers taking turns (the slow tier runs them all)
-TIMELINE_CASES = [pytest.param(activation, loss, optimizer, marks=[] if (i % 3 == OPTIMIZERS.index(optimizer))
+# every activation with every loss, the optimizers taking turns (the slow tier runs them all),
+# with and without the regulariser (l2 = 0 builds none)
+TIMELINE_CASES = [pytest.param(activation, loss, optimizer, l2,
+                               marks=[] if i % 3 == OPTIMIZERS.index(optimizer) and l2 == (0.0, 1e-3)[i % 2]
                                else [pytest.mark.slow])
                   for i, (activation, loss) in enumerate(itertools.product(ACTIVATIONS, LOSSES))
-                  for optimizer in OPTIMIZERS]
+                  for optimizer in OPTIMIZERS for l2 in (1e-3, 0.0)]
 
 
-@pytest.mark.parametrize("activation,loss,optimizer", TIMELINE_CASES)
-def test_the_predicted_timeline_is_the_measured_one(activation: str, loss: str, optimizer: str) -> None:
+@pytest.mark.parametrize("activation,loss,optimizer,l2", TIMELINE_CASES)
+def test_the_predicted_timeline_is_the_measured_one(activation: str, loss: str, optimizer: str, l2: float) -> None:
     """Not only the peak: every total the step passes through, in order. The replay and the
     live probe keep the same ledger (``bpmem.analytic.ledger``), the replay one entry per
     storage it predicts, the probe one per storage an op returns."""
-    spec = MLPSpec(input_dim=7, hidden_dim=12, output_dim=3, depth=3, activation=activation, loss=loss,
+    spec = MLPSpec(input_dim=7, hidden_dim=12, output_dim=3, depth=3, activation=activation, loss=loss, l2=l2,
                    bias=activation in ("tanh", "gelu"), dtype="bfloat16" if optimizer == "adam" else "float32")
     step = make_step(batch_size=5, optimizer=optimizer)
     predicted = estimate(spec, step)

@@ -84,31 +84,15 @@ def _replay_training(spec: MLPSpec, step: StepSpec, optimizer_bytes: int) -> Led
         # mse_loss keeps o itself; its 0-dim result is a view of the unreduced (B, q) buffer
         # that the CPU kernel reduces in place, so L holds B*q*s bytes until J is formed
         r.alloc("L", b * q * s)
-    for j, (w, _) in enumerate(weights):  # s = l2/2 * sum ||W_j||^2
-        r.alloc(f"W{j}^2", w)
-        r.alloc(f"sum W{j}^2", s)
-        r.free(f"W{j}^2")
-    r.alloc("stack", n_linear * s)
-    r.alloc("sum stack", s)
-    r.free("stack")
-    r.alloc("s", s)  # times l2/2
-    r.free("sum stack", *(f"sum W{j}^2" for j in range(n_linear)))
-    r.alloc("J", s)
-    r.free("L", "s")  # forward_objective's locals die in the order they were bound
+    regularized = spec.l2 != 0  # l2 = 0 builds no term: J is L itself
+    if regularized:
+        _replay_regularizer_forward(r, weights, s)
+    objective = "J" if regularized else "L"
 
     r.phase = "backward"
     r.alloc("dJ (ones_like)", s)  # held by torch.autograd.backward until it returns
-    r.alloc("ds", s)  # MulBackward: dJ * l2/2
-    # The regulariser's nodes were created last, so the engine runs them first: each
-    # pow backward makes W^1, 2*W^1 and grad*(2*W), and keeps the last, lambda*W, waiting
-    # at the weight's AccumulateGrad until the Linear's contribution arrives.
-    for j in reversed(range(n_linear)):
-        w = weights[j][0]
-        r.alloc(f"pow(W{j},1)", w)
-        r.alloc(f"2*W{j}", w)
-        r.alloc(f"dW{j} (l2 part)", w)
-        r.free(f"pow(W{j},1)", f"2*W{j}")
-    r.free("ds")
+    if regularized:
+        _replay_regularizer_backward(r, weights, s)
     if spec.loss == "cross_entropy":
         r.alloc("nll_loss_backward", b * q * s)
         r.free("total_weight")
@@ -133,8 +117,8 @@ def _replay_training(spec: MLPSpec, step: StepSpec, optimizer_bytes: int) -> Led
         r.free(grad)
         if gelu and i > 0:
             r.free(f"h{i - 1}")  # only this mm saved GELU's output
-        # the two parts of dW meet at AccumulateGrad: summed in place into the l2 part
-        r.free(f"dW{i} (mm)")
+        if regularized:  # the two parts of dW meet at AccumulateGrad: summed in place into the l2 part
+            r.free(f"dW{i} (mm)")
         if i > 0:
             r.alloc(f"dz{i - 1}", b * fan_in * s)  # activation backward
             r.free(f"dh{i - 1}", f"z{i - 1}" if gelu else f"h{i - 1}")
@@ -156,8 +140,37 @@ def _replay_training(spec: MLPSpec, step: StepSpec, optimizer_bytes: int) -> Led
                 previous = f"denom {name}"
         if previous:
             r.free(previous)
-    r.free("J")  # the step returns J's value: the tensor dies as train_step ends
+    r.free(objective)  # the step returns J's value: the tensor dies as train_step ends
     return r
+
+
+def _replay_regularizer_forward(r: Ledger, weights: list[tuple[int, int]], s: int) -> None:
+    """s = l2/2 * sum ||W_j||^2, then J = L + s."""
+    for j, (w, _) in enumerate(weights):
+        r.alloc(f"W{j}^2", w)
+        r.alloc(f"sum W{j}^2", s)
+        r.free(f"W{j}^2")
+    r.alloc("stack", len(weights) * s)
+    r.alloc("sum stack", s)
+    r.free("stack")
+    r.alloc("s", s)  # times l2/2
+    r.free("sum stack", *(f"sum W{j}^2" for j in range(len(weights))))
+    r.alloc("J", s)
+    r.free("L", "s")  # forward_objective's locals die in the order they were bound
+
+
+def _replay_regularizer_backward(r: Ledger, weights: list[tuple[int, int]], s: int) -> None:
+    """The regulariser's nodes were created last, so the engine runs them first: each pow
+    backward makes W^1, 2*W^1 and grad*(2*W), and keeps the last, lambda*W, waiting at the
+    weight's AccumulateGrad until the Linear's contribution arrives."""
+    r.alloc("ds", s)  # MulBackward: dJ * l2/2
+    for j in reversed(range(len(weights))):
+        w = weights[j][0]
+        r.alloc(f"pow(W{j},1)", w)
+        r.alloc(f"2*W{j}", w)
+        r.alloc(f"dW{j} (l2 part)", w)
+        r.free(f"pow(W{j},1)", f"2*W{j}")
+    r.free("ds")
 
 
 def _estimate_hvp(spec: MLPSpec, step: StepSpec, params_bytes: int, terms: list[Term], saved: int,
@@ -178,11 +191,12 @@ def _estimate_hvp(spec: MLPSpec, step: StepSpec, params_bytes: int, terms: list[
     upstream = (depth - 1) * b * h * s + b * q * s
     smooth = depth * b * h * s if spec.activation != "relu" else 0
     loss_grad = b * q * s if spec.loss == "cross_entropy" else s
+    reg_grad = s if spec.l2 != 0 else 0  # the regulariser's 0-dim gradient, when there is one
     hvp_terms = [
         Term("hvp: upstream gradients kept", upstream, "(depth-1)*B*h*s + B*q*s", "mm in backward saves dJ/dz"),
         Term("hvp: activation-backward gradients", smooth, "depth*B*h*s (not ReLU)",
              "tanh/sigmoid/gelu_backward save their grad_output"),
-        Term("hvp: loss and regulariser gradients", loss_grad + s, "CE: B*q*s + s; MSE: 2s",
+        Term("hvp: loss and regulariser gradients", loss_grad + reg_grad, "CE: B*q*s + s; MSE: 2s (no s: l2 = 0)",
              "nll_loss_backward output; 0-dim grads"),
         Term("hvp: the vector v", params_bytes, "= params", "(g * v).sum() saves v"),
     ]

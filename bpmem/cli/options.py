@@ -108,7 +108,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", choices=(*LOSSES, "none"), default=d.loss,
                    help="l(o, y); none (with --model): the model's output is the scalar loss")
     g.add_argument("--l2", type=non_negative_float, default=d.l2, metavar="LAMBDA",
-                   help="lambda of s = lambda/2 * sum ||W||_F^2")
+                   help="lambda of s = lambda/2 * sum ||W||_F^2; 0 builds no regulariser at all")
     g = parser.add_argument_group("your own model (instead of the MLP; README, \"Your own model\")")
     g.add_argument("--model", default="mlp", metavar="MODULE:FACTORY",
                    help="FACTORY(**kwargs) returns an nn.Module, e.g. bpmem.models.gpt:make_gpt (default: mlp, "

@@ -40,7 +40,8 @@ Grid = tuple[tuple[str, tuple[Any, ...]], ...]  # a [model] table: (key, values)
 MLP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec))
 # your own model instead of the MLP: [model] factory = "pkg.mod:make", data = "pkg.mod:batch", kwargs = {...}
 USER_MODEL_KEYS: tuple[str, ...] = ("factory", "data", "kwargs", "input", "target", "blocks")
-MODEL_KEYS: tuple[str, ...] = MLP_KEYS + ("optimizer",) + USER_MODEL_KEYS
+STEP_KEYS: tuple[str, ...] = ("optimizer", "weight_decay", "optimizer_impl")  # how the step is run, per model
+MODEL_KEYS: tuple[str, ...] = MLP_KEYS + STEP_KEYS + USER_MODEL_KEYS
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
                              "warmup", "continue_after_oom", "timeout_s", "model")
 
@@ -91,12 +92,15 @@ class Cell:
     @property
     def cell_id(self) -> str:
         s, t = self.spec, self.step
+        # weight decay and the implementation are named only where set, so ids of earlier runs hold
+        optimizer = (t.optimizer + (f"-wd={t.weight_decay:g}" if t.weight_decay else "")
+                     + (f"-{t.optimizer_impl}" if t.optimizer_impl != "default" else ""))
         if not isinstance(s, MLPSpec):  # your own model: its factory and arguments name it
             kwargs = "".join(f"-{k}={v}" for k, v in sorted(json.loads(s.kwargs_json).items()))
-            return (f"{s.factory}{kwargs}-{s.loss}-{t.optimizer}-B{t.batch_size}-{t.mode}-{t.strategy.name}"
+            return (f"{s.factory}{kwargs}-{s.loss}-{optimizer}-B{t.batch_size}-{t.mode}-{t.strategy.name}"
                     f"{''.join(f'-{k}={v}' for k, v in sorted(t.strategy_params().items()))}-{self.device}")
         return (f"d{s.input_dim}-h{s.hidden_dim}-q{s.output_dim}-L{s.depth}-{'bias' if s.bias else 'nobias'}-"
-                f"{s.activation}-{s.loss}-{s.dtype}-l2={s.l2:g}-{t.optimizer}-B{t.batch_size}-{t.mode}-"
+                f"{s.activation}-{s.loss}-{s.dtype}-l2={s.l2:g}-{optimizer}-B{t.batch_size}-{t.mode}-"
                 f"{t.strategy.name}{''.join(f'-{k}={v}' for k, v in sorted(t.strategy_params().items()))}-"
                 f"{self.device}")
 
@@ -124,14 +128,14 @@ class SweepConfig:
         combos = [dict(zip([k for k, _ in grid], combo, strict=True))
                   for grid in self.model for combo in itertools.product(*(values for _, values in grid))]
         for fields in combos:
-            optimizer = fields.pop("optimizer", "sgd")
+            stepping = {key: fields.pop(key) for key in STEP_KEYS if key in fields}
             spec = _user_model(fields) if "factory" in fields else MLPSpec(**fields)
             for device, (strategy, params), mode in itertools.product(devices or self.devices, self.strategies,
                                                                       self.modes):
                 if mode != "train" and strategy != registry.PLAIN:
                     continue  # strategies change what backward keeps: inference has none
                 for batch in sorted(self.batch_sizes):
-                    step = make_step(strategy, batch_size=batch, optimizer=optimizer, mode=mode, **dict(params))
+                    step = make_step(strategy, batch_size=batch, mode=mode, **stepping, **dict(params))
                     cells.append(Cell(spec, step, device))
         return cells
 
@@ -257,8 +261,8 @@ def _model(table: Any) -> Grid:
         checked = []
         for item in values:  # check each value on its own, so the message names it
             try:
-                if key == "optimizer":
-                    StepSpec(optimizer=item)
+                if key in STEP_KEYS:
+                    StepSpec(**{key: item})
                 elif user and key in (*USER_MODEL_KEYS, "loss"):
                     item = _user_model_value(key, item)
                 else:

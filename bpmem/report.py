@@ -75,10 +75,12 @@ def _strategy_label(row: Any) -> str:
 def load(directory: Path):
     from bpmem.results import COLUMNS, MEASURED_COLUMNS, read_results
 
-    # every column the report reads; files written before the model columns existed are the MLP's
-    required = tuple(c for c in COLUMNS if c not in ("model", "model_kwargs"))
+    # every column the report reads; files written before these columns existed were the MLP's,
+    # with no weight decay and the CPU's for-loop optimizer
+    later = {"model": "mlp", "model_kwargs": "", "weight_decay": 0.0, "optimizer_impl": "for-loop"}
+    required = tuple(c for c in COLUMNS if c not in later)
     frame = read_results(directory / "results.csv", required, MEASURED_COLUMNS)
-    for column, default in (("model", "mlp"), ("model_kwargs", "")):
+    for column, default in later.items():
         if column not in frame:
             frame[column] = default
     if frame.empty:

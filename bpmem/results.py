@@ -27,8 +27,8 @@ COLUMNS: tuple[str, ...] = (
     "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version", "git_commit",
     "hostname", "device", "device_name", "cuda_version",
     "model", "model_kwargs", "input_dim", "hidden_dim", "output_dim", "depth", "bias", "activation", "dtype", "loss",
-    "l2",
-    "optimizer", "batch_size", "mode", "strategy", "strategy_params", "world_size", "rank",
+    "l2", "optimizer", "weight_decay", "optimizer_impl",
+    "batch_size", "mode", "strategy", "strategy_params", "world_size", "rank",
     "status", "error",
     *BYTE_COLUMNS,
     "saved_hook_bytes", "recompute_flops", "predicted_recompute_flops",
@@ -111,8 +111,8 @@ INTEGER_COLUMNS: tuple[str, ...] = ("world_size", "rank", "repeats", "warmup", "
 NON_EMPTY_COLUMNS: tuple[str, ...] = ("cell_id", "device", "mode", "strategy", "activation", "dtype", "loss",
                                       "optimizer", "bias", "batch_size", "depth", "input_dim", "hidden_dim",
                                       "output_dim", "world_size", "rank")
-FLOAT_COLUMNS: tuple[str, ...] = ("l2", "bubble_fraction", "equivalence_max_rel_err", "step_time_median_s",
-                                  "step_time_iqr_s")
+FLOAT_COLUMNS: tuple[str, ...] = ("l2", "weight_decay", "bubble_fraction", "equivalence_max_rel_err",
+                                  "step_time_median_s", "step_time_iqr_s")
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -130,6 +130,7 @@ MEASURED_COLUMNS: tuple[str, ...] = ("params_bytes", "grads_bytes", "optimizer_b
 TEXT_COLUMNS: tuple[str, ...] = (
     "model", "model_kwargs", "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version",
     "git_commit", "hostname", "device", "device_name", "cuda_version", "activation", "dtype", "loss", "optimizer",
+    "optimizer_impl",
     "mode", "strategy", "strategy_params", "status", "error", "peak_phase")
 
 

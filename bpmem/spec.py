@@ -39,7 +39,10 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "gelu")
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
 # dtype name -> bytes per element. Kept free of torch so `bpmem estimate` never imports it.
 DTYPES: dict[str, int] = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
-OPTIMIZERS: tuple[str, ...] = ("sgd", "sgd-momentum", "adam")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "sgd-momentum", "adam", "adamw")
+# how torch.optim runs the update: one parameter at a time, one kernel per op over all of
+# them (``foreach``), or one fused kernel; ``default`` is PyTorch's own choice for the device
+OPTIMIZER_IMPLS: tuple[str, ...] = ("default", "for-loop", "foreach", "fused")
 MODES: tuple[str, ...] = ("train", "inference", "hvp")
 
 
@@ -99,8 +102,10 @@ class StepSpec:
     (a forward under ``torch.inference_mode()``) or ``hvp`` (forward, a backward with
     ``create_graph=True``, then a second backward for the Hessian-vector product H v).
     ``strategy`` is a strategy's typed config (``bpmem.strategies.registry`` builds one from a
-    name and flat parameters). ``lr`` and ``momentum`` only matter for the numbers the step
-    produces, never for memory.
+    name and flat parameters). ``weight_decay`` is applied by the optimizer (coupled to the
+    gradient for SGD and Adam, decoupled for AdamW); ``optimizer_impl`` picks torch.optim's
+    implementation (``resolved_impl`` says which one runs on a device). ``lr`` and
+    ``momentum`` only matter for the numbers the step produces, never for memory.
     """
 
     batch_size: int = 64
@@ -109,6 +114,15 @@ class StepSpec:
     strategy: StrategyConfig = field(default_factory=NoStrategy)
     lr: float = 0.01
     momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer_impl: str = "default"
+
+    def resolved_impl(self, device_type: str) -> str:
+        """The implementation torch.optim runs on ``device_type``: ``default`` is PyTorch's
+        choice, foreach where every parameter is a CUDA tensor, else the for-loop."""
+        if self.optimizer_impl != "default":
+            return self.optimizer_impl
+        return "foreach" if device_type == "cuda" else "for-loop"
 
     @property
     def world_size(self) -> int:
@@ -131,5 +145,7 @@ class StepSpec:
         if self.mode not in self.strategy.modes:
             raise SpecError("mode", self.mode, f"{', '.join(self.strategy.modes)} (with strategy "
                                                f"{self.strategy.name})")
+        check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+        check_non_negative("weight_decay", self.weight_decay)
         check_non_negative("lr", self.lr)
         check_non_negative("momentum", self.momentum)

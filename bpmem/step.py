@@ -36,16 +36,17 @@ def _unlabelled(name: str) -> Iterator[None]:
 
 
 def make_optimizer(step: StepSpec, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD, SGD with momentum, or Adam, each with PyTorch's default implementation choice.
-
-    On CPU that is the single-tensor loop (no foreach), which is what bpmem's estimate models.
-    """
+    """SGD, SGD with momentum, Adam or AdamW, with ``step.weight_decay`` and the
+    implementation ``step.optimizer_impl`` (``default``: PyTorch's own choice, the for-loop
+    on CPU and foreach on CUDA; ``StepSpec.resolved_impl`` names it)."""
     params = list(model.parameters())
+    impl = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    options = {"lr": step.lr, "weight_decay": step.weight_decay, **impl.get(step.optimizer_impl, {})}
     if step.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=step.lr)
+        return torch.optim.SGD(params, **options)
     if step.optimizer == "sgd-momentum":
-        return torch.optim.SGD(params, lr=step.lr, momentum=step.momentum)
-    return torch.optim.Adam(params, lr=step.lr)
+        return torch.optim.SGD(params, momentum=step.momentum, **options)
+    return (torch.optim.AdamW if step.optimizer == "adamw" else torch.optim.Adam)(params, **options)
 
 
 def forward_objective(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,

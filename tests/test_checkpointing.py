@@ -107,7 +107,8 @@ def test_compile_budget_meets_results_within_tolerance_and_recomputes() -> None:
     assert measured.peak_bytes > measured.params_bytes  # from the allocator trace, not the live probe
 
 
-@pytest.mark.parametrize("budget", [1.0, 0.5, 0.2])
+@pytest.mark.parametrize("budget", [pytest.param(1.0, marks=pytest.mark.slow), 0.5,
+                                    pytest.param(0.2, marks=pytest.mark.slow)])
 def test_compile_budget_is_predicted_exactly_by_the_partitioner_on_meta(budget: float) -> None:
     spec = MLPSpec(input_dim=48, hidden_dim=32, output_dim=5, depth=6, activation="gelu", bias=True)
     step = make_step(batch_size=16, strategy="compile-budget", budget=budget)

@@ -215,9 +215,10 @@ def test_regularizer_gradient_is_lambda_w():
             assert module.bias.grad is None
 
 
-def test_regularizer_zero_lambda():
+def test_regularizer_zero_lambda_builds_no_term():
+    """lambda = 0 is no regulariser at all, not a zero-weighted one whose backward allocates."""
     spec = MLPSpec(input_dim=4, hidden_dim=3, output_dim=2, l2=0.0)
-    assert regularizer(spec, build(spec)).item() == 0.0
+    assert regularizer(spec, build(spec)) is None
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from bpmem.analytic.ledger import Ledger, Term
+from bpmem.analytic.optimizer_step import replay_optimizer_step
 from bpmem.analytic.rules import (
     input_row_bytes,
     label_row_bytes,
@@ -126,20 +127,9 @@ def _replay_training(spec: MLPSpec, step: StepSpec, optimizer_bytes: int) -> Led
     r.free("dJ (ones_like)")
 
     r.phase = "optimizer_step"
-    if step.optimizer == "adam":
-        # single-tensor Adam: denom = (exp_avg_sq.sqrt() / c).add_(eps); the previous
-        # parameter's denom lives until the name is rebound, after the next division
-        previous = None
-        for i, (w, bias) in enumerate(weights):
-            for name, nbytes in ((f"W{i}", w), (f"b{i}", bias)):
-                if not nbytes:
-                    continue
-                r.alloc(f"sqrt {name}", nbytes)
-                r.alloc(f"denom {name}", nbytes)
-                r.free(f"sqrt {name}", *([previous] if previous else []))
-                previous = f"denom {name}"
-        if previous:
-            r.free(previous)
+    params = [(name, nbytes) for i, (w, bias) in enumerate(weights) for name, nbytes in ((f"W{i}", w), (f"b{i}", bias))
+              if nbytes]
+    replay_optimizer_step(r, step.optimizer, step.resolved_impl("cpu"), step.weight_decay, params)
     r.free(objective)  # the step returns J's value: the tensor dies as train_step ends
     return r
 
@@ -227,7 +217,8 @@ def plain_estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
              "nn.Linear holds weight (out, in) and bias (out,)"),
         Term("grads", params_bytes if train else 0, "= params", "one .grad per parameter after backward"),
         Term("optimizer", optimizer_bytes,
-             {"sgd": "0", "sgd-momentum": "params", "adam": "2*params + n_params*4 (step)"}[step.optimizer],
+             {"sgd": "0", "sgd-momentum": "params", "adam": "2*params + n_params*4 (step)",
+              "adamw": "2*params + n_params*4 (step)"}[step.optimizer],
              "torch.optim state: momentum_buffer; exp_avg, exp_avg_sq and a 0-dim step"),
         Term("saved: input batch X", b * spec.input_dim * s if train else 0, "B*d*s",
              "mm/addmm save mat1 when the weight needs a gradient"),

@@ -39,8 +39,9 @@ def adam_step_bytes() -> int:
 
 def optimizer_state_bytes(optimizer: str, state_bytes: int, tensors: int) -> int:
     """Per-parameter state of ``tensors`` parameters holding ``state_bytes`` in all: SGD none,
-    momentum one buffer each, Adam two (exp_avg, exp_avg_sq) and a 0-dim step each."""
-    return {"sgd": 0, "sgd-momentum": state_bytes, "adam": 2 * state_bytes + tensors * adam_step_bytes()}[optimizer]
+    momentum one buffer each, Adam and AdamW two (exp_avg, exp_avg_sq) and a 0-dim step each."""
+    adam = 2 * state_bytes + tensors * adam_step_bytes()
+    return {"sgd": 0, "sgd-momentum": state_bytes, "adam": adam, "adamw": adam}[optimizer]
 
 
 def input_row_bytes(spec: MLPSpec) -> int:

@@ -17,6 +17,7 @@ from bpmem.spec import (
     DTYPES,
     LOSSES,
     MODES,
+    OPTIMIZER_IMPLS,
     OPTIMIZERS,
     MLPSpec,
     SpecError,
@@ -125,6 +126,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("step")
     g.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="B", help="rows per batch")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer, help="torch.optim choice")
+    g.add_argument("--weight-decay", type=non_negative_float, default=t.weight_decay, metavar="X",
+                   help="decay applied by the optimizer (SGD and Adam add X*W to the gradient, AdamW "
+                        "shrinks W); independent of --l2, which adds a term to the loss")
+    g.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default=t.optimizer_impl,
+                   help="torch.optim implementation: for-loop (one parameter at a time), foreach (one "
+                        "kernel per op over all parameters), fused (one kernel); default: PyTorch's choice "
+                        "for the device (for-loop on CPU, foreach on CUDA)")
     g.add_argument("--mode", choices=MODES, default=t.mode, help="train: full step; inference: forward only")
     g.add_argument("--strategy", choices=registry.STRATEGIES, default=registry.PLAIN,
                    help="memory strategy: " + "; ".join(f"{name}: {cls.summary}"

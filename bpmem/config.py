@@ -40,32 +40,13 @@ Grid = tuple[tuple[str, tuple[Any, ...]], ...]  # a [model] table: (key, values)
 MLP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec))
 # your own model instead of the MLP: [model] factory = "pkg.mod:make", data = "pkg.mod:batch", kwargs = {...}
 USER_MODEL_KEYS: tuple[str, ...] = ("factory", "data", "kwargs", "input", "target", "blocks")
-STEP_KEYS: tuple[str, ...] = ("optimizer", "weight_decay", "optimizer_impl")  # how the step is run, per model
+STEP_KEYS: tuple[str, ...] = ("optimizer", "weight_decay", "optimizer_impl", "amp")  # how the step is run
 MODEL_KEYS: tuple[str, ...] = MLP_KEYS + STEP_KEYS + USER_MODEL_KEYS
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
                              "warmup", "continue_after_oom", "timeout_s", "model")
 
-DEFAULT_CONFIG_TOML = """\
-# bpmem's default sweep: the seed network and a deeper one, batch 1 to 4096 (x4), train and
-# inference, every strategy, on the CPU. Predicted and measured bytes side by side.
-name = "default"
-batch_sizes = { start = 1, stop = 4096, factor = 4 }
-devices = ["cpu"]
-modes = ["train", "inference", "hvp"]
-# every single-device strategy but compile-budget (two compilations per cell; it is in
-# benchmarks/configs/checkpoint.toml); the budget is one the seed can meet at every batch
-strategies = [
-    "none", "checkpoint-layer", "checkpoint-segments", "checkpoint-sqrt",
-    { name = "checkpoint-budget", budget = 0.8 },
-    { name = "checkpoint-selective", policy = ["save-matmuls", "save-activations"] },
-    { name = "microbatch", microbatches = 4 },
-]
-repeats = 2
-warmup = 1
-
-[model]
-depth = [1, 8]
-"""
+# bpmem's default sweep (what `bpmem run` runs without --config), shipped beside this module
+DEFAULT_CONFIG_TOML = (Path(__file__).parent / "default_sweep.toml").read_text()
 
 
 class ConfigError(ValueError):
@@ -94,7 +75,8 @@ class Cell:
         s, t = self.spec, self.step
         # weight decay and the implementation are named only where set, so ids of earlier runs hold
         optimizer = (t.optimizer + (f"-wd={t.weight_decay:g}" if t.weight_decay else "")
-                     + (f"-{t.optimizer_impl}" if t.optimizer_impl != "default" else ""))
+                     + (f"-{t.optimizer_impl}" if t.optimizer_impl != "default" else "")
+                     + (f"-amp={t.amp}" if t.amp != "none" else ""))
         if not isinstance(s, MLPSpec):  # your own model: its factory and arguments name it
             kwargs = "".join(f"-{k}={v}" for k, v in sorted(json.loads(s.kwargs_json).items()))
             return (f"{s.factory}{kwargs}-{s.loss}-{optimizer}-B{t.batch_size}-{t.mode}-{t.strategy.name}"

@@ -22,6 +22,7 @@ from torch import nn
 from bpmem.fake_kernels import DeviceStorageSizes
 from bpmem.figures import Measured
 from bpmem.model import as_workload, meta_batch
+from bpmem.precision import Precision, precision_for
 from bpmem.probes import (
     AllocatorTraceProbe,
     CudaProbe,
@@ -61,11 +62,12 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     }
 
 
-def measure_inference_peak(model: nn.Module, x: torch.Tensor, workload: Workload | None = None) -> LiveTensorProbe:
+def measure_inference_peak(model: nn.Module, x: torch.Tensor, workload: Workload | None = None,
+                           precision: Precision | None = None) -> LiveTensorProbe:
     """Peak of one inference forward; live at the start are the parameters and the batch."""
     probe = LiveTensorProbe({"params": model.parameters(), "inputs": _tensors(x)})
     with probe:
-        inference_step(model, x, probe.phase, workload)
+        inference_step(model, x, probe.phase, workload, precision)
     return probe
 
 
@@ -166,7 +168,7 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     model = workload.build(device, seed=seed)
     x, y = workload.make_batch(step.batch_size, device, seed=seed)
     result: dict[str, Any] = {}
-    inference = measure_inference_peak(model, x, workload)
+    inference = measure_inference_peak(model, x, workload, precision_for(step.amp, device))
     result["inference_peak_bytes"] = inference.peak_bytes
     if step.mode == "inference":
         result.update(params_bytes=distinct_storage_bytes(model.parameters()), grads_bytes=0,
@@ -273,7 +275,7 @@ def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: in
     x, y = workload.make_batch(step.batch_size, device, seed=seed)
     if step.mode == "inference":
         def run() -> None:
-            inference_step(model, x, workload=workload)
+            inference_step(model, x, workload=workload, precision=precision_for(step.amp, device))
     elif step.mode == "hvp":
         vector = [torch.randn_like(p) for p in model.parameters()]
 

@@ -27,7 +27,7 @@ COLUMNS: tuple[str, ...] = (
     "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version", "git_commit",
     "hostname", "device", "device_name", "cuda_version",
     "model", "model_kwargs", "input_dim", "hidden_dim", "output_dim", "depth", "bias", "activation", "dtype", "loss",
-    "l2", "optimizer", "weight_decay", "optimizer_impl",
+    "l2", "optimizer", "weight_decay", "optimizer_impl", "amp",
     "batch_size", "mode", "strategy", "strategy_params", "world_size", "rank",
     "status", "error",
     *BYTE_COLUMNS,
@@ -130,7 +130,7 @@ MEASURED_COLUMNS: tuple[str, ...] = ("params_bytes", "grads_bytes", "optimizer_b
 TEXT_COLUMNS: tuple[str, ...] = (
     "model", "model_kwargs", "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version",
     "git_commit", "hostname", "device", "device_name", "cuda_version", "activation", "dtype", "loss", "optimizer",
-    "optimizer_impl",
+    "optimizer_impl", "amp",
     "mode", "strategy", "strategy_params", "status", "error", "peak_phase")
 
 

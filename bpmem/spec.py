@@ -43,6 +43,7 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "sgd-momentum", "adam", "adamw")
 # how torch.optim runs the update: one parameter at a time, one kernel per op over all of
 # them (``foreach``), or one fused kernel; ``default`` is PyTorch's own choice for the device
 OPTIMIZER_IMPLS: tuple[str, ...] = ("default", "for-loop", "foreach", "fused")
+AMP_DTYPES: tuple[str, ...] = ("none", "bfloat16", "float16")  # --amp: mixed precision (bpmem.precision)
 MODES: tuple[str, ...] = ("train", "inference", "hvp")
 
 
@@ -116,6 +117,7 @@ class StepSpec:
     momentum: float = 0.9
     weight_decay: float = 0.0
     optimizer_impl: str = "default"
+    amp: str = "none"  # autocast dtype of the forward and loss (bpmem.precision)
 
     def resolved_impl(self, device_type: str) -> str:
         """The implementation torch.optim runs on ``device_type``: ``default`` is PyTorch's
@@ -146,6 +148,7 @@ class StepSpec:
             raise SpecError("mode", self.mode, f"{', '.join(self.strategy.modes)} (with strategy "
                                                f"{self.strategy.name})")
         check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+        check_choice("amp", self.amp, AMP_DTYPES)
         check_non_negative("weight_decay", self.weight_decay)
         check_non_negative("lr", self.lr)
         check_non_negative("momentum", self.momentum)

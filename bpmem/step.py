@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import torch
 from torch import nn
 
 from bpmem.model import add_regularizer, as_workload
+from bpmem.precision import Precision, precision_for, precision_of
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.checkpointing import Strategy
 from bpmem.torch_private import is_fake
@@ -43,10 +45,14 @@ def make_optimizer(step: StepSpec, model: nn.Module) -> torch.optim.Optimizer:
     impl = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     options = {"lr": step.lr, "weight_decay": step.weight_decay, **impl.get(step.optimizer_impl, {})}
     if step.optimizer == "sgd":
-        return torch.optim.SGD(params, **options)
-    if step.optimizer == "sgd-momentum":
-        return torch.optim.SGD(params, momentum=step.momentum, **options)
-    return (torch.optim.AdamW if step.optimizer == "adamw" else torch.optim.Adam)(params, **options)
+        optimizer = torch.optim.SGD(params, **options)
+    elif step.optimizer == "sgd-momentum":
+        optimizer = torch.optim.SGD(params, momentum=step.momentum, **options)
+    else:
+        optimizer = (torch.optim.AdamW if step.optimizer == "adamw" else torch.optim.Adam)(params, **options)
+    # --amp rides with the optimizer, so every step function handed it runs the same step
+    optimizer.bpmem_precision = precision_for(step.amp, params[0].device if params else "cpu")  # type: ignore[attr-defined]
+    return optimizer
 
 
 def forward_objective(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -76,17 +82,23 @@ def train_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimiz
     microbatches = getattr(strategy, "microbatches", 0)
     if microbatches:
         return _accumulating_step(spec, model, optimizer, x, y, microbatches, phase, scope, observe)
+    precision = precision_of(optimizer)
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
-    with phase("forward"):
+    with phase("forward"), precision.region(_device_of(x)):
         objective = forward_objective(spec, model, x, y, scope, strategy)
     if observe is not None:
         observe(objective)
     with phase("backward"):
-        objective.backward()
+        precision.backward(objective)
     with phase("optimizer_step"):
-        optimizer.step()
+        precision.step(optimizer)
     return _value(objective)
+
+
+def _device_of(x: Any) -> torch.device:
+    """The device of a batch's inputs (a tuple of several: the first's)."""
+    return (x[0] if isinstance(x, tuple) else x).device
 
 
 def _value(objective: torch.Tensor) -> float:
@@ -100,11 +112,12 @@ def _accumulating_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         raise ValueError("strategy: microbatch cuts one input tensor and one target into micro-batches; allowed: "
                          "a model of one input with a target, or another strategy")
+    precision = precision_of(optimizer)
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for index, (x_part, y_part) in enumerate(zip(x.chunk(microbatches), y.chunk(microbatches), strict=True)):
-        with phase("forward"):
+        with phase("forward"), precision.region(x.device):
             output = workload.forward(model, x_part)
             with scope("loss"):
                 objective = workload.data_loss(output, y_part) * (x_part.shape[0] / x.shape[0])
@@ -115,11 +128,11 @@ def _accumulating_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim
         if observe is not None:
             observe(objective)
         with phase("backward"):
-            objective.backward()
+            precision.backward(objective)
         total += _value(objective)
         del objective
     with phase("optimizer_step"):
-        optimizer.step()
+        precision.step(optimizer)
     return total
 
 
@@ -144,7 +157,7 @@ def hvp_step(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor
 
 
 def inference_step(model: nn.Module, x: torch.Tensor, phase: Labeller = _unlabelled,
-                   workload: Workload | None = None) -> torch.Tensor:
+                   workload: Workload | None = None, precision: Precision | None = None) -> torch.Tensor:
     """One forward with autograd off: nothing is saved, each activation dies at the next layer."""
-    with phase("forward"), torch.inference_mode():
+    with phase("forward"), torch.inference_mode(), (precision or Precision()).region(_device_of(x)):
         return workload.forward(model, x) if workload is not None else model(x)

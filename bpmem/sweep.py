@@ -61,7 +61,8 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         "device": cell.device,
         **model_columns(spec), "optimizer": step.optimizer, "weight_decay": step.weight_decay,
         # the implementation that runs on this device, not the request ("default")
-        "optimizer_impl": step.resolved_impl(cell.device.split(":")[0]), "batch_size": step.batch_size,
+        "optimizer_impl": step.resolved_impl(cell.device.split(":")[0]), "amp": step.amp,
+        "batch_size": step.batch_size,
         "mode": step.mode, "strategy": step.strategy.name, "world_size": 1, "rank": 0,
         "repeats": config.repeats, "warmup": config.warmup,
         "strategy_params": json.dumps(step.strategy_params(), sort_keys=True) if step.strategy_params() else "",
@@ -69,7 +70,8 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
     if distributed:
         return row
     try:  # the MLP by arithmetic; a user's model by its step on fake tensors
-        predicted = estimate(spec, step) if isinstance(spec, MLPSpec) else _fake_estimate(spec, step)
+        arithmetic = isinstance(spec, MLPSpec) and step.amp == "none"  # autocast has no arithmetic yet
+        predicted = estimate(spec, step) if arithmetic else _fake_estimate(spec, step)
     except InfeasibleBudget as error:  # no plan can fit: nothing to measure, say why
         row.update(status="skipped", error=_one_line(error))
         return row

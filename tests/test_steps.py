@@ -110,3 +110,38 @@ def test_three_steps_cells_agree_with_the_cpu_allocators_trace(optimizer: str, i
     predicted = estimate(spec, step).peak_bytes
     assert predicted == measure(spec, step).peak_bytes
     assert 0 <= _allocator_peak(spec, step) - predicted <= 16  # wrapped scalars: 8 B (double) + 4 B at most
+
+
+# -- mixed precision: autocast around forward and loss, float32 parameters -------------------
+
+def test_bfloat16_autocast_saves_what_its_ops_keep() -> None:
+    """d=30 -> h=20 -> q=5, ReLU, cross-entropy, B=16, l2 = 0, under bfloat16 autocast (2 B):
+    - the first mm saves its input cast to bfloat16 (B*d*2); the batch needs no gradient, so
+      not the weight;
+    - ReLU saves its bfloat16 output (B*h*2), which the second mm also keeps as its input;
+    - the second mm's input needs a gradient, so it keeps the bfloat16 cast of W1 (q*h*2):
+      a copy of a weight, made in forward, counted as an activation;
+    - cross-entropy runs in float32 (autocast's list): log_softmax's float32 output
+      (B*q*4), the int64 labels (B*8) and total_weight (4).
+    The casts autocast caches and nothing saves die as the region ends."""
+    B, d, h, q = 16, 30, 20, 5
+    spec = MLPSpec(input_dim=d, hidden_dim=h, output_dim=q, depth=1, l2=0.0)
+    measured = measure(spec, make_step(batch_size=B, amp="bfloat16"))
+    assert measured.saved_activation_bytes == B * d * 2 + B * h * 2 + q * h * 2 + B * q * 4 + B * 8 + 4
+    assert measured.grads_bytes == measured.params_bytes  # float32 gradients of float32 parameters
+
+
+AMP_CASES = [("bfloat16", "none"), ("float16", "none"), ("bfloat16", "checkpoint-sqrt"),
+             ("bfloat16", "checkpoint-selective"), ("float16", "microbatch")]
+
+
+@pytest.mark.parametrize("amp,strategy", AMP_CASES)
+def test_mixed_precision_is_estimated_exactly_without_memory(amp: str, strategy: str) -> None:
+    """The arithmetic does not model autocast yet, so the estimate runs the step on fake
+    tensors (bpmem.measure_cell.measure(fake=True)); float16 takes its GradScaler's step."""
+    spec = MLPSpec(depth=3, bias=True, activation="gelu")
+    step = make_step(strategy, batch_size=16, optimizer="adam", amp=amp, optimizer_impl="foreach")
+    fake, real = measure(spec, step, fake=True), measure(spec, step)
+    for name in ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",
+                 "inference_peak_bytes"):
+        assert getattr(fake, name) == getattr(real, name), name

@@ -18,7 +18,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from bpmem.estimate import estimate
 
     spec, step = specs_from_args(args)
-    if not isinstance(spec, MLPSpec):
+    if not isinstance(spec, MLPSpec) or step.amp != "none":
+        # your own model, or mixed precision (which the arithmetic does not model yet): the
+        # step on fake tensors, under the same probes
         from bpmem.cli.user_commands import run_user_step
 
         return run_user_step(args, spec, step, "cpu", fake=True)

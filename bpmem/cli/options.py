@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 from bpmem.figures import MEANINGS
 from bpmem.spec import (
     ACTIVATIONS,
+    AMP_DTYPES,
     BUDGET_ALLOWED,
     DTYPES,
     LOSSES,
@@ -129,6 +130,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=non_negative_float, default=t.weight_decay, metavar="X",
                    help="decay applied by the optimizer (SGD and Adam add X*W to the gradient, AdamW "
                         "shrinks W); independent of --l2, which adds a term to the loss")
+    g.add_argument("--amp", choices=AMP_DTYPES, default=t.amp,
+                   help="mixed precision: torch.autocast in this dtype around the forward and the loss, "
+                        "float32 parameters; float16 adds a GradScaler (default: none)")
     g.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default=t.optimizer_impl,
                    help="torch.optim implementation: for-loop (one parameter at a time), foreach (one "
                         "kernel per op over all parameters), fused (one kernel); default: PyTorch's choice "

@@ -54,7 +54,7 @@ def largest_batch(peak_of: Callable[[int], int], memory: int) -> tuple[int | Non
 def predicted_peak(model: MLPSpec | Any, step: StepSpec, device_kind: str = "cpu") -> int:
     """The estimate's training peak for one step: analytic for the MLP on the CPU, else the
     step on fake tensors (with the CUDA allocator's blocks for ``device_kind="cuda"``)."""
-    if isinstance(model, MLPSpec) and device_kind == "cpu":
+    if isinstance(model, MLPSpec) and device_kind == "cpu" and step.amp == "none":  # autocast: no arithmetic
         from bpmem.estimate import estimate
 
         return estimate(model, step).peak_bytes

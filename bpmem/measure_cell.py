@@ -128,6 +128,9 @@ def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed:
     same steps under the same probes, with no data and no memory, as ``bpmem estimate
     --model`` runs them. A model whose forward depends on its data cannot run so: that is a
     ``DataDependentModel`` error."""
+    if step.amp != "none" and isinstance(spec, MLPSpec) and spec.dtype != "float32":
+        raise ValueError(f"dtype: {spec.dtype} parameters under --amp {step.amp}; autocast keeps float32 parameters "
+                         "and casts them itself; allowed: float32 with --amp")
     if not fake:
         return Measured(**_measure_fields(spec, step, device, seed, rss))
     warn_always = torch.is_warn_always_enabled()
@@ -193,7 +196,7 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     objective_bytes: list[int] = []  # J's, each micro-batch's with gradient accumulation
     with saved:
         result["loss"] = train_step(workload, model, optimizer, x, y, scope=saved.scope, strategy=strategy,
-                                    observe=lambda j: objective_bytes.append(j.numel() * j.element_size()))
+                                    observe=lambda j: objective_bytes.append(j.untyped_storage().nbytes()))
     result.update(_state_bytes(model, optimizer))
     result["saved_hook_bytes"] = saved.saved_activation_bytes
     result["per_layer"] = saved.per_layer()
@@ -217,7 +220,7 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     # ends, but J itself (one element), plus the inputs the graph holds on to. This sees what
     # checkpointing keeps in its own frames, which saved-tensor hooks cannot.
     made_in_forward = max(ends.get("forward", 0) for name, ends in live.phase_ends if name == "forward")
-    made_in_forward -= objective_bytes[-1]  # J (each micro-batch's, with gradient accumulation)
+    made_in_forward -= objective_bytes[-1]  # J's storage (each micro-batch's with accumulation; MSE's spans B*q)
     result["saved_activation_bytes"] = made_in_forward + saved.packed_bytes_of(_tensors(x, y))
     result["recompute_flops"] = 0 if plain else step_flops(spec, model, optimizer, x, y, strategy) - plain_flops
     result["peak_bytes"] = live.peak_bytes

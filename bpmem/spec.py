@@ -149,6 +149,9 @@ class StepSpec:
                                                f"{self.strategy.name})")
         check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         check_choice("amp", self.amp, AMP_DTYPES)
+        if self.amp != "none" and self.strategy.world_size > 1:  # the ranks' steps run at full precision
+            raise SpecError("amp", self.amp, f"none with {self.strategy.name} (split strategies run in float32 "
+                                             "for now)")
         check_non_negative("weight_decay", self.weight_decay)
         check_non_negative("lr", self.lr)
         check_non_negative("momentum", self.momentum)

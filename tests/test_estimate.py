@@ -35,7 +35,10 @@ def configs(draw: st.DrawFn) -> tuple[MLPSpec, StepSpec]:
         activation=draw(st.sampled_from(ACTIVATIONS)), loss=draw(st.sampled_from(LOSSES)),
         dtype=draw(st.sampled_from(("float32", "float64", "bfloat16"))),
     )
-    step = make_step(batch_size=draw(st.integers(1, 256)), optimizer=draw(st.sampled_from(OPTIMIZERS)))
+    spec = spec.replace(l2=draw(st.sampled_from((0.0, 1e-3))))
+    step = make_step(batch_size=draw(st.integers(1, 256)), optimizer=draw(st.sampled_from(OPTIMIZERS)),
+                     weight_decay=draw(st.sampled_from((0.0, 1e-2))),
+                     optimizer_impl=draw(st.sampled_from(("for-loop", "foreach", "fused"))))
     return spec, step
 
 
@@ -55,6 +58,16 @@ def assert_estimate_matches_measure(spec: MLPSpec, step: StepSpec) -> None:
 @given(configs())
 def test_estimate_equals_probes_exactly(config: tuple[MLPSpec, StepSpec]) -> None:
     assert_estimate_matches_measure(*config)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(), st.sampled_from(("bfloat16", "float16")))
+def test_mixed_precision_estimate_equals_probes_exactly(config: tuple[MLPSpec, StepSpec], amp: str) -> None:
+    """Autocast has no arithmetic yet: its estimate is the step on fake tensors."""
+    spec, step = config[0].replace(dtype="float32"), config[1].replace(amp=amp)  # autocast casts float32 itself
+    fake, real = measure(spec, step, fake=True), measure(spec, step)
+    for figure in EXACT_FIGURES:
+        assert getattr(fake, figure) == getattr(real, figure), (figure, spec, step)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

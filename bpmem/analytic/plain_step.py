@@ -203,6 +203,9 @@ def _estimate_hvp(spec: MLPSpec, step: StepSpec, params_bytes: int, terms: list[
 
 def plain_estimate(spec: MLPSpec, step: StepSpec) -> Estimate:
     """Every figure of the plain step (train, inference or hvp), whatever ``step.strategy``."""
+    if step.amp != "none":
+        raise ValueError(f"amp: the arithmetic replays full precision only, not {step.amp} autocast; allowed: "
+                         "none (bpmem estimate --amp runs the step on fake tensors instead)")
     s, b = spec.itemsize, step.batch_size
     per_layer_bytes = layer_bytes(spec)
     params_bytes = sum(w + bias for w, bias in per_layer_bytes)

@@ -4,7 +4,9 @@
 #
 #   1. the environment: nvidia-smi, Python, torch, CUDA;
 #   2. `bpmem run` of benchmarks/configs/gpu_seed.toml (the seed network, every single-device
-#      strategy) and benchmarks/configs/gpu.toml (batches x4 until the GPU runs out of memory);
+#      strategy), benchmarks/configs/gpu_steps.toml (bfloat16 autocast with the foreach Adam
+#      and weight decay, against float32) and benchmarks/configs/gpu.toml (batches x4 until
+#      the GPU runs out of memory);
 #   3. `bpmem check --predicted` on each: saved activations, parameters, gradients and optimizer
 #      state must equal their predictions to the byte, and no row may be an error; the peak
 #      and the CUDA allocator's peak are shown beside the prediction, never failed on;
@@ -135,9 +137,10 @@ for i in range(torch.cuda.device_count()):
         names+=(gpu-dry-run)
     else
         # the seed's cells are quick; gpu.toml gets what they leave, keeping 160 s for the rest
-        sweep gpu-seed benchmarks/configs/gpu_seed.toml 120 300
+        sweep gpu-seed benchmarks/configs/gpu_seed.toml 120 330
+        sweep gpu-steps benchmarks/configs/gpu_steps.toml 45 285
         sweep gpu benchmarks/configs/gpu.toml 240 160
-        names+=(gpu-seed gpu)
+        names+=(gpu-seed gpu-steps gpu)
     fi
     # distributed cells on the CPU (split.toml's devices are cpu) still run on this machine
     sweep split benchmarks/configs/split.toml 150 45

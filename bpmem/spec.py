@@ -149,9 +149,11 @@ class StepSpec:
                                                f"{self.strategy.name})")
         check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         check_choice("amp", self.amp, AMP_DTYPES)
-        if self.amp != "none" and self.strategy.world_size > 1:  # the ranks' steps run at full precision
-            raise SpecError("amp", self.amp, f"none with {self.strategy.name} (split strategies run in float32 "
-                                             "for now)")
+        if self.amp != "none" and (self.strategy.world_size > 1 or self.strategy.opaque_to_probes):
+            # the ranks' steps and the compiled step run at full precision, for now
+            raise SpecError("amp", self.amp, f"none with {self.strategy.name}")
+        if self.amp != "none" and self.mode == "hvp":
+            raise SpecError("amp", self.amp, "none with mode hvp (H v runs in float32)")
         check_non_negative("weight_decay", self.weight_decay)
         check_non_negative("lr", self.lr)
         check_non_negative("momentum", self.momentum)

@@ -124,6 +124,7 @@ class Estimate(StepFigures):
     peak_op: str = ""
     inference_timeline: list[Event] = field(default_factory=list)
     peak_is_exact: bool = True
+    peak_from_dry_run: bool = False  # the peak of the step on fake tensors (bpmem.dry_run), not the replay's
 
     @property
     def training_to_inference_ratio(self) -> float:

@@ -55,9 +55,9 @@ def predicted_peak(model: MLPSpec | Any, step: StepSpec, device_kind: str = "cpu
     """The estimate's training peak for one step: analytic for the MLP on the CPU, else the
     step on fake tensors (with the CUDA allocator's blocks for ``device_kind="cuda"``)."""
     if isinstance(model, MLPSpec) and device_kind == "cpu" and step.amp == "none":  # autocast: no arithmetic
-        from bpmem.estimate import estimate
+        from bpmem.dry_run import estimate_exactly
 
-        return estimate(model, step).peak_bytes
+        return estimate_exactly(model, step).peak_bytes
     from bpmem.measure_cell import DataDependentModel, measure_training_peak
     from bpmem.model import as_workload
     from bpmem.probes.live import allocator_blocks

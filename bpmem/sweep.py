@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bpmem.config import Cell, SweepConfig
+from bpmem.dry_run import estimate_exactly
 from bpmem.environment import environment
-from bpmem.estimate import estimate
 from bpmem.figures import FIGURE_NAMES, MEASURED_RANK_COLUMNS, PREDICTED_FIGURES, RankFigures
 from bpmem.measure_cell import is_out_of_memory
 from bpmem.progress import Progress, cell_label
@@ -71,7 +71,7 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         return row
     try:  # the MLP by arithmetic; a user's model by its step on fake tensors
         arithmetic = isinstance(spec, MLPSpec) and step.amp == "none"  # autocast has no arithmetic yet
-        predicted = estimate(spec, step) if arithmetic else _fake_estimate(spec, step)
+        predicted = estimate_exactly(spec, step) if arithmetic else _fake_estimate(spec, step)
     except InfeasibleBudget as error:  # no plan can fit: nothing to measure, say why
         row.update(status="skipped", error=_one_line(error))
         return row

@@ -37,12 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('bpmem').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    est = sub.add_parser("estimate", help="predict every figure from autograd's rules, no tensors",
-                         description="Predict each figure analytically: no tensors are allocated, so any "
-                                     "size answers at once.", epilog=FIGURES_HELP,
+    est = sub.add_parser("estimate", help="predict every figure from autograd's rules, no memory",
+                         description="Predict each figure without allocating: by arithmetic for the MLP, "
+                                     "whose replay gives the plain step's peak exactly; where the arithmetic "
+                                     "has only an upper estimate of the peak (checkpointing, selective, hvp), "
+                                     "by a dry run of the step on fake tensors (no data, no memory), as for "
+                                     "your own model and --amp.", epilog=FIGURES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(est)
     est.add_argument("--json", action="store_true", help="print one JSON object with exact integer bytes")
+    est.add_argument("--arithmetic", action="store_true",
+                     help="the MLP's arithmetic alone, never importing torch: instant, but the peak of a "
+                          "checkpointed, selective or hvp step is then an upper estimate")
     est.set_defaults(func=cmd_estimate)
     mea = sub.add_parser("measure", help="run real steps and read the figures off the probes",
                          description="Run a warm-up step, then one step per probe: SavedTensorProbe "

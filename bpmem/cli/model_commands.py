@@ -14,6 +14,7 @@ from bpmem.units import format_bytes
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    from bpmem.dry_run import estimate_exactly
     from bpmem.environment import environment
     from bpmem.estimate import estimate
 
@@ -26,12 +27,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         return run_user_step(args, spec, step, "cpu", fake=True)
     if isinstance(step.strategy, SplitConfig):
         return _estimate_split(args, spec, step)
-    est = estimate(spec, step)
+    est = estimate(spec, step) if args.arithmetic else estimate_exactly(spec, step)
     if args.json:
         out = {**est.to_dict(), "config": echo_config(spec, step), "environment": environment("cpu")}
         print(json.dumps(out, indent=2))
         return 0
-    where = (f"exact replay: at {est.peak_op} in {est.peak_phase}" if est.peak_is_exact
+    where = (f"dry run on fake tensors: in {est.peak_phase}" if est.peak_from_dry_run
+             else f"exact replay: at {est.peak_op} in {est.peak_phase}" if est.peak_is_exact
              else f"estimated, not replayed ({est.peak_phase})")
     plain_terms = not isinstance(step.strategy, NoStrategy) or step.mode == "hvp"
     print_table(f"bpmem estimate: {describe(spec, step)}", [

@@ -1,0 +1,36 @@
+"""The exact peak where the arithmetic has only an upper estimate, by a dry run.
+
+The arithmetic replays the plain step's peak exactly (``bpmem.analytic.plain_step``), and
+each strategy's retained bytes exactly, but the peak of a checkpointed, selective or hvp
+step is an estimate: the plain peak, less what is no longer retained, plus the largest
+recompute working set, assuming the peak falls where the plain step's does. Where
+``Estimate.peak_is_exact`` is false, ``estimate_exactly`` runs the step once on fake
+tensors (``bpmem.measure_cell.measure(fake=True)``: the same step under the same probes,
+with no data and no memory, as the estimate of your own model does) and takes its peak.
+The arithmetic figure stays in the terms, so both can be read side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bpmem.analytic.ledger import Term
+from bpmem.estimate import estimate
+from bpmem.figures import Estimate
+from bpmem.spec import MLPSpec, StepSpec
+
+
+def estimate_exactly(spec: MLPSpec, step: StepSpec) -> Estimate:
+    """``estimate``, with the peak of a dry run where the arithmetic's is an upper estimate
+    (``peak_is_exact`` then says which one it is)."""
+    est = estimate(spec, step)
+    if est.peak_is_exact or step.strategy.opaque_to_probes:
+        return est  # the replay's exact peak: torch is never imported
+    from bpmem.measure_cell import measure
+
+    dry = measure(spec, step, fake=True)
+    arithmetic = Term("peak: the arithmetic's estimate", est.peak_bytes, "plain peak - no longer retained + "
+                      "largest recompute working set", "an upper estimate; the peak above is the dry run's")
+    return dataclasses.replace(est, peak_bytes=dry.peak_bytes, peak_phase=dry.peak_phase,
+                               peak_by_category=dry.peak_by_category, terms=[*est.terms, arithmetic],
+                               peak_op="", peak_is_exact=True, peak_from_dry_run=True)

@@ -272,6 +272,8 @@ class _Row:
 
 
 def plot_predicted_vs_measured(frame: Any, plots: Path) -> list[str]:
+    """(f) How far each prediction is from its measurement, as a relative error, so that 0.01%
+    and 50% are both visible (on a log-log plot of the two they sit on the same diagonal)."""
     plt = _pyplot()
     ok = frame[frame.status == "ok"]
     fig, axis = plt.subplots(figsize=FIGURE_SIZE)
@@ -279,18 +281,17 @@ def plot_predicted_vs_measured(frame: Any, plots: Path) -> list[str]:
         measured, predicted = ok[f"{figure}_bytes"], ok[f"predicted_{figure}_bytes"]
         mask = measured.notna() & predicted.notna() & (measured > 0)
         if mask.any():
-            error = ((predicted[mask] - measured[mask]).abs() / measured[mask]).max()
-            axis.scatter(measured[mask].astype(float), predicted[mask].astype(float), s=10, color=f"C{index}",
-                         label=f"{figure}_bytes (max error {error:.2%})")
-    low, high = axis.get_xlim()
-    axis.plot([max(low, 1), high], [max(low, 1), high], "k:", linewidth=1, label="predicted = measured")
+            error = (predicted[mask].astype(float) - measured[mask].astype(float)) / measured[mask].astype(float) * 100
+            exact = int((error == 0).sum())
+            axis.scatter(measured[mask].astype(float), error, s=12, color=f"C{index}", marker="os^vD"[index],
+                         label=f"{figure}_bytes: {exact} of {len(error)} exact, worst {error.abs().max():.3g}%")
+    axis.axhline(0, color="k", linewidth=0.8)
     axis.set_xscale("log", base=2)
-    axis.set_yscale("log", base=2)
-    _bytes_axis(axis)
+    axis.set_yscale("symlog", linthresh=0.01)  # linear within +-0.01%, logarithmic beyond
     _bytes_axis(axis, "x")
     axis.set_xlabel("measured (bytes, IEC)")
-    axis.set_ylabel("predicted (bytes, IEC)")
-    axis.set_title("Predicted against measured, every ok row")
+    axis.set_ylabel("(predicted - measured) / measured (%)")
+    axis.set_title("Prediction error of every ok row (0 = exact to the byte)")
     _legend(axis, fontsize=7)
     axis.grid(True, which="both", alpha=0.3)
     return _save(fig, plots, "predicted_vs_measured")

@@ -136,7 +136,7 @@ def exercises_section(frame: Any) -> str:
     if train is not None:
         parts.append(f"**3. The memory footprint.** See the worked example above: {_b(train.peak_bytes)} to train, "
                      f"of which {_b(train.saved_activation_bytes)} are activations kept for backward. "
-                     "The breakdown plot shows how it grows with the batch.")
+                     "The breakdown plot shows how it grows with the batch." + _two_ways_to_regularise(ok))
     hvp = frame[(frame["mode"] == "hvp") & (frame.status == "ok")]
     if len(hvp) and len(ok):
         row = hvp.iloc[(hvp.batch_size - 64).abs().argsort().iloc[0]]
@@ -154,6 +154,29 @@ def exercises_section(frame: Any) -> str:
         parts.append("**4. Second derivatives.** This run has no `hvp` rows (add `modes = [\"hvp\"]`).")
     parts.append(_exercise_five(frame))
     return "\n\n".join(parts)
+
+
+def _two_ways_to_regularise(ok: Any) -> str:
+    """The l2 term in the loss against weight decay in the optimizer, on rows that differ in
+    nothing else (``benchmarks/configs/steps.toml`` has them); empty where the run has none."""
+    if "weight_decay" not in ok or "l2" not in ok:
+        return ""
+    same = ["model", "model_kwargs", "depth", "input_dim", "hidden_dim", "output_dim", "batch_size", "optimizer",
+            "optimizer_impl", "amp", "dtype", "activation", "loss", "bias"]
+    same = [c for c in same if c in ok]
+    in_loss = ok[(ok.l2 > 0) & (ok.weight_decay == 0)]
+    in_optimizer = ok[(ok.l2 == 0) & (ok.weight_decay > 0)]
+    pairs = in_loss.merge(in_optimizer, on=same, suffixes=("_loss", "_opt"))
+    if pairs.empty:
+        return ""
+    row = pairs.iloc[0]
+    gap = row.peak_bytes_loss - row.peak_bytes_opt
+    return (f" Regularising costs memory where the term is built: on {row.model}, "
+            f"B={row.batch_size}, {row.optimizer} ({row.optimizer_impl}), the l2 term in the loss "
+            f"(lambda = {row.l2_loss:g}) peaks at {_b(row.peak_bytes_loss)}, weight decay in the optimizer "
+            f"({row.weight_decay_opt:g}) at {_b(row.peak_bytes_opt)}: {_b(abs(gap))} "
+            f"{'more' if gap > 0 else 'less'} for the term, whose backward makes W^1, 2W and a second "
+            "gradient of each weight, where the optimizer adds at most one gradient-sized copy.")
 
 
 def _exercise_five(frame: Any) -> str:

@@ -13,11 +13,26 @@ The arithmetic figure stays in the terms, so both can be read side by side.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from bpmem.analytic.ledger import Term
 from bpmem.estimate import estimate
 from bpmem.figures import Estimate
 from bpmem.spec import MLPSpec, StepSpec
+
+
+def predicted_cuda_allocated(spec: MLPSpec | Any, step: StepSpec) -> int:
+    """The training peak (inference: the forward's) with every storage counted as the CUDA
+    caching allocator's block, rounded up to 512 B, from a dry run: what
+    ``max_memory_allocated`` should read over the step, beside the baseline it also holds
+    (a cuBLAS workspace, anything left from before). Kernels are the CPU's where no GPU is."""
+    from bpmem.measure_cell import measure
+    from bpmem.probes.live import CUDA_BLOCK_BYTES, allocator_blocks
+
+    with allocator_blocks(CUDA_BLOCK_BYTES):
+        dry = measure(spec, step, fake=True)
+    return dry.inference_peak_bytes if step.mode == "inference" else dry.peak_bytes
+
 
 
 def estimate_exactly(spec: MLPSpec, step: StepSpec) -> Estimate:

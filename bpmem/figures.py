@@ -43,6 +43,10 @@ class Figures:
     cuda_max_reserved_bytes: int | None = _figure(
         "cuda_reserved", "torch.cuda.max_memory_reserved over the step (what the caching allocator holds)",
         predicted=False)
+    cuda_baseline_bytes: int | None = _figure(
+        "cuda_baseline", "torch.cuda.memory_allocated as the step starts: its parameters, gradients, state and "
+                         "batch, plus what the step never frees (the cuBLAS workspace, anything left over)",
+        predicted=False)
 
     def to_dict(self, drop_none: bool = True) -> dict[str, Any]:
         """Every field (of a subclass too), without the ones that do not apply."""

@@ -22,7 +22,6 @@ from typing import Any
 
 from bpmem.spec import MLPSpec, StepSpec
 
-CUDA_BLOCK_BYTES = 512  # the caching allocator's rounding of every block
 LARGEST_BATCH = 2**40  # the search stops here: a model whose peak never reaches the budget
 
 
@@ -60,7 +59,7 @@ def predicted_peak(model: MLPSpec | Any, step: StepSpec, device_kind: str = "cpu
         return estimate_exactly(model, step).peak_bytes
     from bpmem.measure_cell import DataDependentModel, measure_training_peak
     from bpmem.model import as_workload
-    from bpmem.probes.live import allocator_blocks
+    from bpmem.probes.live import CUDA_BLOCK_BYTES, allocator_blocks
     from bpmem.step import make_optimizer, train_step
     from bpmem.torch_private import data_dependent_errors, fake_tensor_mode
 

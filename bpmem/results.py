@@ -21,7 +21,9 @@ STATUSES: tuple[str, ...] = ("ok", "oom", "error", "skipped")
 
 # the figures that bpmem both measures and predicts, each beside its prediction's column
 BYTE_COLUMNS: tuple[str, ...] = (*PREDICTED_FIGURES, *(f"predicted_{name}" for name in PREDICTED_FIGURES))
-CUDA_COLUMNS: tuple[str, ...] = CUDA_FIGURES
+# on CUDA rows: the allocator's figures, and the predicted peak with every storage rounded up to
+# the allocator's 512 B blocks (bpmem.dry_run.predicted_cuda_allocated), max_memory_allocated's twin
+CUDA_COLUMNS: tuple[str, ...] = (*CUDA_FIGURES, "predicted_cuda_allocated_bytes")
 
 COLUMNS: tuple[str, ...] = (
     "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version", "git_commit",

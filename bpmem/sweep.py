@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bpmem.config import Cell, SweepConfig
-from bpmem.dry_run import estimate_exactly
+from bpmem.dry_run import estimate_exactly, predicted_cuda_allocated
 from bpmem.environment import environment
 from bpmem.figures import FIGURE_NAMES, MEASURED_RANK_COLUMNS, PREDICTED_FIGURES, RankFigures
 from bpmem.measure_cell import is_out_of_memory
@@ -80,6 +80,8 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         return row
     row.update({f"predicted_{name}": getattr(predicted, name) for name in PREDICTED_FIGURES},
                predicted_recompute_flops=predicted.recompute_flops)
+    if cell.device.startswith("cuda") and not step.strategy.opaque_to_probes:
+        row["predicted_cuda_allocated_bytes"] = predicted_cuda_allocated(spec, step)
     if predicted.strategy_params:
         # the step's own parameters win: a plan's segment count must not hide the K asked for
         row["strategy_params"] = json.dumps({**predicted.strategy_params, **step.strategy_params()},

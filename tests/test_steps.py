@@ -166,3 +166,19 @@ def test_the_report_compares_the_two_ways_of_regularising(tmp_path) -> None:  # 
     assert in_loss > in_optimizer  # the term's backward allocates more than the optimizer's copy
     assert f"peaks at {in_loss:,} B" in text and f"(0.001) at {in_optimizer:,} B" in text
     assert f"{in_loss - in_optimizer:,} B" in text
+
+
+# -- the CUDA view of the prediction -------------------------------------------------------
+
+def test_the_cuda_prediction_rounds_every_storage_to_the_allocators_block() -> None:
+    """predicted_cuda_allocated_bytes: the dry run with every storage counted as a 512 B
+    block, as max_memory_allocated counts it; equal to a real run counted the same way."""
+    from bpmem.dry_run import predicted_cuda_allocated
+    from bpmem.probes.live import CUDA_BLOCK_BYTES, allocator_blocks
+
+    spec, step = MLPSpec(depth=3), make_step(batch_size=33, optimizer="adam")
+    predicted = predicted_cuda_allocated(spec, step)
+    with allocator_blocks(CUDA_BLOCK_BYTES):
+        rounded = measure(spec, step).peak_bytes
+    assert predicted == rounded and predicted % CUDA_BLOCK_BYTES == 0
+    assert predicted > measure(spec, step).peak_bytes  # 0-dim scalars and odd sizes each take a whole block

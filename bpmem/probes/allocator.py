@@ -92,6 +92,7 @@ class CudaProbe:
         return {
             "cuda_max_allocated_bytes": self.cuda_max_allocated_bytes,
             "cuda_max_reserved_bytes": self.cuda_max_reserved_bytes,
+            "cuda_baseline_bytes": self.start_allocated_bytes,
         }
 
 

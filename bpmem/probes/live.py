@@ -32,6 +32,7 @@ from bpmem.torch_private import (
 # they are; 512 is the CUDA caching allocator's block granularity, what max_memory_allocated
 # counts (``allocator_blocks``).
 BLOCK_GRANULARITY: contextvars.ContextVar[int] = contextvars.ContextVar("bpmem_block_granularity", default=1)
+CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to a multiple of this
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ config (TOML; every key optional, a list under [model] is a grid axis):
   repeats = 5                                      timed steps per cell (median, IQR)
   warmup = 1                                       untimed steps before them
   continue_after_oom = false                       still try larger batches after an OOM
-  [model]                                          any model flag, plus optimizer
+  [model]  (or several [[model]])                  any model flag; optimizer, weight_decay, optimizer_impl, amp
   depth = [1, 8]
 
 status per row: ok, oom (out of memory; larger batches of the series are then

@@ -126,6 +126,16 @@ def _live_totals(events: list, skip_setup: bool = False) -> list[int]:
     return [total for total, _ in itertools.groupby(e.live_bytes for e in events)]
 
 
+def training_totals(spec: MLPSpec, step: StepSpec) -> tuple[list[int], list[int]]:
+    """The running totals of one steady-state training step: measured, then replayed."""
+    model = build(spec)
+    x, y = make_batch(spec, step.batch_size)
+    optim = make_optimizer(step, model)
+    train_step(spec, model, optim, x, y)  # the steady state: optimizer state exists
+    training = measure_training_peak(spec, model, optim, x, y)
+    return _live_totals(training.ledger.events), _live_totals(estimate(spec, step).timeline, skip_setup=True)
+
+
 # every activation with every loss, the optimizers taking turns (the slow tier runs them all),
 # with and without the regulariser (l2 = 0 builds none)
 TIMELINE_CASES = [pytest.param(activation, loss, optimizer, l2,
@@ -144,11 +154,7 @@ def test_the_predicted_timeline_is_the_measured_one(activation: str, loss: str, 
                    bias=activation in ("tanh", "gelu"), dtype="bfloat16" if optimizer == "adam" else "float32")
     step = make_step(batch_size=5, optimizer=optimizer)
     predicted = estimate(spec, step)
-    model = build(spec)
-    x, y = make_batch(spec, step.batch_size)
-    optim = make_optimizer(step, model)
-    train_step(spec, model, optim, x, y)  # the steady state: optimizer state exists
-    training = measure_training_peak(spec, model, optim, x, y)
-    inference = measure_inference_peak(model, x)
-    assert _live_totals(training.ledger.events) == _live_totals(predicted.timeline, skip_setup=True)
+    measured, replayed = training_totals(spec, step)
+    assert measured == replayed
+    inference = measure_inference_peak(build(spec), make_batch(spec, step.batch_size)[0])
     assert _live_totals(inference.ledger.events) == _live_totals(predicted.inference_timeline, skip_setup=True)

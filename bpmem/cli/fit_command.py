@@ -80,8 +80,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"  {answer.strategy:<22} {found:>14} {_both(answer.peak_bytes):>26} "
               f"{_both(answer.next_peak_bytes):>26}")
     print(f"  not counted: {', '.join(CANNOT_SEE[args.device_kind])}")
-    if not isinstance(model, MLPSpec) or args.device_kind == "cuda":
+    if not isinstance(model, MLPSpec) or args.device_kind == "cuda" or step.amp != "none":
         print("  peaks from the step run on fake tensors (no memory)")
     else:
-        print("  peaks from the analytic replay; checkpointing's are estimates (README, Gradient checkpointing)")
+        print("  peaks from the analytic replay, and where its peak is only an upper estimate (checkpointing), "
+              "from a dry run on fake tensors")
     return 0

@@ -7,8 +7,10 @@ buffer: ``old.add_(new)`` if it holds the only reference to ``old`` and ``old`` 
 else ``new.add_(old)`` on the same terms, else ``old + new``. A tensor subclass, and so a fake
 tensor, never qualifies. So under ``FakeTensorMode`` every such sum is a fresh buffer that a
 real step never allocates, and the fake step's peak drifts from the real one (a ResNet's
-``hvp`` by one activation). ``FakeEngineSums`` watches those sums on fake tensors and counts
+``hvp`` by one activation). ``EngineSums`` watches those sums on fake tensors and counts
 each as the real engine's in-place add: the result joins the storage it would have reused.
+On real tensors it does the same where one node hands on sums of both kinds: the probe then
+stays on the stack, so that an out-of-place sum is seen beside its inputs, as it is made.
 """
 
 from __future__ import annotations
@@ -55,13 +57,15 @@ _NODE_NUMBERS = itertools.count()
 _OWNED = object()
 
 
-class FakeEngineSums:
-    """The live probe's part that follows the engine's sums of fake gradients.
+class EngineSums:
+    """The live probe's part that follows the engine's sums of gradients.
 
-    The probe sets ``_engine_sums`` after an autograd node ran on fake tensors with grad mode
-    off, and clears it when the next node starts; an ``add`` in between is the engine's sum.
-    Its result is redirected to the storage a real engine would reuse, which is held (a fake
-    storage costs nothing) until the probe frees it, so that no new storage takes its key.
+    The probe sets ``_engine_sums`` after an autograd node ran with grad mode off whose
+    gradients the engine will sum in place (on fake tensors; or on real ones when the node
+    also hands on an out-of-place sum), and clears it when the next node starts; an ``add``
+    in between is the engine's sum. An in-place one's result is redirected to the storage the
+    real engine reuses, which is held until the probe frees it, so that no new storage takes
+    its key (a fake storage costs nothing; a real one is the step's own buffer).
     """
 
     _tracked: dict[int, Any]

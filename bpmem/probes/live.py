@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from bpmem.analytic.ledger import Ledger
 from bpmem.probes.common import local_tensor
-from bpmem.probes.engine_sums import FakeEngineSums, storage_id_or_none
+from bpmem.probes.engine_sums import EngineSums, storage_id_or_none
 from bpmem.torch_private import (
     DISPATCH_MODES,
     FUNCTION_MODES,
@@ -108,7 +108,7 @@ class _GraphHookMode(_ProbeMode, TorchFunctionMode):
         return out
 
 
-class LiveTensorProbe(FakeEngineSums):
+class LiveTensorProbe(EngineSums):
     """Peak and timeline of live tensor storages over a block of work, by category.
 
     ``preexisting`` names the storages alive before the block that count towards the total
@@ -160,7 +160,7 @@ class LiveTensorProbe(FakeEngineSums):
         self.phase_ends: list[tuple[str, dict[str, int]]] = []  # every time, in order
         self._mode: _LiveMode | None = None
         self._node_key = f"bpmem-live-{next(_PROBE_IDS)}"  # marks the autograd nodes this probe hooked
-        FakeEngineSums.__init__(self)
+        EngineSums.__init__(self)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -60,6 +60,7 @@ def test_estimate_equals_probes_exactly(config: tuple[MLPSpec, StepSpec]) -> Non
     assert_estimate_matches_measure(*config)
 
 
+@pytest.mark.slow  # the fast tier checks autocast on fixed cases (tests/test_steps.py)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs(), st.sampled_from(("bfloat16", "float16")))
 def test_mixed_precision_estimate_equals_probes_exactly(config: tuple[MLPSpec, StepSpec], amp: str) -> None:

@@ -142,6 +142,7 @@ def test_mixed_precision_is_estimated_exactly_without_memory(amp: str, strategy:
         assert getattr(fake, name) == getattr(real, name), name
 
 
+@pytest.mark.slow  # a sweep and its report
 def test_the_report_compares_the_two_ways_of_regularising(tmp_path) -> None:  # noqa: ANN001
     """Exercise 3 of the report sets the l2 term in the loss beside weight decay in the
     optimizer, on rows that differ in nothing else, with the CSV's own numbers."""

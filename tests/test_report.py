@@ -18,6 +18,7 @@ from bpmem.report import report
 from bpmem.spec import MLPSpec
 from bpmem.strategies.registry import make_step
 from bpmem.units import format_bytes
+from tests.toml_text import run_sweep
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -104,12 +105,8 @@ def test_a_model_parallel_run_on_one_cpu_is_reported(tmp_path: Path) -> None:
     """model-parallel on the CPU puts both stages on the one device: the device's peak is on
     the first stage's row, and the second stage's row has none. That is a complete row, not
     a malformed one (the report used to refuse the file)."""
-    config = tmp_path / "mp.toml"
-    config.write_text('name = "mp"\nbatch_sizes = [4]\nrepeats = 1\nwarmup = 0\n'
-                      'strategies = [{ name = "model-parallel", world_size = 2 }]\n'
-                      '[model]\ndepth = 3\nhidden_dim = 16\n')
-    out = tmp_path / "run"
-    assert main(["run", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    out = run_sweep(tmp_path, "mp", 'name = "mp"\nbatch_sizes = [4]\nrepeats = 1\nwarmup = 0\n'
+                    'strategies = [{ name = "model-parallel", world_size = 2 }]\n[model]\ndepth = 3\nhidden_dim = 16\n')
     rows = pd.read_csv(out / "results.csv")
     assert list(rows.status) == ["ok", "ok"] and rows.peak_bytes.isna().tolist() == [False, True]
     assert (out / "report.md").exists()

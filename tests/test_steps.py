@@ -148,13 +148,11 @@ def test_the_report_compares_the_two_ways_of_regularising(tmp_path) -> None:  # 
     optimizer, on rows that differ in nothing else, with the CSV's own numbers."""
     import csv
 
-    from bpmem.cli import main
+    from tests.toml_text import run_sweep
 
-    config = tmp_path / "reg.toml"
-    config.write_text('name = "reg"\nbatch_sizes = [32]\nrepeats = 1\nwarmup = 0\nmodes = ["train"]\n'
-                      '[model]\ninput_dim = 40\nhidden_dim = 30\noutput_dim = 5\ndepth = 2\n'
-                      'optimizer = "sgd-momentum"\nl2 = [0.0, 1e-3]\nweight_decay = [0.0, 1e-3]\n')
-    assert main(["run", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    run_sweep(tmp_path, "reg", 'name = "reg"\nbatch_sizes = [32]\nrepeats = 1\nwarmup = 0\nmodes = ["train"]\n'
+                               '[model]\ninput_dim = 40\nhidden_dim = 30\noutput_dim = 5\ndepth = 2\n'
+                               'optimizer = "sgd-momentum"\nl2 = [0.0, 1e-3]\nweight_decay = [0.0, 1e-3]\n')
     rows = list(csv.DictReader((tmp_path / "run" / "results.csv").open()))
     peak = {(float(r["l2"]), float(r["weight_decay"])): int(r["peak_bytes"]) for r in rows}
     text = (tmp_path / "run" / "report.md").read_text()

@@ -17,6 +17,7 @@ from bpmem.measure_cell import measure
 from bpmem.strategies.registry import make_step
 from bpmem.strategies.user_split import fsdp_units, owned_indices, skeleton
 from bpmem.user_model import TensorShape, UserModel
+from tests.toml_text import run_sweep
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GPT = UserModel("bpmem.models.gpt:make_gpt", kwargs_json='{"layers": 2}', data="bpmem.models.gpt:make_batch",
@@ -98,12 +99,9 @@ def test_a_pipeline_rank_holds_its_slice_of_the_children(rows: list[dict]) -> No
 def test_a_sweep_of_your_own_model_runs_ddp_one_row_per_rank(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    config = tmp_path / "split.toml"
-    config.write_text('name = "mine"\nbatch_sizes = [4]\nstrategies = ["ddp", { name = "pipeline-gpipe", '
-                      'microbatches = 2 }]\nrepeats = 1\nwarmup = 0\n\n[model]\nfactory = '
-                      '"tests.fixtures.user_models:small_mlp"\ninput = "float32[B,20]"\ntarget = "int64[B]<5"\n')
-    out = tmp_path / "run"
-    assert main(["run", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    out = run_sweep(tmp_path, "split", 'name = "mine"\nbatch_sizes = [4]\nstrategies = ["ddp", { name = '
+                    '"pipeline-gpipe", microbatches = 2 }]\nrepeats = 1\nwarmup = 0\n\n[model]\nfactory = '
+                    '"tests.fixtures.user_models:small_mlp"\ninput = "float32[B,20]"\ntarget = "int64[B]<5"\n')
     got = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["strategy"], r["rank"], r["status"]) for r in got] == [
         ("ddp", "0", "ok"), ("ddp", "1", "ok"), ("pipeline-gpipe", "0", "ok"), ("pipeline-gpipe", "1", "ok")]

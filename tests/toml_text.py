@@ -23,3 +23,15 @@ def dumps(config: dict[str, Any]) -> str:
     top = [f"{k} = {value(v)}" for k, v in config.items() if k != "model"]
     model = [f"{k} = {value(v)}" for k, v in config.get("model", {}).items()]
     return "\n".join([*top, "[model]", *model]) + "\n"
+
+
+def run_sweep(folder: Any, name: str, text: str) -> Any:
+    """Write ``text`` as ``folder/name.toml``, run it with ``bpmem run --quiet`` into
+    ``folder/run`` (asserting exit 0) and return that run folder."""
+    from bpmem.cli import main
+
+    config = folder / f"{name}.toml"
+    config.write_text(text)
+    out = folder / "run"
+    assert main(["run", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    return out

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bpmem.placement import Machine, devices_here, expand_devices
 from bpmem.spec import MODES, MLPSpec, SpecError, StepSpec
 from bpmem.strategies import registry
 from bpmem.strategies.base import ONE_DEVICE
@@ -358,25 +359,14 @@ def load_config(path: str | Path | None) -> SweepConfig:
     return parse_config(data, path.stem)
 
 
-def resolve_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
-    """Check each device exists here; expand ``auto`` to every visible GPU."""
+def resolve_devices(devices: tuple[str, ...], machine: Machine | None = None) -> tuple[str, ...]:
+    """Check each device exists on ``machine`` (this one by default); expand ``auto`` to
+    every visible GPU and ``cuda`` to ``cuda:0`` (``bpmem.placement``)."""
     if devices == ("cpu",):
         return devices
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    here = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
-    resolved: list[str] = []
-    for device in devices:
-        if device == "auto":
-            if count == 0:
-                raise ConfigError("devices", f"'auto' found no GPU; allowed here: {here}")
-            resolved.extend(f"cuda:{i}" for i in range(count))
-        elif device == "cuda" or device.startswith("cuda:"):
-            index = 0 if device == "cuda" else int(device[5:])
-            if index >= count:
-                raise ConfigError("devices", f"{device!r} is not on this machine; allowed here: {here}")
-            resolved.append(f"cuda:{index}")
-        else:
-            resolved.append(device)
-    return tuple(dict.fromkeys(resolved))
+    machine = machine or Machine.here()
+    resolved, missing = expand_devices(devices, machine)
+    if missing:
+        field_name, _, why = missing.partition(": ")
+        raise ConfigError(field_name, f"{why}; allowed here: {devices_here(machine)}")
+    return resolved

@@ -47,18 +47,20 @@ class Outcome:
     returncode: int | None = None
 
 
-def cell_json(spec: Any, step: Any) -> dict[str, Any]:
+def cell_json(spec: Any, step: Any, device: str = "cpu") -> dict[str, Any]:
     """A cell as the worker's ``--cell`` takes it: the model's fields (the MLP's, or your own
-    model's factory, arguments, data and shapes as text) and the step's, flat."""
+    model's factory, arguments, data and shapes as text), the step's, flat, and the cell's
+    device (``cpu`` or ``cuda[:K]``: where its ranks run, whatever else the machine has)."""
     from bpmem.strategies.registry import flat_step
 
     model = spec.cell_fields() if hasattr(spec, "cell_fields") else dataclasses.asdict(spec)
-    return {"spec": model, "step": flat_step(step)}
+    return {"spec": model, "step": flat_step(step), "device": device}
 
 
 def cell_from_json(cell: dict[str, Any]) -> tuple[Any, Any]:
     """(model, step) of one ``cell_json``: a ``UserModel`` where the fields name a factory,
-    else an ``MLPSpec``; every rank rebuilds the same model from them."""
+    else an ``MLPSpec``; every rank rebuilds the same model from them. The device is read
+    apart, by ``cell_device``."""
     from bpmem.spec import MLPSpec
     from bpmem.strategies.registry import make_step
 
@@ -70,6 +72,15 @@ def cell_from_json(cell: dict[str, Any]) -> tuple[Any, Any]:
     else:
         spec = MLPSpec(**fields)
     return spec, make_step(**cell.get("step", {}))
+
+
+def cell_device(cell: dict[str, Any]) -> str:
+    """The device of one ``cell_json``: ``cpu`` where it names none (a cell never lands on a
+    GPU it did not ask for)."""
+    device = cell.get("device", "cpu")
+    if not isinstance(device, str):
+        raise ValueError(f"device: {device!r} is not allowed; allowed: cpu, cuda, cuda:N")
+    return device
 
 
 def complete_rows(out: Path, world: int, n_cells: int = 1) -> list[dict[str, Any]] | None:

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from bpmem.figures import MeasuredRank
-from bpmem.launch import cell_from_json
+from bpmem.launch import cell_device, cell_from_json
 from bpmem.measure_cell import optimizer_state_tensors, time_summary
+from bpmem.placement import RANKS, Machine, Placement, place
 from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import _unlabelled, make_optimizer
@@ -43,16 +44,23 @@ from bpmem.teardown import mark_done, release, sigterm_held
 from bpmem.workload import Workload
 
 
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def job_placement(devices: list[str], local_world: int, machine: Machine) -> Placement:
+    """Where this node's ranks run (``bpmem.placement.place``): every cell of one torchrun job
+    shares one process group, so they must name one device; the machine only decides whether
+    the cell fits, never where it goes. ValueError with the reason when it cannot run here."""
+    kinds = sorted(set(devices))
+    if len(kinds) != 1:
+        raise ValueError(f"device: one torchrun job runs cells of one device, these name {', '.join(kinds)}; "
+                         "allowed: the same device in every cell")
+    placement = place(kinds[0], local_world, RANKS, machine)
+    if not placement.runs:
+        raise ValueError(f"world_size: {placement.skipped}")
+    return placement
 
 
-def run_rank(spec: MLPSpec | Workload, step: StepSpec, repeats: int, warmup: int) -> MeasuredRank:
+def run_rank(spec: MLPSpec | Workload, step: StepSpec, repeats: int, warmup: int,
+             device: torch.device) -> MeasuredRank:
     rank = dist.get_rank()
-    device = _device(int(os.environ.get("LOCAL_RANK", rank)))
     setup = step.strategy.setup_rank(spec, step, rank, device)
     holder = nn.ModuleList(setup.modules)
     optimizer = make_optimizer(step, holder)
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell", required=True,
                         help='JSON: {"spec": {MLPSpec fields, or your own model\'s: factory, kwargs_json, data, '
                              'inputs, target, loss, blocks_path}, "step": {StepSpec fields, the strategy by name with '
-                             'its parameters beside it}}, or a list of them '
+                             'its parameters beside it}, "device": "cpu" (the default: gloo) or "cuda[:K]" (rank r '
+                             'on cuda:K+LOCAL_RANK, NCCL)}, or a list of them on one device '
                              "(run one after another in the same process group)")
     parser.add_argument("--out", required=True, type=Path, help="rank 0 writes every rank's row here (JSON)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -165,13 +174,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"world_size: the cell asks for {step.world_size} ranks and torchrun started "
                                  f"{world}; allowed: {world}")
             step.strategy.check(spec, step)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        placement = job_placement([cell_device(cell) for cell in cells], local_world, Machine.here())
+        device = torch.device(placement.devices[int(os.environ.get("LOCAL_RANK", rank))])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's communicator binds to the current device
+        dist.init_process_group(placement.backend, timeout=timedelta(seconds=args.timeout_s))
         everything: list[Any] = []
         for index, (spec, step) in enumerate(plan):
             # run_rank's own names die with its frame; release() collects the cycles left
-            row = {**run_rank(spec, step, args.repeats, args.warmup).to_dict(drop_none=False), "cell_index": index,
-                   "world_size": world}
+            measured = run_rank(spec, step, args.repeats, args.warmup, device)
+            row = {**measured.to_dict(drop_none=False), "cell_index": index, "world_size": world}
+            del measured
             release()
             rows: list[Any] | None = [None] * world if rank == 0 else None
             dist.gather_object(row, rows, dst=0)

@@ -24,7 +24,7 @@ from bpmem.strategies.base import RANKS
 from bpmem.strategies.fsdp import fsdp_shard_rows
 from bpmem.strategies.registry import make_step
 from bpmem.strategies.tensor_parallel import tensor_parallel_styles
-from bpmem.sweep import run_distributed_cell
+from bpmem.sweep_split import run_distributed_cell
 from bpmem.teardown import done_marker
 
 pytestmark = pytest.mark.slow  # torchrun jobs: one process per rank

@@ -18,9 +18,10 @@ from bpmem.estimate import estimate
 from bpmem.spec import MLPSpec, SpecError, StepSpec
 from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.model_parallel import stage_ranges
+from bpmem.placement import Machine
 from bpmem.strategies.model_parallel_runtime import stage_devices
 from bpmem.strategies.registry import make_step
-from bpmem.sweep import run_model_parallel_cell
+from bpmem.sweep_split import run_model_parallel_cell
 
 MP = "model-parallel"
 CASES = [
@@ -84,10 +85,11 @@ def test_bubble_and_traffic_of_the_naive_split() -> None:
     assert stages[1]["saved_activation_bytes"] == shared[1]["saved_activation_bytes"] + boundary
 
 
-def test_too_few_gpus_or_units_is_a_clear_error() -> None:
-    if torch.cuda.device_count() < 2:
-        with pytest.raises(ValueError, match="world_size: model-parallel on 2 GPUs"):
-            stage_devices("cuda", 2)
+def test_too_few_gpus_or_units_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a machine with one GPU, described: the placement, not torch, says there is one
+    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: cls(gpu_count=1, cuda_available=True)))
+    with pytest.raises(ValueError, match="world_size: world_size 2 needs 2 GPUs .*this machine has 1 GPU$"):
+        stage_devices("cuda", 2)
     with pytest.raises(SpecError, match="world_size"):
         make_step(strategy="model-parallel", world_size=1)
     cell = Cell(MLPSpec(depth=1), make_step(strategy="model-parallel", world_size=3), "cpu")

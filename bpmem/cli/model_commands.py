@@ -88,25 +88,22 @@ def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> 
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    import torch
-
     from bpmem.environment import environment
     from bpmem.measure_cell import is_out_of_memory, measure
 
     spec, step = specs_from_args(args)
     device = args.device
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # where it runs: bpmem.placement, as in a sweep
+        from bpmem.placement import ONE_DEVICE, Machine, devices_here, parse_device, place
+
         try:
-            torch.device(device)
-        except RuntimeError:
+            parse_device(device)
+        except ValueError:
             return fail(args.prog, f"argument --device: {device!r} is not a device; allowed: cpu, cuda, cuda:N")
-        if not torch.cuda.is_available():
-            return fail(args.prog, f"argument --device: {device} needs CUDA, and torch.cuda.is_available() "
-                                    "is False; allowed here: cpu")
-        index = torch.device(device).index or 0
-        if index >= torch.cuda.device_count():
-            return fail(args.prog, f"argument --device: {device} does not exist; allowed: cpu, "
-                                    + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
+        machine = Machine.here()
+        placement = place(device, 1, ONE_DEVICE, machine)
+        if not placement.runs:
+            return fail(args.prog, f"argument --device: {placement.skipped}; allowed here: {devices_here(machine)}")
     if not isinstance(spec, MLPSpec):
         from bpmem.cli.user_commands import run_user_step
 

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from bpmem.placement import DEVICES, ONE_DEVICE, RANKS  # noqa: F401 - re-exported: where a strategy's cell runs
 from bpmem.validation import BUDGET_ALLOWED, SpecError, check_choice, parse_budget
 
 if TYPE_CHECKING:
     from bpmem.figures import Estimate, RankFigures
     from bpmem.spec import MLPSpec, StepSpec
 
-ONE_DEVICE, RANKS, DEVICES = "one-device", "ranks", "devices"  # where a strategy's cell runs
 C = TypeVar("C", bound="StrategyConfig")
 
 

@@ -80,8 +80,10 @@ class ModelParallel(SplitConfig):
             stages[0] = dataclasses.replace(stages[0], peak_bytes=plain_estimate(spec, step).peak_bytes)
         return stages
 
-    def measure_stages(self, spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int) -> list[Any]:
-        """One row of measured figures per stage (``model_parallel_runtime.measure_stages``)."""
+    def measure_stages(self, spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int,
+                       placement: Any = None) -> list[Any]:
+        """One row of measured figures per stage (``model_parallel_runtime.measure_stages``),
+        each stage on its device of ``placement`` (``bpmem.placement``; decided here if None)."""
         from bpmem.strategies.model_parallel_runtime import measure_stages
 
-        return measure_stages(spec, step, device, warmup, repeats)
+        return measure_stages(spec, step, device, warmup, repeats, placement)

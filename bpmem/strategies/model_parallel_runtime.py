@@ -14,22 +14,20 @@ from torch import nn
 from bpmem.analytic.schedules import stage_of_label, stage_ranges
 from bpmem.figures import MeasuredRank
 from bpmem.model import as_workload, units
+from bpmem.placement import DEVICES, Machine, Placement, place
 
 if TYPE_CHECKING:
     from bpmem.spec import MLPSpec, StepSpec
 
 
-def stage_devices(device: str, world_size: int) -> tuple[torch.device, ...]:
-    """The device of each stage; raises ValueError (naming ``world_size``) when a CUDA cell
-    asks for more GPUs than this process sees."""
-    kind = torch.device(device).type
-    if kind != "cuda":
-        return (torch.device(kind),) * world_size
-    visible = torch.cuda.device_count()
-    if visible < world_size:
-        raise ValueError(f"world_size: model-parallel on {world_size} GPUs needs {world_size} visible to one "
-                         f"process; this one sees {visible}; allowed: world_size <= {visible}")
-    return tuple(torch.device("cuda", index) for index in range(world_size))
+def stage_devices(device: str, world_size: int, placement: Placement | None = None) -> tuple[torch.device, ...]:
+    """The device of each stage, as ``bpmem.placement.place`` puts them on this machine (or
+    as ``placement`` already says); raises ValueError with its reason when the cell cannot
+    run here (a CUDA cell asking for more GPUs than this process sees)."""
+    placement = placement or place(device, world_size, DEVICES, Machine.here())
+    if not placement.runs:
+        raise ValueError(f"world_size: {placement.skipped}")
+    return tuple(torch.device(name) for name in placement.devices)
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,8 @@ class ModelParallelStrategy:
                 for start, end in self.ranges]
 
 
-def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int) -> list[MeasuredRank]:
+def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int,
+                   placement: Placement | None = None) -> list[MeasuredRank]:
     """One row of measured figures per stage: parameters, gradients and optimizer state of
     its parameters; the activations its modules save; the peak of its device (on the first
     stage placed there; a device shared by several stages has one peak); the step time; and
@@ -79,7 +78,7 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
     from bpmem.strategies.rank_runtime import max_relative_error, reference_gradients
 
     step.strategy.check(spec, step)
-    devices = stage_devices(device, step.world_size)
+    devices = stage_devices(device, step.world_size, placement)
     workload = as_workload(spec)
     strategy = ModelParallelStrategy(devices, stage_ranges(spec, step.world_size), workload.blocks)
     model = workload.build(devices[0], seed=0)

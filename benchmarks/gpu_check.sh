@@ -5,8 +5,9 @@
 #   1. the environment: nvidia-smi, Python, torch, CUDA;
 #   2. `bpmem run` of benchmarks/configs/gpu_seed.toml (the seed network, every single-device
 #      strategy), benchmarks/configs/gpu_steps.toml (bfloat16 autocast with the foreach Adam
-#      and weight decay, against float32) and benchmarks/configs/gpu.toml (batches x4 until
-#      the GPU runs out of memory);
+#      and weight decay, against float32), benchmarks/configs/models.toml on the GPU (your own
+#      model: the GPT and the ResNet, B = 4 and 64) and benchmarks/configs/gpu.toml (batches
+#      x4 until the GPU runs out of memory);
 #   3. `bpmem check --predicted` on each: saved activations, parameters, gradients and optimizer
 #      state must equal their predictions to the byte, and no row may be an error; the peak
 #      and the CUDA allocator's peak are shown beside the prediction, never failed on;
@@ -25,7 +26,8 @@
 # wall-clock budget, 450 s by default; every step gets a `timeout` out of what is left),
 # PYTHON (the interpreter). Everything printed also goes to $OUT/gpu_check.log.
 #
-# Each run folder ($OUT/gpu-seed, $OUT/gpu, $OUT/split, or $OUT/gpu-dry-run) holds one
+# Each run folder ($OUT/gpu-seed, $OUT/gpu-steps, $OUT/gpu-models, $OUT/gpu, $OUT/split, or
+# $OUT/gpu-dry-run) holds one
 # results.csv, its check table (check.txt) and its report (report.md, plots/). A run cut
 # short by its timeout keeps the rows it finished, and they are still checked.
 #
@@ -136,11 +138,16 @@ for i in range(torch.cuda.device_count()):
         sweep gpu-dry-run "$config" 120 150
         names+=(gpu-dry-run)
     else
+        # your own models (the GPT and the ResNet of models.toml) on the GPU
+        mkdir -p "$out_dir/configs"
+        sed 's/^devices = \["cpu"\]/devices = ["cuda"]/; s/^batch_sizes = .*/batch_sizes = [4, 64]/' \
+            benchmarks/configs/models.toml > "$out_dir/configs/gpu_models.toml"
         # the seed's cells are quick; gpu.toml gets what they leave, keeping 160 s for the rest
-        sweep gpu-seed benchmarks/configs/gpu_seed.toml 120 330
-        sweep gpu-steps benchmarks/configs/gpu_steps.toml 45 285
-        sweep gpu benchmarks/configs/gpu.toml 240 160
-        names+=(gpu-seed gpu-steps gpu)
+        sweep gpu-seed benchmarks/configs/gpu_seed.toml 110 340
+        sweep gpu-steps benchmarks/configs/gpu_steps.toml 45 295
+        sweep gpu-models "$out_dir/configs/gpu_models.toml" 60 250
+        sweep gpu benchmarks/configs/gpu.toml 200 160
+        names+=(gpu-seed gpu-steps gpu-models gpu)
     fi
     # distributed cells on the CPU (split.toml's devices are cpu) still run on this machine
     sweep split benchmarks/configs/split.toml 150 45

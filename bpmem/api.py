@@ -139,6 +139,19 @@ def _grouped(items: Iterable[Contributor], n: int) -> list[tuple[str, int]]:
     return sorted(totals.items(), key=lambda pair: (-pair[1], pair[0]))[:n]
 
 
+def _cuda_device_of(model: nn.Module | None, inputs: list[torch.Tensor]) -> torch.device | None:
+    """The GPU whose allocator the block uses: the device of the model's first CUDA tensor,
+    else of the inputs'. With neither given, the current CUDA device if CUDA is in use (the
+    block can only be on it). None for a CPU model, on any machine."""
+    state = [*model.parameters(), *model.buffers()] if model is not None else []
+    for tensor in [*state, *inputs]:
+        if tensor.device.type == "cuda":
+            return tensor.device
+    if model is None and not inputs and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
 @contextlib.contextmanager
 def measure(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
             inputs: Iterable[torch.Tensor] = (), peak: bool = True) -> Iterator[Measurement]:
@@ -177,10 +190,11 @@ def measure(model: nn.Module | None = None, optimizer: torch.optim.Optimizer | N
 
     live.on_peak = on_peak
     cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    cuda_device = _cuda_device_of(model, inputs)
+    if cuda_device is not None:
         from bpmem.probes import CudaProbe
 
-        cuda = CudaProbe()
+        cuda = CudaProbe(cuda_device)
     with contextlib.ExitStack() as stack:
         if cuda is not None:
             stack.enter_context(cuda)

@@ -11,10 +11,12 @@
 #   3. `bpmem check --predicted` on each: saved activations, parameters, gradients and optimizer
 #      state must equal their predictions to the byte, and no row may be an error; the peak
 #      and the CUDA allocator's peak are shown beside the prediction, never failed on;
-#   4. `bpmem run` of benchmarks/configs/split.toml on the CPU, and its check: the distributed
+#   4. `bpmem measure --trace` of one step, and PyTorch's memory viewer (stats, trace_plot)
+#      on the file it wrote;
+#   5. `bpmem run` of benchmarks/configs/split.toml on the CPU, and its check: the distributed
 #      CPU cells (torchrun, gloo) still run on a machine with a GPU;
-#   5. model-parallel over cuda:0 and cuda:1, where two GPUs are visible;
-#   6. `bpmem report` of each run folder, and $OUT/summary.md: the steps, every check table
+#   6. model-parallel over cuda:0 and cuda:1, where two GPUs are visible;
+#   7. `bpmem report` of each run folder, and $OUT/summary.md: the steps, every check table
 #      and every report.
 #
 #     bash benchmarks/gpu_check.sh                       # writes to $OUT, else reports/gpu-check
@@ -149,6 +151,18 @@ for i in range(torch.cuda.device_count()):
         sweep gpu benchmarks/configs/gpu.toml 200 160
         names+=(gpu-seed gpu-steps gpu-models gpu)
     fi
+    # one step's memory trace in PyTorch's snapshot format (on CUDA the caching allocator's
+    # own history), opened by PyTorch's own viewer
+    local trace_dir="$out_dir/trace"
+    mkdir -p "$trace_dir"
+    run_step "measure --trace" 60 200 "$py" -m bpmem measure --depth 4 --batch-size 4096 --optimizer adam \
+        --optimizer-impl foreach --device "$device" --trace "$trace_dir/step.pickle" --json \
+        > "$trace_dir/measure.json" || failures=$((failures + 1))
+    run_step "memory_viz stats" 30 190 "$py" -m torch.cuda._memory_viz stats "$trace_dir/step.pickle" \
+        > "$trace_dir/stats.txt" 2>&1 || failures=$((failures + 1))
+    run_step "memory_viz trace_plot" 30 180 "$py" -m torch.cuda._memory_viz trace_plot "$trace_dir/step.pickle" \
+        -o "$trace_dir/step.html" || failures=$((failures + 1))
+
     # distributed cells on the CPU (split.toml's devices are cpu) still run on this machine
     sweep split benchmarks/configs/split.toml 150 45
     names+=(split)
@@ -197,6 +211,14 @@ write_summary() {
             IFS='|' read -r s_name s_status s_seconds <<< "$step"
             echo "| $s_name | $s_status | $s_seconds |"
         done
+        echo
+        echo "## One step's memory trace (trace/step.pickle; open trace/step.html)"
+        echo
+        echo '```'
+        grep -E '"(peak|params|grads|optimizer|cuda_[a-z_]+)_bytes"' "$out_dir/trace/measure.json" 2>/dev/null \
+            || echo "(no measure.json)"
+        head -4 "$out_dir/trace/stats.txt" 2>/dev/null || echo "(no stats)"
+        echo '```'
         for name in "$@"; do
             echo
             echo "## $name: bpmem check --predicted"

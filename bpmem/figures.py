@@ -117,6 +117,13 @@ class Measured(StepFigures):
     loss: float | None = None  # J of the measured step, computed before the update
     rss_peak_bytes: int | None = None  # with --rss: the process's resident set, sampled
     caveats: list[str] = field(default_factory=list)  # where a fake-tensor run may differ from a real one
+    # with trace=True: the training step's memory snapshot (bpmem.memory_trace), never in to_dict
+    trace: dict[str, Any] | None = field(default=None, repr=False)
+
+    def to_dict(self, drop_none: bool = True) -> dict[str, Any]:
+        out = super().to_dict(drop_none)
+        out.pop("trace", None)
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)

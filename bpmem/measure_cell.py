@@ -10,6 +10,7 @@ Order of work, each on a fresh step of the same model so that probes never watch
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import time
@@ -21,6 +22,7 @@ from torch import nn
 
 from bpmem.fake_kernels import DeviceStorageSizes
 from bpmem.figures import Measured
+from bpmem.memory_trace import cuda_history, snapshot_from_allocations
 from bpmem.model import as_workload, meta_batch
 from bpmem.precision import Precision, precision_for
 from bpmem.probes import (
@@ -77,8 +79,10 @@ def _tensors(*batch: Any) -> list[torch.Tensor]:
 
 
 def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
-                          x: torch.Tensor, y: torch.Tensor, strategy: Strategy | None = None) -> LiveTensorProbe:
-    """Peak of one steady-state training step, starting from what the previous step left."""
+                          x: torch.Tensor, y: torch.Tensor, strategy: Strategy | None = None,
+                          log_allocations: bool = False) -> LiveTensorProbe:
+    """Peak of one steady-state training step, starting from what the previous step left
+    (with ``log_allocations``, the probe's ledger keeps every allocation and free in order)."""
     params = list(model.parameters())
     probe = LiveTensorProbe({
         "params": params,
@@ -86,6 +90,7 @@ def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.opti
         "optimizer": optimizer_state_tensors(optimizer),
         "inputs": _tensors(x, y),
     })
+    probe.ledger.allocations = [] if log_allocations else None
     with probe:
         train_step(spec, model, optimizer, x, y, phase=probe.phase, strategy=strategy)
     return probe
@@ -121,8 +126,10 @@ def plain_step_flops(spec: MLPSpec | Workload, batch_size: int, device: str = "c
 
 
 def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed: int = 0, rss: bool = False,
-            fake: bool = False) -> Measured:
-    """Measure one configuration: the figures that apply, per_layer and the timeline.
+            fake: bool = False, trace: bool = False) -> Measured:
+    """Measure one configuration: the figures that apply, per_layer and the timeline; with
+    ``trace``, a training step's memory snapshot too (``bpmem.memory_trace``: the live probe's
+    allocations on the CPU, the caching allocator's history on CUDA).
 
     With ``fake``, every tensor is a fake one (``bpmem.torch_private.fake_tensor_mode``): the
     same steps under the same probes, with no data and no memory, as ``bpmem estimate
@@ -132,7 +139,7 @@ def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed:
         raise ValueError(f"dtype: {spec.dtype} parameters under --amp {step.amp}; autocast keeps float32 parameters "
                          "and casts them itself; allowed: float32 with --amp")
     if not fake:
-        return Measured(**_measure_fields(spec, step, device, seed, rss))
+        return Measured(**_measure_fields(spec, step, device, seed, rss, trace))
     warn_always = torch.is_warn_always_enabled()
     torch.set_warn_always(True)  # PyTorch warns once per process; every estimate must hear it
     try:
@@ -166,7 +173,8 @@ class DataDependentModel(ValueError):
                          "data cannot follow; allowed: bpmem measure --model ..., which runs it for real")
 
 
-def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed: int, rss: bool) -> dict[str, Any]:
+def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed: int, rss: bool,
+                    trace: bool = False) -> dict[str, Any]:
     workload = as_workload(spec)
     model = workload.build(device, seed=seed)
     x, y = workload.make_batch(step.batch_size, device, seed=seed)
@@ -215,7 +223,8 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
             train_step(spec, model, optimizer, x, y, strategy=strategy)
         result.update(peak_bytes=trace.peak_bytes, peak_phase="", peak_by_category={}, timeline=[])
         return result
-    live = measure_training_peak(spec, model, optimizer, x, y, strategy)
+    cuda = torch.device(device).type == "cuda"
+    live = measure_training_peak(spec, model, optimizer, x, y, strategy, log_allocations=trace and not cuda)
     # Retained activations, truly: every storage the forward made that is still alive when it
     # ends, but J itself (one element), plus the inputs the graph holds on to. This sees what
     # checkpointing keeps in its own frames, which saved-tensor hooks cannot.
@@ -227,10 +236,15 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     result["peak_phase"] = live.peak_phase
     result["peak_by_category"] = live.peak_by_category
     result["timeline"] = live.timeline
-    if torch.device(device).type == "cuda":
-        with CudaProbe(device) as cuda:
+    if trace and not cuda:
+        result["trace"] = snapshot_from_allocations(live.ledger.allocations or [])
+    if cuda:
+        snapshot: dict[str, Any] = {}
+        with CudaProbe(device) as allocator, cuda_history(device, snapshot) if trace else contextlib.nullcontext():
             train_step(spec, model, optimizer, x, y, strategy=strategy)
-        result.update(cuda.result())
+        result.update(allocator.result())
+        if trace:
+            result["trace"] = snapshot
     if rss:
         with RssProbe() as rss_probe:
             train_step(spec, model, optimizer, x, y, strategy=strategy)

@@ -22,6 +22,7 @@ from typing import Any
 
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
+from bpmem.memory_trace import write_snapshot
 from bpmem.placement import Machine, job_plan, place
 from bpmem.progress import Progress, cell_label
 from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells
@@ -31,8 +32,8 @@ from bpmem.sweep_split import run_distributed_cell, run_model_parallel_cell, ski
 
 
 def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: SweepConfig,
-               after_oom: bool = False, log_dir: Path | None = None,
-               machine: Machine | None = None) -> Iterator[list[dict[str, Any]]]:
+               after_oom: bool = False, log_dir: Path | None = None, machine: Machine | None = None,
+               trace: bool = False) -> Iterator[list[dict[str, Any]]]:
     """The rows of each cell of one series, in ascending batch size (one row, or one per rank
     for a distributed cell); a cell ``machine`` (this one by default) cannot hold is skipped,
     and after an OOM the rest of the series is skipped."""
@@ -49,7 +50,7 @@ def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: Swee
             elif cell.step.strategy.placement == DEVICES:
                 rows = run_model_parallel_cell(cell, run_id, env, config, placement)
             else:
-                rows = [run_cell(cell, run_id, env, config)]
+                rows = [run_cell(cell, run_id, env, config, trace)]
             after_oom = after_oom or any(row["status"] == "oom" for row in rows)
             yield rows
 
@@ -109,7 +110,7 @@ class _Guard:
 
 
 def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any], config: SweepConfig,
-            log_dir: Path, machine: Machine) -> None:
+            log_dir: Path, machine: Machine, trace: bool) -> None:
     """A worker process: runs whole series, sends each row back as soon as it is made."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     while True:
@@ -118,7 +119,8 @@ def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any]
             results.put(None)
             return
         cells, after_oom = task
-        for rows in run_series(cells, run_id, env_by_device[cells[0].device], config, after_oom, log_dir, machine):
+        for rows in run_series(cells, run_id, env_by_device[cells[0].device], config, after_oom, log_dir, machine,
+                               trace):
             for row in rows:
                 results.put(row)
 
@@ -135,10 +137,11 @@ class SweepOutcome:
 
 def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_id: str, jobs: int = 1,
               quiet: bool = False, on_row: Callable[[dict[str, Any]], None] | None = None,
-              shard: Any = None, machine: Machine | None = None) -> SweepOutcome:
+              shard: Any = None, machine: Machine | None = None, trace: bool = False) -> SweepOutcome:
     """Run every cell not yet in ``out_dir/results.csv`` (of ``shard``'s slice, a
     ``bpmem.merge.Shard``, if given), appending a row per finished cell. Each cell runs where
-    ``bpmem.placement.place`` puts it on ``machine`` (this one by default)."""
+    ``bpmem.placement.place`` puts it on ``machine`` (this one by default). With ``trace``,
+    each measured training step's memory snapshot goes to ``out_dir/traces/<cell_id>.pickle``."""
     machine = machine or Machine.here()
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "results.csv"
@@ -158,8 +161,15 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
     timelines = TimelineWriter(out_dir / "timelines.csv", set(done))
     with ResultsWriter(csv_path, header) as writer, guard.installed():
         def record(row: dict[str, Any]) -> None:
-            events = row.pop("_timeline", None)
-            guard.write(writer, row, lambda: timelines.write(row, events) if events else None)
+            events, snapshot = row.pop("_timeline", None), row.pop("_trace", None)
+
+            def beside() -> None:  # what goes with the row: its timeline, its trace
+                if events:
+                    timelines.write(row, events)
+                if snapshot:
+                    write_snapshot(out_dir / "traces" / f"{row['cell_id']}.pickle", snapshot)
+
+            guard.write(writer, row, beside)
             outcome.written += 1
             outcome.statuses[row["status"]] = outcome.statuses.get(row["status"], 0) + 1
             if on_row:
@@ -168,7 +178,7 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
         def serially(todo_series: list[tuple[list[Cell], bool]]) -> None:
             for todo, after_oom in todo_series:
                 rows = run_series(todo, run_id, env_by_device[todo[0].device], config, after_oom,
-                                  out_dir / "logs", machine)
+                                  out_dir / "logs", machine, trace)
                 for cell in todo:
                     guard.check()
                     progress.show(cell_label(cell))
@@ -183,7 +193,7 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
                 plan = job_plan([series_devices(todo, machine) for todo, _ in tasks], jobs)
                 shared = [(task, job) for task, job in zip(tasks, plan, strict=True) if job is not None]
                 _run_parallel(shared, jobs, run_id, env_by_device, config, record, progress, out_dir / "logs",
-                              machine)
+                              machine, trace)
                 serially([task for task, job in zip(tasks, plan, strict=True) if job is None])
         except KeyboardInterrupt:
             outcome.interrupted = True
@@ -203,7 +213,7 @@ def series_devices(cells: list[Cell], machine: Machine) -> tuple[str, ...]:
 
 def _run_parallel(tasks: list[tuple[tuple[list[Cell], bool], int]], jobs: int, run_id: str,
                   env_by_device: dict[str, Any], config: SweepConfig, record: Callable[[dict[str, Any]], None],
-                  progress: Progress, log_dir: Path, machine: Machine) -> None:
+                  progress: Progress, log_dir: Path, machine: Machine, trace: bool) -> None:
     """One process per job, each task given to the job ``job_plan`` chose for it."""
     context = multiprocessing.get_context("spawn")
     task_queues = [context.Queue() for _ in range(jobs)]
@@ -211,7 +221,7 @@ def _run_parallel(tasks: list[tuple[tuple[list[Cell], bool], int]], jobs: int, r
     for task, job in tasks:
         task_queues[job].put(task)
     workers = [context.Process(target=_worker, daemon=True,
-                               args=(queue_k, results, run_id, env_by_device, config, log_dir, machine))
+                               args=(queue_k, results, run_id, env_by_device, config, log_dir, machine, trace))
                for queue_k in task_queues]
     for task_queue in task_queues:
         task_queue.put(None)

@@ -92,15 +92,16 @@ def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
             and cell.step.strategy.in_timeline_plot)
 
 
-def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
-    """Measure one cell; never raises for OOM or errors, which become the row's status."""
+def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig, trace: bool = False) -> dict[str, Any]:
+    """Measure one cell; never raises for OOM or errors, which become the row's status. With
+    ``trace``, a training cell's memory snapshot rides along as ``row["_trace"]``."""
     from bpmem.measure_cell import measure, time_steps, time_summary
 
     row = base_row(cell, run_id, env, config)
     if row.get("status") in ("error", "skipped"):
         return row
     try:
-        measured = measure(cell.spec, cell.step, device=cell.device)
+        measured = measure(cell.spec, cell.step, device=cell.device, trace=trace and cell.step.mode == "train")
         times = time_steps(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
         row.update(status="oom" if is_out_of_memory(error) else "error", error=one_line(error))
@@ -110,5 +111,7 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig) 
     row.update(peak_phase=measured.peak_phase, recompute_flops=measured.recompute_flops)
     if timeline_cell(config, cell) and measured.timeline:
         row["_timeline"] = [(e.index, e.op, e.phase, e.live_bytes) for e in measured.timeline]
+    if measured.trace:
+        row["_trace"] = measured.trace
     row.update(status="ok", error="", **time_summary(times))
     return row

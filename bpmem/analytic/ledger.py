@@ -31,6 +31,19 @@ class Event:
     live_bytes: int
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """One entry of the allocation log: a storage of ``nbytes`` made (``alloc``) or released
+    (``free``) under ``key``, its category, the op that made it and the phase."""
+
+    action: str
+    key: Hashable
+    nbytes: int
+    category: str
+    op: str
+    phase: str
+
+
 @dataclass
 class Ledger:
     """Live storages by key and category; the running total, its peak and what made it.
@@ -47,14 +60,19 @@ class Ledger:
     peak_phase: str = ""
     phase: str = "outside"
     events: list[Event] = field(default_factory=list)
+    # with a list here, every allocation and free in order (a memory trace: bpmem.memory_trace)
+    allocations: list[Allocation] | None = None
 
-    def alloc(self, key: Hashable, nbytes: int, category: str | None = None, record: bool = True) -> None:
+    def alloc(self, key: Hashable, nbytes: int, category: str | None = None, record: bool = True,
+              op: str = "") -> None:
         category = category or self.phase
         if key in self.live:
             raise KeyError(f"{key!r} is already live")
         self.live[key] = (nbytes, category)
         self.by_category[category] = self.by_category.get(category, 0) + nbytes
         self.total += nbytes
+        if self.allocations is not None:
+            self.allocations.append(Allocation("alloc", key, nbytes, category, op or str(key), self.phase))
         if record:
             self.note(str(key))
 
@@ -63,15 +81,22 @@ class Ledger:
             nbytes, category = self.live.pop(key)
             self.by_category[category] -= nbytes
             self.total -= nbytes
+            if self.allocations is not None:
+                self.allocations.append(Allocation("free", key, nbytes, category, "", self.phase))
             if record:
                 self.events.append(Event(f"free {key}", self.phase, self.total))
 
     def resize(self, key: Hashable, nbytes: int, category: str) -> None:
-        """A storage that grew or shrank in place (``resize_``, which no op reports)."""
+        """A storage that grew or shrank in place (``resize_``, which no op reports); in the
+        allocation log, the old size freed and the new one allocated."""
         before, _ = self.live.get(key, (0, category))
+        if self.allocations is not None and before:
+            self.allocations.append(Allocation("free", key, before, category, "", self.phase))
         self.live[key] = (nbytes, category)
         self.by_category[category] = self.by_category.get(category, 0) + nbytes - before
         self.total += nbytes - before
+        if self.allocations is not None and nbytes:
+            self.allocations.append(Allocation("alloc", key, nbytes, category, "resize_", self.phase))
 
     def note(self, op: str, record: bool = True) -> None:
         """Record the total after ``op`` (with ``record``), and the peak if this is a new one."""

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(mea)
     mea.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     mea.add_argument("--rss", action="store_true", help="also sample the process RSS with psutil (coarse)")
+    mea.add_argument("--trace", type=Path, metavar="FILE.pickle",
+                     help="write the training step's memory trace, which PyTorch's viewer opens: python -m "
+                          "torch.cuda._memory_viz trace_plot FILE.pickle -o FILE.html (on the CPU from the live "
+                          "probe, with exact sizes; on CUDA the caching allocator's own history)")
     mea.add_argument("--json", action="store_true", help="print one JSON object with exact integer bytes")
     mea.set_defaults(func=cmd_measure)
     run = sub.add_parser("run", help="the sweep: a grid of cells into results.csv", epilog=RUN_HELP,
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run only the K-th of N deterministic slices of the grid (whole series each), e.g. "
                           "one per Slurm array task; merge them with `bpmem report DIR... --out MERGED`")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--trace", action="store_true",
+                     help="write each measured training step's memory trace to OUT/traces/CELL_ID.pickle "
+                          "(open with python -m torch.cuda._memory_viz trace_plot FILE -o FILE.html)")
     run.add_argument("--no-report", action="store_true", help="skip drawing plots and report.md at the end")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="draw plots and report.md from DIR/results.csv",

@@ -6,7 +6,16 @@ import argparse
 import json
 from typing import Any
 
-from bpmem.cli.options import describe, echo_config, fail, fail_field, print_table, specs_from_args
+from bpmem.cli.options import (
+    describe,
+    echo_config,
+    fail,
+    fail_field,
+    print_table,
+    specs_from_args,
+    trace_refusal,
+    write_trace,
+)
 from bpmem.figures import FIGURE_NAMES
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies.base import DEVICES, NoStrategy, SplitConfig
@@ -104,6 +113,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
         placement = place(device, 1, ONE_DEVICE, machine)
         if not placement.runs:
             return fail(args.prog, f"argument --device: {placement.skipped}; allowed here: {devices_here(machine)}")
+    if trace_refusal(args, step):
+        return fail(args.prog, trace_refusal(args, step))
     if not isinstance(spec, MLPSpec):
         from bpmem.cli.user_commands import run_user_step
 
@@ -111,12 +122,13 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if isinstance(step.strategy, SplitConfig):
         return _measure_split(args, spec, step, device)
     try:
-        measured = measure(spec, step, device=device, rss=args.rss)
+        measured = measure(spec, step, device=device, rss=args.rss, trace=args.trace is not None)
     except Exception as error:  # an allocation that failed is the user's size, not a crash
         if not is_out_of_memory(error):
             raise
         return fail(args.prog, _out_of_memory(spec, step, device, error))
     result = {k: v for k, v in measured.to_dict().items() if k != "timeline"}
+    write_trace(args, measured.trace)
     if args.json:
         print(json.dumps({**result, "config": echo_config(spec, step, device), "environment": environment(device)},
                          indent=2))

@@ -218,3 +218,25 @@ def fail_field(prog: str, error: ValueError) -> int:
     """A strategy check's "field: why; allowed: ..." as an error on that field's flag."""
     field, _, rest = str(error).partition(": ")
     return fail(prog, f"argument --{field.replace('_', '-')}: {rest}")
+
+
+def trace_refusal(args: argparse.Namespace, step: StepSpec) -> str:
+    """Why ``--trace`` cannot apply to this step ("" when it can): only a training step of a
+    single-device strategy the probes can watch has one."""
+    if getattr(args, "trace", None) is None:
+        return ""
+    if step.mode != "train" or step.strategy.placement != "one-device" or step.strategy.opaque_to_probes:
+        return (f"argument --trace: no trace of --mode {step.mode} with --strategy {step.strategy.name}; allowed: "
+                "--mode train with a single-device strategy other than compile-budget")
+    return ""
+
+
+def write_trace(args: argparse.Namespace, snapshot: dict[str, Any] | None) -> None:
+    """Write ``--trace``'s file (if asked for) and say how to open it, on stderr."""
+    if getattr(args, "trace", None) is None or not snapshot:
+        return
+    from bpmem.memory_trace import write_snapshot
+
+    path = write_snapshot(args.trace, snapshot)
+    print(f"{args.prog}: wrote {path}; open it with: python -m torch.cuda._memory_viz trace_plot {path} "
+          f"-o {path.with_suffix('.html')}", file=sys.stderr)

@@ -67,7 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         part = f" (shard {args.shard} of the grid)" if args.shard else ""
         print(f"bpmem run: {len(cells)} cells of {config.name!r}{part} on {', '.join(devices)} -> {out}",
               file=sys.stderr)
-    outcome = run_sweep(config, devices, out, run_info["run_id"], jobs=args.jobs, quiet=args.quiet, shard=args.shard)
+    outcome = run_sweep(config, devices, out, run_info["run_id"], jobs=args.jobs, quiet=args.quiet, shard=args.shard,
+                        trace=args.trace)
     counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.statuses.items())) or "nothing new"
     done = f" ({outcome.already_done} already done)" if outcome.already_done else ""
     print(f"bpmem run: {counts}{done}; results in {out / 'results.csv'}", file=sys.stderr)

@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from bpmem.cli.options import describe, echo_config, fail, fail_field, print_table
+from bpmem.cli.options import describe, echo_config, fail, fail_field, print_table, write_trace
 from bpmem.figures import FIGURE_NAMES
 from bpmem.spec import StepSpec
 from bpmem.strategies.base import SplitConfig
@@ -29,7 +29,8 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
         return fail(args.prog, f"argument --strategy: {step.strategy.name} compiles the model, which tensors "
                                 "without data cannot follow; allowed: bpmem measure --model ... to measure it")
     try:
-        measured = measure(workload, step, device=device, rss=getattr(args, "rss", False) and not fake, fake=fake)
+        measured = measure(workload, step, device=device, rss=getattr(args, "rss", False) and not fake, fake=fake,
+                           trace=getattr(args, "trace", None) is not None and not fake)
     except UserModelError as error:
         return fail(args.prog, f"argument {error}")
     except DataDependentModel as error:
@@ -42,6 +43,7 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
         return fail(args.prog, f"out of memory on {device}: {str(error).strip().splitlines()[0][:200]}; allowed: a "
                                 "smaller --batch-size, or bpmem estimate --model ... to size it first")
     figures = {k: v for k, v in measured.to_dict().items() if k != "timeline"}
+    write_trace(args, measured.trace)
     if args.json:
         how = "estimate: fake tensors, no data" if fake else f"measure on {device}"
         print(json.dumps({**figures, "how": how, "config": echo_config(workload, step, device),

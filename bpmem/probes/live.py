@@ -199,7 +199,7 @@ class LiveTensorProbe(EngineSums):
         granularity = BLOCK_GRANULARITY.get()
         tracked.nbytes = -(-tracked.nbytes // granularity) * granularity  # an allocator's block: rounded up
         self._tracked[key] = tracked
-        self.ledger.alloc(key, tracked.nbytes, tracked.category, record=False)
+        self.ledger.alloc(key, tracked.nbytes, tracked.category, record=False, op=tracked.op)
 
     def _on_free(self, key: int) -> None:
         self._release(key)

@@ -6,8 +6,9 @@
 #   2. `bpmem run` of benchmarks/configs/gpu_seed.toml (the seed network, every single-device
 #      strategy), benchmarks/configs/gpu_steps.toml (bfloat16 autocast with the foreach Adam
 #      and weight decay, against float32), benchmarks/configs/models.toml on the GPU (your own
-#      model: the GPT and the ResNet, B = 4 and 64) and benchmarks/configs/gpu.toml (batches
-#      x4 until the GPU runs out of memory);
+#      model: the GPT and the ResNet, B = 4 and 64), benchmarks/configs/gpu_compile.toml
+#      (compile-budget, one cell) and benchmarks/configs/gpu.toml (batches x4 until the GPU
+#      runs out of memory);
 #   3. `bpmem check --predicted` on each: saved activations, parameters, gradients and optimizer
 #      state must equal their predictions to the byte, and no row may be an error; the peak
 #      and the CUDA allocator's peak are shown beside the prediction, never failed on;
@@ -28,8 +29,8 @@
 # wall-clock budget, 450 s by default; every step gets a `timeout` out of what is left),
 # PYTHON (the interpreter). Everything printed also goes to $OUT/gpu_check.log.
 #
-# Each run folder ($OUT/gpu-seed, $OUT/gpu-steps, $OUT/gpu-models, $OUT/gpu, $OUT/split, or
-# $OUT/gpu-dry-run) holds one
+# Each run folder ($OUT/gpu-seed, $OUT/gpu-steps, $OUT/gpu-models, $OUT/gpu-compile, $OUT/gpu,
+# $OUT/split, or $OUT/gpu-dry-run) holds one
 # results.csv, its check table (check.txt) and its report (report.md, plots/). A run cut
 # short by its timeout keeps the rows it finished, and they are still checked.
 #
@@ -148,8 +149,9 @@ for i in range(torch.cuda.device_count()):
         sweep gpu-seed benchmarks/configs/gpu_seed.toml 110 340
         sweep gpu-steps benchmarks/configs/gpu_steps.toml 45 295
         sweep gpu-models "$out_dir/configs/gpu_models.toml" 60 250
+        sweep gpu-compile benchmarks/configs/gpu_compile.toml 60 220
         sweep gpu benchmarks/configs/gpu.toml 200 160
-        names+=(gpu-seed gpu-steps gpu-models gpu)
+        names+=(gpu-seed gpu-steps gpu-models gpu-compile gpu)
     fi
     # one step's memory trace in PyTorch's snapshot format (on CUDA the caching allocator's
     # own history), opened by PyTorch's own viewer

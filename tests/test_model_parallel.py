@@ -15,10 +15,10 @@ import torch
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
 from bpmem.estimate import estimate
+from bpmem.placement import Machine
 from bpmem.spec import MLPSpec, SpecError, StepSpec
 from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.model_parallel import stage_ranges
-from bpmem.placement import Machine
 from bpmem.strategies.model_parallel_runtime import stage_devices
 from bpmem.strategies.registry import make_step
 from bpmem.sweep_split import run_model_parallel_cell

@@ -49,7 +49,7 @@ def test_cpu_configs_run_on_the_cpu_and_gloo_whatever_the_gpus(config_name: str 
         assert {cell.step.strategy.placement for cell, _ in found} == {ONE_DEVICE, RANKS, DEVICES}
 
 
-@pytest.mark.parametrize("config_name", ["gpu", "gpu_seed", "gpu_steps"])
+@pytest.mark.parametrize("config_name", ["gpu", "gpu_seed", "gpu_steps", "gpu_compile"])
 def test_gpu_configs_by_gpu_count(config_name: str) -> None:
     with pytest.raises(ConfigError, match="devices: device cuda:0 needs a GPU; CUDA is not available"):
         placements(config_name, NO_GPU)

@@ -26,7 +26,7 @@
 # Environment: OUT (the output folder), DEVICE (cuda, the default, or cpu), QUICK=1 (run
 # benchmarks/configs/gpu_dry_run.toml instead of the two GPU configs; on DEVICE, so
 # DEVICE=cuda QUICK=1 is a one-minute smoke test of a GPU), BUDGET_S (the whole script's
-# wall-clock budget, 450 s by default; every step gets a `timeout` out of what is left),
+# wall-clock budget, 470 s by default; every step gets a `timeout` out of what is left),
 # PYTHON (the interpreter). Everything printed also goes to $OUT/gpu_check.log.
 #
 # Each run folder ($OUT/gpu-seed, $OUT/gpu-steps, $OUT/gpu-models, $OUT/gpu-compile, $OUT/gpu,
@@ -43,7 +43,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out_dir="${OUT:-reports/gpu-check}"
 device="${DEVICE:-cuda}"
 quick="${QUICK:-0}"
-budget_s="${BUDGET_S:-450}"
+budget_s="${BUDGET_S:-470}"
 if [[ -n "${PYTHON:-}" ]]; then py="$PYTHON"
 elif [[ -x .venv/bin/python ]]; then py=.venv/bin/python
 elif command -v python3 >/dev/null 2>&1; then py=python3
@@ -130,6 +130,9 @@ for i in range(torch.cuda.device_count()):
         || echo "(torch failed to import)"
     timeout 30 "$py" -m bpmem --version || echo "(bpmem failed to import)"
 
+    # Order: what matters most first; gpu.toml's search for the OOM takes what is left. Each
+    # step's reserve keeps time for the steps after it (worst case, every step at its cap:
+    # about 470 s in all).
     local names=()
     if [[ "$quick" == "1" ]]; then
         local config=benchmarks/configs/gpu_dry_run.toml
@@ -138,36 +141,39 @@ for i in range(torch.cuda.device_count()):
             sed 's/^devices = \["cpu"\]/devices = ["cuda"]/' "$config" > "$out_dir/configs/gpu_dry_run.toml"
             config="$out_dir/configs/gpu_dry_run.toml"
         fi
-        sweep gpu-dry-run "$config" 120 150
+        sweep gpu-dry-run "$config" 120 220
         names+=(gpu-dry-run)
     else
-        # your own models (the GPT and the ResNet of models.toml) on the GPU
-        mkdir -p "$out_dir/configs"
-        sed 's/^devices = \["cpu"\]/devices = ["cuda"]/; s/^batch_sizes = .*/batch_sizes = [4, 64]/' \
-            benchmarks/configs/models.toml > "$out_dir/configs/gpu_models.toml"
-        # the seed's cells are quick; gpu.toml gets what they leave, keeping 160 s for the rest
-        sweep gpu-seed benchmarks/configs/gpu_seed.toml 110 340
-        sweep gpu-steps benchmarks/configs/gpu_steps.toml 45 295
-        sweep gpu-models "$out_dir/configs/gpu_models.toml" 60 250
-        sweep gpu-compile benchmarks/configs/gpu_compile.toml 60 220
-        sweep gpu benchmarks/configs/gpu.toml 200 160
-        names+=(gpu-seed gpu-steps gpu-models gpu-compile gpu)
+        sweep gpu-seed benchmarks/configs/gpu_seed.toml 90 340
+        sweep gpu-steps benchmarks/configs/gpu_steps.toml 45 300
+        names+=(gpu-seed gpu-steps)
     fi
+    # distributed cells on the CPU (split.toml's devices are cpu) still run on this machine
+    sweep split benchmarks/configs/split.toml 100 200
+    names+=(split)
+
     # one step's memory trace in PyTorch's snapshot format (on CUDA the caching allocator's
     # own history), opened by PyTorch's own viewer
     local trace_dir="$out_dir/trace"
     mkdir -p "$trace_dir"
-    run_step "measure --trace" 60 200 "$py" -m bpmem measure --depth 4 --batch-size 4096 --optimizer adam \
+    run_step "measure --trace" 40 160 "$py" -m bpmem measure --depth 4 --batch-size 4096 --optimizer adam \
         --optimizer-impl foreach --device "$device" --trace "$trace_dir/step.pickle" --json \
         > "$trace_dir/measure.json" || failures=$((failures + 1))
-    run_step "memory_viz stats" 30 190 "$py" -m torch.cuda._memory_viz stats "$trace_dir/step.pickle" \
+    run_step "memory_viz stats" 15 150 "$py" -m torch.cuda._memory_viz stats "$trace_dir/step.pickle" \
         > "$trace_dir/stats.txt" 2>&1 || failures=$((failures + 1))
-    run_step "memory_viz trace_plot" 30 180 "$py" -m torch.cuda._memory_viz trace_plot "$trace_dir/step.pickle" \
+    run_step "memory_viz trace_plot" 15 140 "$py" -m torch.cuda._memory_viz trace_plot "$trace_dir/step.pickle" \
         -o "$trace_dir/step.html" || failures=$((failures + 1))
 
-    # distributed cells on the CPU (split.toml's devices are cpu) still run on this machine
-    sweep split benchmarks/configs/split.toml 150 45
-    names+=(split)
+    if [[ "$quick" != "1" ]]; then
+        # your own models (the GPT and the ResNet of models.toml) on the GPU
+        mkdir -p "$out_dir/configs"
+        sed 's/^devices = \["cpu"\]/devices = ["cuda"]/; s/^batch_sizes = .*/batch_sizes = [4, 64]/' \
+            benchmarks/configs/models.toml > "$out_dir/configs/gpu_models.toml"
+        sweep gpu-models "$out_dir/configs/gpu_models.toml" 50 110
+        sweep gpu-compile benchmarks/configs/gpu_compile.toml 45 70
+        sweep gpu benchmarks/configs/gpu.toml 150 40
+        names+=(gpu-models gpu-compile gpu)
+    fi
 
     # model-parallel needs one process that sees two GPUs; the lent machines have one, so
     # this part only runs on a larger node. Each stage's bytes against the prediction for
@@ -178,7 +184,7 @@ for i in range(torch.cuda.device_count()):
     fi
     if [[ "$device" == "cuda" && "$gpus" -ge 2 ]]; then
         local flags=(--strategy model-parallel --world-size 2 --depth 7 --hidden-dim 4096 --batch-size 256 --json)
-        run_step "measure model-parallel" 60 35 "$py" -m bpmem measure "${flags[@]}" --device cuda \
+        run_step "measure model-parallel" 60 30 "$py" -m bpmem measure "${flags[@]}" --device cuda \
             > "$out_dir/model_parallel.json" || failures=$((failures + 1))
         run_step "estimate model-parallel" 30 30 "$py" -m bpmem estimate "${flags[@]}" \
             > "$out_dir/model_parallel_predicted.json" || failures=$((failures + 1))
@@ -189,7 +195,7 @@ for i in range(torch.cuda.device_count()):
     for name in "${names[@]}"; do
         [[ -f "$out_dir/$name/results.csv" ]] || continue
         # a report that cannot be drawn is noted in the summary; it does not fail the check
-        run_step "report $name" 60 0 "$py" -m bpmem report "$out_dir/$name" > "$out_dir/$name/report.txt" 2>&1
+        run_step "report $name" 30 0 "$py" -m bpmem report "$out_dir/$name" > "$out_dir/$name/report.txt" 2>&1
         cat "$out_dir/$name/report.txt"
     done
     write_summary "${names[@]}"

@@ -131,8 +131,10 @@ for i in range(torch.cuda.device_count()):
     timeout 30 "$py" -m bpmem --version || echo "(bpmem failed to import)"
 
     # Order: what matters most first; gpu.toml's search for the OOM takes what is left. Each
-    # step's reserve keeps time for the steps after it (worst case, every step at its cap:
-    # about 470 s in all).
+    # step's reserve keeps time for the steps after it. On an H200 (2026-11-29) the steps took
+    # seed 21 s, steps 27 s, split about 150 s (9 torchrun cells of ~17 s: importing a CUDA
+    # build of torch in each rank), trace 19 s, own models 60 s, compile 16 s, gpu.toml 110 s
+    # and the reports 33 s: about 440 s of the 470 s budget.
     local names=()
     if [[ "$quick" == "1" ]]; then
         local config=benchmarks/configs/gpu_dry_run.toml
@@ -144,24 +146,24 @@ for i in range(torch.cuda.device_count()):
         sweep gpu-dry-run "$config" 120 220
         names+=(gpu-dry-run)
     else
-        sweep gpu-seed benchmarks/configs/gpu_seed.toml 90 340
-        sweep gpu-steps benchmarks/configs/gpu_steps.toml 45 300
+        sweep gpu-seed benchmarks/configs/gpu_seed.toml 60 380
+        sweep gpu-steps benchmarks/configs/gpu_steps.toml 45 340
         names+=(gpu-seed gpu-steps)
     fi
     # distributed cells on the CPU (split.toml's devices are cpu) still run on this machine
-    sweep split benchmarks/configs/split.toml 100 200
+    sweep split benchmarks/configs/split.toml 170 170
     names+=(split)
 
     # one step's memory trace in PyTorch's snapshot format (on CUDA the caching allocator's
     # own history), opened by PyTorch's own viewer
     local trace_dir="$out_dir/trace"
     mkdir -p "$trace_dir"
-    run_step "measure --trace" 40 160 "$py" -m bpmem measure --depth 4 --batch-size 4096 --optimizer adam \
+    run_step "measure --trace" 40 120 "$py" -m bpmem measure --depth 4 --batch-size 4096 --optimizer adam \
         --optimizer-impl foreach --device "$device" --trace "$trace_dir/step.pickle" --json \
         > "$trace_dir/measure.json" || failures=$((failures + 1))
-    run_step "memory_viz stats" 15 150 "$py" -m torch.cuda._memory_viz stats "$trace_dir/step.pickle" \
+    run_step "memory_viz stats" 15 110 "$py" -m torch.cuda._memory_viz stats "$trace_dir/step.pickle" \
         > "$trace_dir/stats.txt" 2>&1 || failures=$((failures + 1))
-    run_step "memory_viz trace_plot" 15 140 "$py" -m torch.cuda._memory_viz trace_plot "$trace_dir/step.pickle" \
+    run_step "memory_viz trace_plot" 15 100 "$py" -m torch.cuda._memory_viz trace_plot "$trace_dir/step.pickle" \
         -o "$trace_dir/step.html" || failures=$((failures + 1))
 
     if [[ "$quick" != "1" ]]; then
@@ -169,9 +171,9 @@ for i in range(torch.cuda.device_count()):
         mkdir -p "$out_dir/configs"
         sed 's/^devices = \["cpu"\]/devices = ["cuda"]/; s/^batch_sizes = .*/batch_sizes = [4, 64]/' \
             benchmarks/configs/models.toml > "$out_dir/configs/gpu_models.toml"
-        sweep gpu-models "$out_dir/configs/gpu_models.toml" 50 110
-        sweep gpu-compile benchmarks/configs/gpu_compile.toml 45 70
-        sweep gpu benchmarks/configs/gpu.toml 150 40
+        sweep gpu-models "$out_dir/configs/gpu_models.toml" 70 70
+        sweep gpu-compile benchmarks/configs/gpu_compile.toml 40 40
+        sweep gpu benchmarks/configs/gpu.toml 120 35
         names+=(gpu-models gpu-compile gpu)
     fi
 

@@ -21,31 +21,50 @@ from bpmem.figures import Estimate
 from bpmem.spec import MLPSpec, StepSpec
 
 
-def predicted_cuda_allocated(spec: MLPSpec | Any, step: StepSpec) -> int:
-    """The training peak (inference: the forward's) with every storage counted as the CUDA
-    caching allocator's block, rounded up to 512 B, from a dry run: what
+def dry_run_device(device: str) -> str:
+    """Where a dry run for a cell on ``device`` runs its fake tensors: on that device where it
+    exists here (fake CUDA tensors take CUDA's own kernels, autocast policy and RNG outputs),
+    else on the CPU. A CUDA cell is only ever measured where CUDA is, so its row's dry run
+    is always CUDA's; without CUDA, autograd cannot even make a fake CUDA tensor's node."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return device if torch.cuda.is_available() else "cpu"
+
+
+def predicted_cuda_allocated(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda") -> int:
+    """The training peak (inference: the forward's) with every CUDA storage counted as the
+    caching allocator's block, rounded up to 512 B, from a dry run on ``device``: what
     ``max_memory_allocated`` should read over the step, beside the baseline it also holds
-    (a cuBLAS workspace, anything left from before). Kernels are the CPU's where no GPU is."""
+    (``cuda_workspace_bytes``: the cuBLAS workspace, anything left from before). Storages
+    on the CPU (Adam's step counters) are not the allocator's and do not count. Without
+    CUDA here, the kernels and placement are the CPU's."""
     from bpmem.measure_cell import measure
     from bpmem.probes.live import CUDA_BLOCK_BYTES, allocator_blocks
 
-    with allocator_blocks(CUDA_BLOCK_BYTES):
-        dry = measure(spec, step, fake=True)
+    where = dry_run_device(device)
+    with allocator_blocks(CUDA_BLOCK_BYTES, "cuda" if where != "cpu" else None):
+        dry = measure(spec, step, device=where, fake=True)
     return dry.inference_peak_bytes if step.mode == "inference" else dry.peak_bytes
 
 
-
-def estimate_exactly(spec: MLPSpec, step: StepSpec) -> Estimate:
+def estimate_exactly(spec: MLPSpec, step: StepSpec, device: str = "cpu") -> Estimate:
     """``estimate``, with the peak of a dry run where the arithmetic's is an upper estimate
-    (``peak_is_exact`` then says which one it is)."""
+    (``peak_is_exact`` then says which one it is). For a CUDA cell's hvp the dry run is on
+    CUDA (``dry_run_device``) and gives the retained bytes too: CUDA's double backward keeps
+    other tensors than the CPU's, which the arithmetic follows."""
     est = estimate(spec, step)
     if est.peak_is_exact or step.strategy.opaque_to_probes:
         return est  # the replay's exact peak: torch is never imported
     from bpmem.measure_cell import measure
 
-    dry = measure(spec, step, fake=True)
+    where = dry_run_device(device)
+    dry = measure(spec, step, device=where, fake=True)
     arithmetic = Term("peak: the arithmetic's estimate", est.peak_bytes, "plain peak - no longer retained + "
                       "largest recompute working set", "an upper estimate; the peak above is the dry run's")
+    saved = dry.saved_activation_bytes if where != "cpu" and step.mode == "hvp" else est.saved_activation_bytes
     return dataclasses.replace(est, peak_bytes=dry.peak_bytes, peak_phase=dry.peak_phase,
                                peak_by_category=dry.peak_by_category, terms=[*est.terms, arithmetic],
-                               peak_op="", peak_is_exact=True, peak_from_dry_run=True)
+                               saved_activation_bytes=saved, peak_op="", peak_is_exact=True,
+                               peak_from_dry_run=True)

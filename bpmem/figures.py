@@ -47,6 +47,13 @@ class Figures:
         "cuda_baseline", "torch.cuda.memory_allocated as the step starts: its parameters, gradients, state and "
                          "batch, plus what the step never frees (the cuBLAS workspace, anything left over)",
         predicted=False)
+    cuda_workspace_bytes: int | None = _figure(
+        "cuda_workspace", "what the allocator held as the step started that is no tensor of the step: "
+                          "cuda_baseline less the step's own resident storages in 512 B blocks (the cuBLAS "
+                          "workspace, anything left over)", predicted=False)
+    cuda_step_allocated_bytes: int | None = _figure(
+        "cuda_step", "the step's own allocator peak: cuda_allocated less cuda_workspace; its prediction is "
+                     "predicted_cuda_allocated_bytes", predicted=False)
 
     def to_dict(self, drop_none: bool = True) -> dict[str, Any]:
         """Every field (of a subclass too), without the ones that do not apply."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from bpmem.fake_kernels import DeviceStorageSizes
 from bpmem.figures import Measured
-from bpmem.memory_trace import cuda_history, snapshot_from_allocations
+from bpmem.memory_trace import snapshot_from_allocations
 from bpmem.model import as_workload, meta_batch
 from bpmem.precision import Precision, precision_for
 from bpmem.probes import (
@@ -31,13 +31,14 @@ from bpmem.probes import (
     LiveTensorProbe,
     RssProbe,
     SavedTensorProbe,
+    allocator_block_bytes,
     distinct_storage_bytes,
 )
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import hvp_step, inference_step, make_optimizer, train_step
 from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.checkpointing import Strategy
-from bpmem.torch_private import data_dependent_errors, fake_tensor_mode
+from bpmem.torch_private import cuda_history, data_dependent_errors, fake_tensor_mode
 from bpmem.workload import Workload
 
 
@@ -240,9 +241,15 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
         result["trace"] = snapshot_from_allocations(live.ledger.allocations or [])
     if cuda:
         snapshot: dict[str, Any] = {}
+        # what the step's own tensors hold of the allocator as it starts (the last step's
+        # gradients included); the rest of the baseline is no tensor of the step
+        resident = allocator_block_bytes([*model.parameters(), *(p.grad for p in model.parameters()),
+                                          *optimizer_state_tensors(optimizer), *_tensors(x, y)])
         with CudaProbe(device) as allocator, cuda_history(device, snapshot) if trace else contextlib.nullcontext():
             train_step(spec, model, optimizer, x, y, strategy=strategy)
         result.update(allocator.result())
+        result["cuda_workspace_bytes"] = allocator.start_allocated_bytes - resident
+        result["cuda_step_allocated_bytes"] = allocator.cuda_max_allocated_bytes - result["cuda_workspace_bytes"]
         if trace:
             result["trace"] = snapshot
     if rss:

@@ -20,9 +20,8 @@ files you trust (PyTorch's tool loads them with ``pickle``).
 
 from __future__ import annotations
 
-import contextlib
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,21 +103,3 @@ def write_snapshot(path: str | Path, snapshot: dict[str, Any]) -> Path:
         pickle.dump(snapshot, handle, protocol=4)
     partial.replace(path)
     return path
-
-
-@contextlib.contextmanager
-def cuda_history(device: Any, snapshot: dict[str, Any]) -> Iterator[None]:
-    """Record the CUDA caching allocator's history over the block; ``snapshot`` is filled
-    with ``torch.cuda.memory._snapshot()`` as it ends, and recording stops. The one place
-    that calls these private CUDA functions (``_record_memory_history`` is documented in
-    PyTorch's "Understanding CUDA Memory Usage")."""
-    import torch
-
-    with torch.cuda.device(device):
-        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-        try:
-            yield
-            torch.cuda.synchronize()
-            snapshot.update(torch.cuda.memory._snapshot())
-        finally:
-            torch.cuda.memory._record_memory_history(enabled=None)

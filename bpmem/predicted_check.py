@@ -23,9 +23,11 @@ from bpmem.units import format_bytes
 
 DEFAULT_RULES: tuple[str, ...] = ("saved:0%",)
 # shown beside the rules' lines, never judged, where the file has them and no rule covers them
-SHOWN_COLUMNS: tuple[str, ...] = ("peak_bytes", "cuda_max_allocated_bytes")
-# measured columns whose prediction is another column than predicted_<column>
+SHOWN_COLUMNS: tuple[str, ...] = ("peak_bytes", "cuda_max_allocated_bytes", "cuda_step_allocated_bytes")
+# measured columns whose prediction is another column than predicted_<column>: the allocator's
+# whole peak and the step's own share of it (less the workspace) beside the 512 B-block peak
 PREDICTED_OF: dict[str, str] = {"cuda_max_allocated_bytes": "predicted_cuda_allocated_bytes",
+                                "cuda_step_allocated_bytes": "predicted_cuda_allocated_bytes",
                                 "cuda_max_reserved_bytes": "predicted_peak_bytes"}
 SHORT_NAMES: dict[str, str] = {column: name for name, column in ALIASES.items()}
 

@@ -55,7 +55,7 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         return row
     try:  # the MLP by arithmetic; a user's model by its step on fake tensors
         arithmetic = isinstance(spec, MLPSpec) and step.amp == "none"  # autocast has no arithmetic yet
-        predicted = estimate_exactly(spec, step) if arithmetic else _fake_estimate(spec, step)
+        predicted = estimate_exactly(spec, step, cell.device) if arithmetic else _fake_estimate(spec, step, cell.device)
     except InfeasibleBudget as error:  # no plan can fit: nothing to measure, say why
         row.update(status="skipped", error=one_line(error))
         return row
@@ -65,7 +65,7 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
     row.update({f"predicted_{name}": getattr(predicted, name) for name in PREDICTED_FIGURES},
                predicted_recompute_flops=predicted.recompute_flops)
     if cell.device.startswith("cuda") and not step.strategy.opaque_to_probes:
-        row["predicted_cuda_allocated_bytes"] = predicted_cuda_allocated(spec, step)
+        row["predicted_cuda_allocated_bytes"] = predicted_cuda_allocated(spec, step, cell.device)
     if predicted.strategy_params:
         # the step's own parameters win: a plan's segment count must not hide the K asked for
         row["strategy_params"] = json.dumps({**predicted.strategy_params, **step.strategy_params()},
@@ -73,13 +73,16 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
     return row
 
 
-def _fake_estimate(spec: Any, step: Any) -> Any:
+def _fake_estimate(spec: Any, step: Any, device: str = "cpu") -> Any:
+    """The step on fake tensors: on the cell's device where it exists here (CUDA's autocast
+    policy and kernels for a CUDA cell), else on the CPU."""
+    from bpmem.dry_run import dry_run_device
     from bpmem.measure_cell import measure
 
     if step.strategy.opaque_to_probes:
         raise ValueError(f"strategy: {step.strategy.name} cannot run on fake tensors; allowed with factory: "
                          "the other single-device strategies")
-    return measure(spec, step, fake=True)
+    return measure(spec, step, device=dry_run_device(device), fake=True)
 
 
 def timeline_cell(config: SweepConfig, cell: Cell) -> bool:

@@ -332,3 +332,20 @@ def data_dependent_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # older torch: the two above cover it
         pass
     return tuple(errors)
+
+
+@contextlib.contextmanager
+def cuda_history(device: Any, snapshot: dict[str, Any]) -> Iterator[None]:
+    """Record the CUDA caching allocator's history over the block; ``snapshot`` is filled
+    with ``torch.cuda.memory._snapshot()`` as it ends, and recording stops. The one place
+    that calls these private CUDA functions (``_record_memory_history`` is documented in
+    PyTorch's "Understanding CUDA Memory Usage"); ``bpmem.memory_trace`` writes the result."""
+
+    with torch.cuda.device(device):
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        try:
+            yield
+            torch.cuda.synchronize()
+            snapshot.update(torch.cuda.memory._snapshot())
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)

@@ -148,6 +148,29 @@ def test_cuda_measure_reports_allocator_peaks() -> None:
     assert result.cuda_max_reserved_bytes >= result.cuda_max_allocated_bytes
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_steps_own_allocator_peak_is_predicted_to_the_byte(optimizer: str) -> None:
+    """max_memory_allocated less the workspace the allocator held before the step equals
+    the dry run's peak on fake CUDA tensors in 512 B blocks (Adam's CPU step counters left out)."""
+    from bpmem.dry_run import predicted_cuda_allocated
+
+    spec, step = MLPSpec(depth=2), make_step(batch_size=256, optimizer=optimizer)
+    result = measure(spec, step, device="cuda")
+    assert result.cuda_step_allocated_bytes == predicted_cuda_allocated(spec, step, "cuda")
+    assert result.cuda_workspace_bytes >= 0
+
+
+def test_allocator_blocks_count_only_the_named_device() -> None:
+    from bpmem.probes.live import allocator_blocks
+
+    for device_type, expected in (("cpu", 1024), ("cuda", 0), (None, 1024)):
+        with allocator_blocks(512, device_type), LiveTensorProbe() as probe:
+            kept = [torch.ones(3), torch.ones(100)]  # 12 B and 400 B: one 512 B block each
+        assert probe.peak_bytes == expected, device_type
+        del kept
+
+
 def test_allocator_trace_agrees_with_the_live_probe_on_the_plain_step() -> None:
     from bpmem.probes import AllocatorTraceProbe
 

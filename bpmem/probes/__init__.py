@@ -15,7 +15,7 @@ is why bpmem's predictions are checked against them to the byte.
 
 from __future__ import annotations
 
-from bpmem.probes.allocator import AllocatorTraceProbe, CudaProbe, RssProbe
+from bpmem.probes.allocator import AllocatorTraceProbe, CudaProbe, RssProbe, allocator_block_bytes
 from bpmem.probes.common import Probe, distinct_storage_bytes, local_tensor, storage_key
 from bpmem.probes.live import LiveTensorProbe, TimelineEvent
 from bpmem.probes.saved import SavedTensorProbe
@@ -31,4 +31,5 @@ __all__ = [
     "storage_key",
     "local_tensor",
     "distinct_storage_bytes",
+    "allocator_block_bytes",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,18 @@ class CudaProbe:
             "cuda_max_reserved_bytes": self.cuda_max_reserved_bytes,
             "cuda_baseline_bytes": self.start_allocated_bytes,
         }
+
+
+def allocator_block_bytes(tensors: Iterable[torch.Tensor | None], device_type: str = "cuda") -> int:
+    """Bytes of the distinct storages behind ``tensors`` that live on ``device_type``, each
+    rounded up to the CUDA caching allocator's 512 B block: what they hold of
+    ``memory_allocated``."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        if tensor is not None and tensor.device.type == device_type:
+            storage = tensor.untyped_storage()
+            seen.setdefault(storage.data_ptr(), -(-storage.nbytes() // 512) * 512)
+    return sum(seen.values())
 
 
 @dataclass

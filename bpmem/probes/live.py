@@ -32,17 +32,22 @@ from bpmem.torch_private import (
 # they are; 512 is the CUDA caching allocator's block granularity, what max_memory_allocated
 # counts (``allocator_blocks``).
 BLOCK_GRANULARITY: contextvars.ContextVar[int] = contextvars.ContextVar("bpmem_block_granularity", default=1)
+# with a device type here, the live probes count only storages on it (what one allocator sees)
+COUNTED_DEVICE_TYPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("bpmem_counted_device", default=None)
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to a multiple of this
 
 
 @contextlib.contextmanager
-def allocator_blocks(granularity: int) -> Iterator[None]:
-    """Count every storage the live probes see as the allocator's rounded block inside the block."""
-    token = BLOCK_GRANULARITY.set(granularity)
+def allocator_blocks(granularity: int, device_type: str | None = None) -> Iterator[None]:
+    """Count every storage the live probes see as the allocator's rounded block inside the
+    block; with ``device_type``, only storages on that device (Adam's step counters live on
+    the CPU beside CUDA parameters, where the CUDA allocator never sees them)."""
+    tokens = BLOCK_GRANULARITY.set(granularity), COUNTED_DEVICE_TYPE.set(device_type)
     try:
         yield
     finally:
-        BLOCK_GRANULARITY.reset(token)
+        BLOCK_GRANULARITY.reset(tokens[0])
+        COUNTED_DEVICE_TYPE.reset(tokens[1])
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,9 @@ class LiveTensorProbe(EngineSums):
             self.ledger.phase = previous
 
     def _counts(self, device: torch.device) -> bool:
+        counted_type = COUNTED_DEVICE_TYPE.get()
+        if counted_type is not None and device.type != counted_type:
+            return False
         if self._device is None:
             return True
         # a device without an index ("cuda") takes in all of its type; "cuda:1" only that one

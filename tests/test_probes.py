@@ -211,3 +211,16 @@ def test_live_probe_reads_storages_resized_in_place() -> None:
     assert probe.peak_bytes == 4096 + 400
     assert probe.resizable_peak_bytes == 4096
     assert probe.peak_by_category == {"gathered_params": 4096, "outside": 400}
+
+
+def test_a_dry_run_counts_the_storages_of_the_named_device() -> None:
+    """Fake tensors keep their storage on "meta": the device filter of the CUDA view must read
+    the tensor's device, or a dry run counts nothing but backward's buffers."""
+    from bpmem.probes.live import allocator_blocks
+
+    spec, step = MLPSpec(depth=2), make_step(batch_size=64, optimizer="adam")
+    with allocator_blocks(512):
+        everything = measure(spec, step, fake=True).peak_bytes
+    with allocator_blocks(512, "cpu"):
+        on_the_cpu = measure(spec, step, fake=True).peak_bytes
+    assert on_the_cpu == everything > estimate(spec, step).params_bytes

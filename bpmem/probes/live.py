@@ -189,9 +189,11 @@ class LiveTensorProbe(EngineSums):
         return device.type == self._device.type and (self._device.index is None or device.index is None
                                                       or device.index == self._device.index)
 
-    def _track(self, storage: torch.UntypedStorage, category: str) -> None:
+    def _track(self, tensor: torch.Tensor, category: str) -> None:
+        # the tensor's device, not its storage's: a fake tensor's storage is on "meta"
+        storage = tensor.untyped_storage()
         key = storage_address(storage)
-        if key in self._tracked or not self._counts(storage.device):
+        if key in self._tracked or not self._counts(tensor.device):
             return
         self._add(key, _Tracked(storage.nbytes(), category, self._current_op, module=self._module()))
         weakref.finalize(storage, self._on_free, key)
@@ -235,7 +237,7 @@ class LiveTensorProbe(EngineSums):
                 if self.ledger.phase == "backward" or running_backward():
                     self._track_alias(leaf)  # inside autograd's backward, labelled or not
                 else:
-                    self._track(leaf.untyped_storage(), self.ledger.phase)
+                    self._track(leaf, self.ledger.phase)
         self._note(op)
 
     def _track_alias(self, tensor: torch.Tensor) -> None:
@@ -366,7 +368,7 @@ class LiveTensorProbe(EngineSums):
         self._active = True
         for category, tensors in self._preexisting.items():
             for tensor in tensors:
-                self._track(local_tensor(tensor).untyped_storage(), category)
+                self._track(local_tensor(tensor), category)
         self._preexisting = {}  # hold no references: they would keep freed storages alive
         self._resizable = [(c, st) for c, st in self._resizable if storage_address(st) not in self._tracked]
         self._note("start")

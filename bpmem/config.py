@@ -44,7 +44,7 @@ USER_MODEL_KEYS: tuple[str, ...] = ("factory", "data", "kwargs", "input", "targe
 STEP_KEYS: tuple[str, ...] = ("optimizer", "weight_decay", "optimizer_impl", "amp")  # how the step is run
 MODEL_KEYS: tuple[str, ...] = MLP_KEYS + STEP_KEYS + USER_MODEL_KEYS
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
-                             "warmup", "continue_after_oom", "timeout_s", "model")
+                             "warmup", "continue_after_oom", "timeout_s", "threads", "model")
 
 # bpmem's default sweep (what `bpmem run` runs without --config), shipped beside this module
 DEFAULT_CONFIG_TOML = (Path(__file__).parent / "default_sweep.toml").read_text()
@@ -104,6 +104,7 @@ class SweepConfig:
     warmup: int = 1
     continue_after_oom: bool = False
     timeout_s: int = 300  # a distributed cell (torchrun) that runs longer is killed: status error
+    threads: int | None = None  # torch's intra-op threads for every cell (None: torch's default), recorded per row
 
     def cells(self, devices: tuple[str, ...] | None = None) -> list[Cell]:
         """Every cell, each series in ascending batch size; ``devices`` as resolved."""
@@ -319,6 +320,7 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
         warmup=_count("warmup", data.get("warmup", 1), 0),
         continue_after_oom=flag,
         timeout_s=_count("timeout_s", data.get("timeout_s", 300), 1),
+        threads=_count("threads", data["threads"], 1) if "threads" in data else None,
     )
     from bpmem.user_model import UserModelError
 

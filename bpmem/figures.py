@@ -96,13 +96,16 @@ class MeasuredRank(Figures):
     gathered_peak_bytes: int | None = None  # FSDP: the most its all-gathered parameters held at once
     step_time_median_s: float | None = None
     step_time_iqr_s: float | None = None
+    time_noisy: bool | None = None  # its time's spread is large against its median (bpmem.timing)
+    threads: int | None = None  # the intra-op threads it stepped with (torchrun ranks: 1 unless set)
     equivalence_max_rel_err: float | None = None  # its gradients against one device's
 
 
 # what a sweep row takes from a measured rank
 MEASURED_RANK_COLUMNS: tuple[str, ...] = (
     *(name for name in FIGURE_NAMES if not name.startswith("cuda_") and name != "inference_peak_bytes"),
-    "peak_phase", "step_time_median_s", "step_time_iqr_s", "equivalence_max_rel_err")
+    "peak_phase", "step_time_median_s", "step_time_iqr_s", "time_noisy", "threads",
+    "equivalence_max_rel_err")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import statistics
-import time
 import warnings
 from typing import Any
 
@@ -38,6 +36,7 @@ from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import hvp_step, inference_step, make_optimizer, train_step
 from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.checkpointing import Strategy
+from bpmem.timing import time_calls
 from bpmem.torch_private import cuda_history, data_dependent_errors, fake_tensor_mode
 from bpmem.workload import Workload
 
@@ -185,7 +184,8 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     if step.mode == "inference":
         result.update(params_bytes=distinct_storage_bytes(model.parameters()), grads_bytes=0,
                       optimizer_bytes=0, saved_activation_bytes=0, peak_bytes=inference.peak_bytes,
-                      per_layer=[], timeline=inference.timeline, peak_phase="forward", recompute_flops=None)
+                      per_layer=[], timeline=inference.timeline, peak_phase="forward", recompute_flops=None,
+                      peak_by_category=inference.peak_by_category)
         return result
 
     if step.mode == "hvp":
@@ -312,31 +312,3 @@ def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: in
         def run() -> None:
             train_step(spec, model, optimizer, x, y, strategy=strategy)
     return time_calls(run, warmup, repeats, [device])
-
-
-def time_summary(times: list[float]) -> dict[str, float]:
-    """results.csv's step-time columns: the median and the interquartile range (0 for one time)."""
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"step_time_median_s": statistics.median(times), "step_time_iqr_s": quartiles[2] - quartiles[0]}
-
-
-def time_calls(run: Any, warmup: int, repeats: int, devices: Any = ()) -> list[float]:
-    """Seconds per call of ``run()``: ``warmup`` untimed calls, then ``repeats`` timed ones
-    (at least one). Each timed call is bracketed by ``torch.cuda.synchronize`` on every CUDA
-    device among ``devices``, so the clock sees the kernels, not just their launch."""
-    cuda = [d for d in dict.fromkeys(torch.device(d) for d in devices) if d.type == "cuda"]
-
-    def synchronize() -> None:
-        for device in cuda:
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(max(1, repeats)):
-        synchronize()
-        start = time.perf_counter()
-        run()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return times

@@ -77,7 +77,8 @@ def load(directory: Path):
 
     # every column the report reads; files written before these columns existed were the MLP's,
     # with no weight decay and the CPU's for-loop optimizer
-    later = {"model": "mlp", "model_kwargs": "", "weight_decay": 0.0, "optimizer_impl": "for-loop", "amp": "none"}
+    later = {"model": "mlp", "model_kwargs": "", "weight_decay": 0.0, "optimizer_impl": "for-loop", "amp": "none",
+             "threads": None, "time_noisy": False, "peak_by_category": ""}
     required = tuple(c for c in COLUMNS if c not in later)
     frame = read_results(directory / "results.csv", required, MEASURED_COLUMNS)
     for column, default in later.items():

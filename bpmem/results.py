@@ -36,6 +36,9 @@ COLUMNS: tuple[str, ...] = (
     "saved_hook_bytes", "recompute_flops", "predicted_recompute_flops",
     "textbook_saved_activation_bytes", "bubble_fraction", "predicted_comm_bytes", "equivalence_max_rel_err",
     "peak_phase", "step_time_median_s", "step_time_iqr_s", "repeats", "warmup",
+    # added later (older files lack them): the intra-op threads the step was timed with, whether
+    # its time is noisy (bpmem.timing), and the peak's bytes by category (JSON)
+    "threads", "time_noisy", "peak_by_category",
 )
 
 

@@ -29,6 +29,7 @@ from bpmem.results import ResultsWriter, TimelineWriter, columns, done_cells
 from bpmem.strategies.base import DEVICES, RANKS
 from bpmem.sweep_cell import run_cell
 from bpmem.sweep_split import run_distributed_cell, run_model_parallel_cell, skipped_rows
+from bpmem.timing import pin_threads
 
 
 def run_series(cells: list[Cell], run_id: str, env: dict[str, Any], config: SweepConfig,
@@ -113,6 +114,7 @@ def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any]
             log_dir: Path, machine: Machine, trace: bool) -> None:
     """A worker process: runs whole series, sends each row back as soon as it is made."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    pin_threads(config.threads)
     while True:
         task = tasks.get()
         if task is None:
@@ -154,7 +156,8 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
         if todo:
             after_oom = any(done.get(cell.cell_id) == "oom" for cell in series)
             tasks.append((todo, after_oom))
-    env_by_device = {device: environment(device) for device in devices}
+    threads = pin_threads(config.threads)  # every cell of this sweep steps with the same thread count
+    env_by_device = {device: {**environment(device), "threads": threads} for device in devices}
     header = columns(with_cuda=any(d.startswith("cuda") for d in devices))
     progress = Progress(sum(len(todo) for todo, _ in tasks), quiet)
     guard = _Guard()

@@ -48,7 +48,7 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         "optimizer_impl": step.resolved_impl(cell.device.split(":")[0]), "amp": step.amp,
         "batch_size": step.batch_size,
         "mode": step.mode, "strategy": step.strategy.name, "world_size": 1, "rank": 0,
-        "repeats": config.repeats, "warmup": config.warmup,
+        "repeats": config.repeats, "warmup": config.warmup, "threads": env.get("threads"),
         "strategy_params": json.dumps(step.strategy_params(), sort_keys=True) if step.strategy_params() else "",
     }
     if distributed:
@@ -98,7 +98,8 @@ def timeline_cell(config: SweepConfig, cell: Cell) -> bool:
 def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig, trace: bool = False) -> dict[str, Any]:
     """Measure one cell; never raises for OOM or errors, which become the row's status. With
     ``trace``, a training cell's memory snapshot rides along as ``row["_trace"]``."""
-    from bpmem.measure_cell import measure, time_steps, time_summary
+    from bpmem.measure_cell import measure, time_steps
+    from bpmem.timing import time_summary
 
     row = base_row(cell, run_id, env, config)
     if row.get("status") in ("error", "skipped"):
@@ -111,7 +112,9 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig, 
         release_memory(cell.device)
         return row
     row.update({key: value for key, value in measured.to_dict().items() if key in FIGURE_NAMES})
-    row.update(peak_phase=measured.peak_phase, recompute_flops=measured.recompute_flops)
+    row.update(peak_phase=measured.peak_phase, recompute_flops=measured.recompute_flops,
+               peak_by_category=json.dumps(measured.peak_by_category, sort_keys=True) if measured.peak_by_category
+               else "")
     if timeline_cell(config, cell) and measured.timeline:
         row["_timeline"] = [(e.index, e.op, e.phase, e.live_bytes) for e in measured.timeline]
     if measured.trace:

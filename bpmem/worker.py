@@ -34,13 +34,14 @@ from torch import nn
 
 from bpmem.figures import MeasuredRank
 from bpmem.launch import cell_device, cell_from_json
-from bpmem.measure_cell import optimizer_state_tensors, time_summary
+from bpmem.measure_cell import optimizer_state_tensors
 from bpmem.placement import RANKS, Machine, Placement, place
 from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import _unlabelled, make_optimizer
 from bpmem.strategies import rank_runtime as strategies
 from bpmem.teardown import mark_done, release, sigterm_held
+from bpmem.timing import time_summary
 from bpmem.workload import Workload
 
 
@@ -121,6 +122,7 @@ def run_rank(spec: MLPSpec | Workload, step: StepSpec, repeats: int, warmup: int
         peak_bytes=live.peak_bytes + buckets, peak_phase=live.peak_phase,
         peak_by_category={**live.peak_by_category, "buckets": buckets},
         gathered_peak_bytes=live.resizable_peak_bytes, **time_summary(times), equivalence_max_rel_err=error,
+        threads=torch.get_num_threads(),
     )
 
 

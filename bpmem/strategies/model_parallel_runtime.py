@@ -72,10 +72,11 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
     its parameters; the activations its modules save; the peak of its device (on the first
     stage placed there; a device shared by several stages has one peak); the step time; and
     the largest relative gradient error against the whole model on one device."""
-    from bpmem.measure_cell import optimizer_state_tensors, time_calls, time_summary
+    from bpmem.measure_cell import optimizer_state_tensors
     from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
     from bpmem.step import forward_objective, make_optimizer, train_step
     from bpmem.strategies.rank_runtime import max_relative_error, reference_gradients
+    from bpmem.timing import time_calls, time_summary
 
     step.strategy.check(spec, step)
     devices = stage_devices(device, step.world_size, placement)
@@ -124,6 +125,7 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
             optimizer_bytes=distinct_storage_bytes(state),
             saved_activation_bytes=saved_by_stage[k], saved_hook_bytes=saved_by_stage[k],
             peak_bytes=peak, peak_phase=phase, **time_summary(times), equivalence_max_rel_err=error,
+            threads=torch.get_num_threads(),
         ))
     return rows
 

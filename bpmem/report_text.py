@@ -63,13 +63,16 @@ def status_section(frame: Any) -> str:
 
 def summary_section(frame: Any) -> str:
     """Per strategy: how much less it retains than the plain step of the same cell, and how
-    much longer its step takes (medians over every cell that has both)."""
+    much longer its step takes (medians over every cell that has both), an overhead only
+    where it stands out of the noise (``bpmem.timing.overhead``)."""
+    from bpmem.timing import overhead
+
     train = frame[(frame["mode"] == "train") & (frame.status == "ok")]
     keys = ["model", "batch_size", "device", "optimizer", "dtype", "activation", "loss"]
     plain = train[train.strategy == registry.PLAIN].set_index(keys)
     rows = []
     for label, group in train.groupby("label", sort=True):
-        ratios, overheads = [], []
+        ratios, overheads, noisy = [], [], 0
         for row in group.itertuples():
             key = tuple(getattr(row, k) for k in keys)
             if key in plain.index:
@@ -77,16 +80,30 @@ def summary_section(frame: Any) -> str:
                 base = base.iloc[0] if hasattr(base, "iloc") and getattr(base, "ndim", 1) > 1 else base
                 if row.saved_activation_bytes:
                     ratios.append(base.saved_activation_bytes / row.saved_activation_bytes)
-                overheads.append(row.step_time_median_s / base.step_time_median_s - 1)
+                if row.strategy == registry.PLAIN:
+                    continue
+                cost = overhead(row.step_time_median_s, row.step_time_iqr_s, base.step_time_median_s,
+                                base.step_time_iqr_s, row.time_noisy is True, base.time_noisy is True)
+                noisy += cost.noisy
+                if not cost.noisy:
+                    overheads.append(cost.ratio)
         if not ratios:
             continue
         ratios.sort()
         overheads.sort()
+        if label == registry.PLAIN:
+            time_text = "(the reference)"
+        elif overheads:
+            time_text = f"{overheads[len(overheads) // 2]:+.0%}" + (f" ({noisy} more within noise)" if noisy else "")
+        else:
+            time_text = f"within noise ({noisy} of {noisy} cells)"
         rows.append([label, len(ratios), f"{ratios[len(ratios) // 2]:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f})",
-                     f"{overheads[len(overheads) // 2]:+.0%}"])
+                     time_text])
     return ("## Summary per strategy\n\nMemory saved is the plain step's retained activations over the strategy's, "
             "in the same cell (per rank for split strategies); time overhead is the median step time over the "
-            "plain step's, minus one. Medians over every cell with both.\n\n"
+            "plain step's, minus one, the median over the cells where it stands out of the noise: a cell whose "
+            "own repeats spread by more than a quarter of their median, or whose difference from the plain step "
+            "lies within the two cells' IQRs, says nothing about the cost and is counted as within noise.\n\n"
             + _table(["strategy", "cells", "memory saved (x)", "time overhead"], rows))
 
 
@@ -216,12 +233,16 @@ def _exercise_five(frame: Any) -> str:
 
 def plots_section(plots: dict[str, list[str]]) -> str:
     captions = {
-        "memory_vs_batch": "(a) Retained activations against batch size, measured (solid) and predicted (dashed).",
-        "breakdown": "(b) Where the memory goes, training beside inference.",
-        "checkpoint_pareto": "(c) Checkpointing: step time against retained memory.",
-        "split": "(d) Splitting against a smaller minibatch, and every strategy's memory per device against time.",
-        "timeline": "(e) One training step's live memory, plain and checkpointed.",
-        "predicted_vs_measured": "(f) Predicted against measured.",
+        "memory_vs_batch": "(a) How retained activations and the training peak grow with the batch: measured "
+                           "lines, predictions as open circles.",
+        "breakdown": "(b) What fills memory at the training peak (bars stack to the row's peak_bytes), beside the "
+                     "inference peak.",
+        "checkpoint_pareto": "(c) What each checkpointing strategy saves and costs in time, at the cell where they "
+                             "differ most; bars are the IQR, hollow points have noisy times.",
+        "split": "(d) Splitting against a smaller minibatch per device, and every strategy's memory per device "
+                 "against time.",
+        "timeline": "(e) Live memory through one training step, phases shaded and aligned across strategies.",
+        "predicted_vs_measured": "(f) The relative error of every prediction (0 = exact to the byte).",
     }
     lines = ["## Plots"]
     for key, paths in plots.items():
@@ -232,8 +253,10 @@ def plots_section(plots: dict[str, list[str]]) -> str:
 
 def write_markdown(frame: Any, plots: dict[str, list[str]]) -> str:
     title = f"# bpmem report: {frame.run_id.iloc[0]}\n\nData: [results.csv](results.csv)."
+    from bpmem.report_explain import explanations_section
     from bpmem.report_models import models_section
 
     sections = [title, environment_section(frame), status_section(frame), summary_section(frame),
-                seed_section(frame), exercises_section(frame), models_section(frame), plots_section(plots)]
+                explanations_section(frame), seed_section(frame), exercises_section(frame), models_section(frame),
+                plots_section(plots)]
     return "\n\n".join(section for section in sections if section) + "\n"

@@ -92,12 +92,12 @@ def test_report_command_and_missing_csv(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("bias,activation", [(False, "relu"), (True, "gelu")])
 def test_graph_labels_saved_tensors_with_the_estimates_bytes(bias: bool, activation: str) -> None:
     spec = MLPSpec(bias=bias, activation=activation, depth=2)
-    svg = graph_svg(spec, 64)
+    svg = graph_svg(spec, make_step(batch_size=64))
     ElementTree.fromstring(svg)  # well-formed XML
     total = estimate(spec, make_step(batch_size=64)).saved_activation_bytes
     assert f"{total:,} B in all" in svg
     assert ("b1" in svg) is bias
-    assert f"saved {format_bytes(64 * 784 * 4)}" in svg  # X
+    assert f"kept {format_bytes(64 * 784 * 4)}" in svg  # X
 
 
 @pytest.mark.slow  # a whole sweep
@@ -111,3 +111,39 @@ def test_a_model_parallel_run_on_one_cpu_is_reported(tmp_path: Path) -> None:
     assert list(rows.status) == ["ok", "ok"] and rows.peak_bytes.isna().tolist() == [False, True]
     assert (out / "report.md").exists()
     assert main(["report", str(out)]) == 0
+
+
+def test_graph_draws_the_strategys_segments_and_folds_deep_models() -> None:
+    """checkpoint-sqrt at depth 64: one shaded stretch per row a segment spans, its inner
+    tensors recomputed, only segment inputs kept; 65 layers fold into 17 rows of 4."""
+    spec, step = MLPSpec(depth=64), make_step("checkpoint-sqrt", batch_size=64)
+    svg = graph_svg(spec, step)
+    root = ElementTree.fromstring(svg)
+    width, height = float(root.get("width")), float(root.get("height"))
+    assert width < 2000 and height > 16 * 150  # rows, not one 18,000 px line
+    plan = step.strategy.plan(spec, 64)
+    checkpointed = [s for s in plan if s.checkpointed]
+    labels = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {f"segment {k}: recomputed in backward" for k in range(1, len(checkpointed) + 1)} <= set(labels)
+    kept_h = {label for label in labels if label and label.startswith("kept ")}
+    assert kept_h  # segment inputs
+    recomputed = labels.count("recomputed")
+    inner = sum(2 * (s.end - s.start) - 1 for s in checkpointed)  # each unit's z and h, but the last h
+    assert recomputed == inner
+    # every note fits its box (about 20 characters at 9 px in 112 px)
+    notes = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text") if t.get("font-size") == "9"]
+    assert max(len(n) for n in notes if not n.startswith("segment")) <= 20
+    total = estimate(spec, step).saved_activation_bytes
+    assert f"{total:,} B in all" in svg
+
+
+def test_graph_of_hvp_shows_the_backward_graph_it_keeps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["graph", "--mode", "hvp", "--depth", "2"]) == 0
+    path = tmp_path / "reports" / "graphs" / "mlp-d2-h256-relu-hvp-none-B64.svg"
+    assert path.exists() and not (tmp_path / "graph.svg").exists()
+    svg = path.read_text()
+    assert "create_graph=True" in svg and "dJ/dz1" in svg and "dJ/do" in svg
+    assert main(["graph", "--strategy", "ddp", "--world-size", "2"]) == 2
+    assert "argument --strategy" in capsys.readouterr().err

@@ -124,11 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     che.set_defaults(func=cmd_check)
     add_fit_parser(sub, add_model_flags)
     gra = sub.add_parser("graph", help="the computational graph as SVG, saved tensors with their bytes",
-                         description="Draw the seed network's computational graph (with --bias, exercise 2's): "
-                                     "forward edges, and each tensor autograd saves for backward, labelled "
-                                     "with its bytes at --batch-size. Plain SVG; no Graphviz needed.")
+                         description="Draw the seed network's computational graph (with --bias, exercise 2's) for "
+                                     "--mode and --strategy: forward edges, each tensor autograd keeps for backward "
+                                     "labelled with its bytes at --batch-size, the tensors a checkpointed segment "
+                                     "recomputes (segments shaded), and with --mode hvp the backward graph kept for "
+                                     "the second derivative. Deep models fold into rows. Plain SVG; no Graphviz.")
     add_model_flags(gra)
-    gra.add_argument("--out", type=Path, default=Path("graph.svg"), metavar="FILE.svg", help="output file")
+    gra.add_argument("--out", type=Path, default=None, metavar="FILE.svg",
+                     help="output file (default: reports/graphs/mlp-dDEPTH-hWIDTH-ACT-MODE-STRATEGY-BB.svg)")
     gra.set_defaults(func=cmd_graph)
     return parser
 

@@ -194,8 +194,12 @@ def _check_predicted(args: argparse.Namespace, rules: list[Rule]) -> int:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     from bpmem.graph import write_graph
+    from bpmem.spec import MLPSpec
 
     spec, step = specs_from_args(args)
-    path = write_graph(spec, step.batch_size, args.out)
+    if not isinstance(spec, MLPSpec) or step.strategy.placement != "one-device" or step.strategy.opaque_to_probes:
+        return fail(args.prog, f"argument --strategy: bpmem graph draws the MLP under a single-device strategy; "
+                                f"{step.strategy.name} is not one; allowed: none, checkpoint-*, microbatch")
+    path = write_graph(spec, step, args.out)
     print(f"bpmem graph: wrote {path}")
     return 0

@@ -89,6 +89,8 @@ def test_tiny_sweep_writes_integer_bytes_and_exact_predictions(tmp_path: Path, c
     ('[model]\nactivation = ["relu", "swish"]', "model.activation"),
     ('modes = ["training"]', "modes"),
     ("repeats = 0", "repeats"),
+    ("threads = 0", "threads"),
+    ("threads = \"many\"", "threads"),
 ])
 def test_bad_config_names_the_key_exits_2_and_writes_nothing(tmp_path: Path, capsys, text: str, key: str) -> None:
     if "cuda:7" in text and torch.cuda.device_count() > 7:

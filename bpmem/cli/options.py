@@ -41,13 +41,18 @@ config (TOML; every key optional, a list under [model] is a grid axis):
   modes = ["train", "inference"]                   or "all"
   strategies = ["none"]                            or "all"
   repeats = 5                                      timed steps per cell (median, IQR)
-  warmup = 1                                       untimed steps before them
+  warmup = 1                                       untimed steps before them (more until the time settles)
   continue_after_oom = false                       still try larger batches after an OOM
+  timeout_s = 300                                  a torchrun cell running longer is an error row
+  threads = 4                                      torch's threads for every cell (default: torch's own)
   [model]  (or several [[model]])                  any model flag; optimizer, weight_decay, optimizer_impl, amp
   depth = [1, 8]
 
 status per row: ok, oom (out of memory; larger batches of the series are then
-skipped), error (message in the error column), skipped.
+skipped), error (message in the error column), skipped (with why: a cell this
+machine cannot hold, e.g. "world_size 2 needs 2 GPUs ..., this machine has 1 GPU").
+Where cells run: a cpu cell on the CPU (torchrun ranks over gloo), a cuda:K cell
+of world size W on cuda:K .. cuda:K+W-1 (NCCL), whatever else the machine has.
 Ctrl-C stops cleanly: finished rows stay, and --resume runs the rest.
 """
 

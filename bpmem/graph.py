@@ -98,8 +98,8 @@ def tensor_states(spec: MLPSpec, step: StepSpec) -> dict[str, str]:
         states[f"h{i}"] = KEPT  # the activation's output, and the next matmul's input
     if step.mode == "inference":
         return {name: TRANSIENT for name in states}
-    name = step.strategy.name
     plan = getattr(step.strategy, "plan", None)
+    policy = getattr(step.strategy, "policy", None)  # a selective checkpoint's
     if plan is not None:
         for segment in plan(spec, step.batch_size):
             if not segment.checkpointed:
@@ -108,8 +108,7 @@ def tensor_states(spec: MLPSpec, step: StepSpec) -> dict[str, str]:
                 states[f"z{unit + 1}" if unit < depth else "o"] = RECOMPUTED
                 if unit < depth and unit + 1 < segment.end:
                     states[f"h{unit + 1}"] = RECOMPUTED
-    elif name == "checkpoint-selective":
-        policy = getattr(step.strategy, "policy", "save-matmuls")
+    elif policy is not None:
         for i in range(1, depth + 1):
             if policy == "save-matmuls":
                 states[f"z{i}"], states[f"h{i}"] = KEPT, RECOMPUTED

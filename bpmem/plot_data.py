@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from bpmem.strategies import registry
+
 # the phases of a training step in order, and the width each takes on the timeline's axis
 PHASE_WIDTHS: dict[str, float] = {"zero_grad": 0.25, "forward": 1.0, "backward": 1.0, "optimizer_step": 0.5}
 # what each category of live bytes is, for a legend; a phase name is what that phase made
@@ -70,7 +72,7 @@ class Breakdown:
 def breakdown(frame: Any) -> Breakdown | None:
     """The plain step of the first model (by name) on its first device: the categories at the
     training peak and at the inference peak, per batch (``peak_by_category`` of the rows)."""
-    plain = frame[(frame.strategy == "none") & (frame.status == "ok") & (frame.world_size == 1)
+    plain = frame[(frame.strategy == registry.PLAIN) & (frame.status == "ok") & (frame.world_size == 1)
                   & frame["mode"].isin(["train", "inference"]) & (frame.peak_by_category.fillna("") != "")]
     if plain.empty:
         return None

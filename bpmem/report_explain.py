@@ -1,8 +1,8 @@
 """The report's "why" for each strategy: one sentence of cause per strategy, with its numbers,
 at the MLP cell where the strategies differ most.
 
-The measured bytes come from the row; the cause comes from the arithmetic (``bpmem.estimate``,
-torch-free): what the plain step keeps term by term, and what the strategy keeps instead.
+The measured bytes come from the row; the cause from the strategy (``StrategyConfig.why``)
+and the arithmetic (``bpmem.estimate``, torch-free): what the plain step keeps term by term.
 The arithmetic's retained bytes equal the measured ones to the byte on the CPU, so the
 sentence's numbers and the row's agree.
 """
@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from bpmem.plot_data import pick_cell_where_strategies_differ
+from bpmem.strategies import registry
 from bpmem.units import format_bytes
 
 
@@ -32,30 +33,6 @@ def _spec_and_step(row: Any) -> tuple[Any, Any]:
     return spec, step
 
 
-def _cause(strategy: str, spec: Any, plain_terms: dict[str, int], kept: int, plain: int) -> str:
-    """Why ``strategy`` keeps ``kept`` bytes where the plain step keeps ``plain``."""
-    hidden = plain_terms.get("saved: hidden activations", 0)
-    x = plain_terms.get("saved: input batch X", 0)
-    keeps_output = spec.activation in ("relu", "tanh", "sigmoid")
-    if strategy == "checkpoint-layer":
-        if kept == plain and keeps_output:
-            return (f"it keeps each layer's input, and {spec.activation} already keeps its output, which is the "
-                    "next layer's input: the boundaries it keeps are the tensors the plain step keeps anyway")
-        return "it keeps each layer's input and recomputes the layer's insides in backward"
-    if strategy in ("checkpoint-sqrt", "checkpoint-segments", "checkpoint-every-k", "checkpoint-budget"):
-        return (f"it keeps only the inputs of its checkpointed segments (the plain step keeps {format_bytes(hidden)} "
-                f"of hidden activations and {format_bytes(x)} of X) and recomputes each segment once in backward")
-    if strategy == "checkpoint-selective":
-        return ("its policy keeps the outputs it marks must-save in storage of its own and recomputes the rest, "
-                "so it keeps at least what the plain step keeps for those ops")
-    if strategy == "microbatch":
-        return ("only one micro-batch's activations are alive at a time, but the whole batch X, y stays "
-                "referenced, since each chunk is a view of it")
-    if strategy == "compile-budget":
-        return "the compiler's min-cut partitioner chooses what to keep under the budget"
-    return "its own plan decides what backward keeps"
-
-
 def explanations_section(frame: Any) -> str:
     """## Why each strategy saves what it saves: one sentence per strategy, at one cell."""
     mlp = frame[(frame.model_source.isin(["", "mlp"])) & (frame.world_size == 1) & (frame.amp == "none")]
@@ -66,7 +43,7 @@ def explanations_section(frame: Any) -> str:
 
     rows = mlp[(mlp.model == cell.model) & (mlp.batch_size == cell.batch_size) & (mlp.device == cell.device)
                & (mlp["mode"] == "train") & (mlp.status == "ok")]
-    plain_rows = rows[rows.strategy == "none"]
+    plain_rows = rows[rows.strategy == registry.PLAIN]
     if plain_rows.empty:
         return ""
     plain_row = next(plain_rows.itertuples())
@@ -76,14 +53,14 @@ def explanations_section(frame: Any) -> str:
     lines = [f"## Why each strategy saves what it saves\n\nAt {cell.title()}: the plain step keeps "
              f"{format_bytes(plain)} ({plain:,} B) of activations for backward and peaks at "
              f"{format_bytes(int(plain_row.peak_bytes))}.\n"]
-    for row in rows[rows.strategy != "none"].sort_values("label").itertuples():
+    for row in rows[rows.strategy != registry.PLAIN].sort_values("label").itertuples():
         kept = int(row.saved_activation_bytes)
         change = "the same" if kept == plain else (f"{format_bytes(plain - kept)} less" if kept < plain
                                                    else f"{format_bytes(kept - plain)} more")
-        spec_row, _ = _spec_and_step(row)
+        spec_row, step_row = _spec_and_step(row)
         recompute = (f"; it recomputes {int(row.recompute_flops):,} FLOPs" if row.recompute_flops == row.recompute_flops
                      and int(row.recompute_flops) > 0 else "")
         lines.append(f"- **{row.label}** keeps {format_bytes(kept)} ({kept:,} B), {change}: "
-                     f"{_cause(row.strategy, spec_row, plain_terms, kept, plain)}; its peak is "
+                     f"{step_row.strategy.why(spec_row, plain_terms, kept, plain)}; its peak is "
                      f"{format_bytes(int(row.peak_bytes))}{recompute}.")
     return "\n".join(lines) + "\n"

@@ -142,6 +142,11 @@ class StrategyConfig:
         None for the workload's own forward."""
         raise NotImplementedError
 
+    def why(self, spec: MLPSpec, plain_terms: dict[str, int], kept: int, plain: int) -> str:
+        """One clause for the report: why this strategy keeps ``kept`` bytes for backward where
+        the plain step keeps ``plain`` (whose terms, by name, are ``plain_terms``)."""
+        return "its own plan decides what backward keeps"
+
 
 @strategy("none", "the plain step: autograd keeps every intermediate its backward needs",
           modes=("train", "inference", "hvp"), in_timeline_plot=True)

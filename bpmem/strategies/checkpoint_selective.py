@@ -29,6 +29,10 @@ POLICIES: tuple[str, ...] = ("save-matmuls", "save-activations")
 @strategy("checkpoint-selective", "one selective checkpoint: keep matmul or activation outputs (--policy)",
           in_timeline_plot=True)
 class CheckpointSelective(StrategyConfig):
+    def why(self, spec: MLPSpec, plain_terms: dict[str, int], kept: int, plain: int) -> str:
+        return ("its policy keeps the outputs it marks must-save in storage of its own and recomputes the rest, "
+                "so it keeps at least what the plain step keeps for those ops")
+
     policy: str = parameter("save-matmuls", "POLICY", "keep matmul outputs or activation outputs", POLICIES)
 
     def predict(self, spec: MLPSpec, step: StepSpec, plain: Estimate) -> Estimate:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 @strategy("compile-budget", "torch.compile's min-cut partitioner under an activation budget (--budget)",
           opaque_to_probes=True, predicts_by_arithmetic=False)
 class CompileBudget(StrategyConfig):
+    def why(self, spec: MLPSpec, plain_terms: dict[str, int], kept: int, plain: int) -> str:
+        return "the compiler's min-cut partitioner chooses what to keep under the budget"
+
     budget: Budget = parameter(Budget(fraction=0.5), "BYTES|FRACTION", BUDGET_HELP)
 
     def fraction(self, spec: MLPSpec, batch_size: int) -> float:

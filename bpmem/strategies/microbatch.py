@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 @strategy("microbatch", "K micro-batches, gradients accumulated (--microbatches K)", accumulates=True,
           in_timeline_plot=True)
 class Microbatch(StrategyConfig):
+    def why(self, spec: MLPSpec, plain_terms: dict[str, int], kept: int, plain: int) -> str:
+        return ("only one micro-batch's activations are alive at a time, but the whole batch X, y stays "
+                "referenced, since each chunk is a view of it")
+
     microbatches: int = parameter(4, "K", "micro-batches per step")
 
     def predict(self, spec: MLPSpec, step: StepSpec, plain: Estimate) -> Estimate:

@@ -43,6 +43,13 @@ class SegmentPlanConfig(StrategyConfig):
     def check(self, spec: MLPSpec, step: StepSpec) -> None:
         self.plan(spec, step.batch_size)
 
+    def why(self, spec: MLPSpec, plain_terms: dict[str, int], kept: int, plain: int) -> str:
+        from bpmem.units import format_bytes
+
+        hidden, x = plain_terms.get("saved: hidden activations", 0), plain_terms.get("saved: input batch X", 0)
+        return (f"it keeps only the inputs of its checkpointed segments (the plain step keeps {format_bytes(hidden)} "
+                f"of hidden activations and {format_bytes(x)} of X) and recomputes each segment once in backward")
+
     def predict(self, spec: MLPSpec, step: StepSpec, plain: Estimate) -> Estimate:
         b = step.batch_size
         costs = chain_costs(spec, b)

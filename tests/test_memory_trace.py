@@ -36,6 +36,7 @@ def test_the_trace_peaks_at_the_measured_peak(strategy: str) -> None:
     assert live >= measured.params_bytes + measured.grads_bytes + measured.optimizer_bytes
 
 
+@pytest.mark.slow  # three interpreters start torch
 def test_pytorchs_viewer_opens_a_cli_trace(tmp_path: Path) -> None:
     path = tmp_path / "step.pickle"
     assert main(["measure", "--depth", "2", "--batch-size", "32", "--trace", str(path), "--json"]) == 0

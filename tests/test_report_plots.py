@@ -33,6 +33,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "run"
 
 
+@pytest.mark.slow  # a small sweep
 def test_the_training_bar_is_the_rows_peak(small_run: Path) -> None:
     frame = load(small_run)
     data = breakdown(frame)
@@ -47,6 +48,7 @@ def test_the_training_bar_is_the_rows_peak(small_run: Path) -> None:
     assert "backward" in data.train and "backward" not in data.inference
 
 
+@pytest.mark.slow  # a small sweep
 def test_the_timelines_phase_boundaries_are_its_events(small_run: Path) -> None:
     timeline = load_timeline(small_run)
     assert timeline is not None and len(timeline)
@@ -71,6 +73,7 @@ def test_the_timelines_phase_boundaries_are_its_events(small_run: Path) -> None:
         assert runs[0] == "zero_grad" and runs[-1] == "optimizer_step"
 
 
+@pytest.mark.slow  # a small sweep
 def test_the_compared_cell_is_where_strategies_differ_most(small_run: Path) -> None:
     frame = load(small_run)
     cell = pick_cell_where_strategies_differ(frame)
@@ -84,6 +87,16 @@ def test_the_compared_cell_is_where_strategies_differ_most(small_run: Path) -> N
     assert f"B={cell.batch_size}" in cell.title() and "differ most" in cell.title()
 
 
+def test_a_timeline_with_micro_batches_shares_forward_and_backward() -> None:
+    phases = ["outside", "zero_grad", "forward", "forward", "outside", "backward", "forward", "backward",
+              "backward", "optimizer_step"]
+    layout = timeline_layout(phases)
+    assert [p for p, _, _ in layout.spans] == ["zero_grad", "forward", "backward", "forward", "backward",
+                                              "optimizer_step"]
+    assert [round(end - start, 6) for _, start, end in layout.spans] == [0.25, 0.5, 0.5, 0.5, 0.5, 0.5]
+    assert layout.x[1] == 0.25 and layout.x[4] == 0.75  # the "outside" free joins the forward before it
+
+
 @pytest.mark.parametrize(("low", "high"), [(0, 27 * 2**20), (0, 5000), (3 * 2**30, 9 * 2**30), (0, 1.0)])
 def test_byte_ticks_are_multiples_of_a_power_of_two(low: float, high: float) -> None:
     ticks = power_of_two_ticks(low, high)
@@ -92,6 +105,7 @@ def test_byte_ticks_are_multiples_of_a_power_of_two(low: float, high: float) -> 
     assert math.log2(step).is_integer() and all((t / step).is_integer() for t in ticks)
 
 
+@pytest.mark.slow  # a small sweep
 def test_a_noisy_cell_is_marked_and_its_overhead_is_not_reported(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """checkpoint-sqrt's second timed repeat sleeps 0.5 s: its row is time_noisy, and the

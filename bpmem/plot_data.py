@@ -72,8 +72,9 @@ class Breakdown:
 def breakdown(frame: Any) -> Breakdown | None:
     """The plain step of the first model (by name) on its first device: the categories at the
     training peak and at the inference peak, per batch (``peak_by_category`` of the rows)."""
+    has_categories = frame.peak_by_category.astype("string").fillna("") != ""  # files before the column: none
     plain = frame[(frame.strategy == registry.PLAIN) & (frame.status == "ok") & (frame.world_size == 1)
-                  & frame["mode"].isin(["train", "inference"]) & (frame.peak_by_category.fillna("") != "")]
+                  & frame["mode"].isin(["train", "inference"]) & has_categories]
     if plain.empty:
         return None
     model = sorted(plain.model.unique())[0]

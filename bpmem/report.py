@@ -21,7 +21,10 @@ from bpmem.strategies import registry
 def _model_label(row: Any) -> str:
     if row.model not in ("", "mlp"):  # your own model: its factory's name and arguments
         return row.model.rsplit(":", 1)[-1] + (f" {row.model_kwargs}" if row.model_kwargs else "")
-    return f"depth {row.depth}, h={row.hidden_dim}" + (", bias" if row.bias else "")
+    # what tells one series from another: the step's optimizer, a dtype or autocast other than float32's
+    extra = [row.optimizer] + ([row.dtype] if row.dtype != "float32" else []) + (
+        [f"amp {row.amp}"] if row.amp not in ("none", "") else [])
+    return f"depth {row.depth}, h={row.hidden_dim}" + (", bias" if row.bias else "") + ", " + ", ".join(extra)
 
 
 def _strategy_label(row: Any) -> str:

@@ -55,7 +55,7 @@ def bytes_axis(axis: Any, which: str = "y") -> None:
     if scale == "linear":
         low, high = axis.get_ylim() if which == "y" else axis.get_xlim()
         target.set_major_locator(FixedLocator(power_of_two_ticks(max(low, 0.0), high)))
-    elif scale == "log":
+    elif scale == "log" and any(len(line.get_xdata()) for line in axis.lines):  # an empty one has no range
         target.set_major_locator(LogLocator(base=2, numticks=12))
     target.set_major_formatter(FuncFormatter(_iec))
 
@@ -103,8 +103,9 @@ def plot_memory_vs_batch(frame: Any, plots: Path) -> list[str]:
                           markeredgewidth=0.7, zorder=5, label="_nolegend_")
             axis.plot([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="k",
                       label="predicted (open circles)")
-            axis.set_xscale("log", base=2)
-            axis.set_yscale("log", base=2)
+            if len(part):  # an empty log axis cannot be drawn
+                axis.set_xscale("log", base=2)
+                axis.set_yscale("log", base=2)
             bytes_axis(axis)
             axis.set_xlabel("batch size (rows)")
             axis.set_ylabel(f"{what} (bytes, IEC)")
@@ -220,6 +221,7 @@ def plot_split(frame: Any, plots: Path) -> list[str]:
     paths += save(fig, plots, "split_memory")
 
     fig, axis = plt.subplots(figsize=FIGURE_SIZE)
+    cell = pick_cell_where_strategies_differ(ok[ok.peak_bytes.notna()], "peak_bytes")  # among every strategy
     if cell is not None:
         everything = ok[(ok.model == cell.model) & (ok.batch_size == cell.batch_size)]
         per = everything.groupby("label").agg(peak=("peak_bytes", "max"), time=("step_time_median_s", "max"),

@@ -164,6 +164,17 @@ def _time_scatter(axis: Any, items: list[tuple[str, float, float, float, bool]])
         axis.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
 
 
+def _finish_time_axes(axis: Any, xlabel: str, ylabel: str, question: str, cell: Any, ncol: int = 1) -> None:
+    """Bytes across from zero, seconds up, the question and the cell in the title."""
+    axis.set_xlim(left=0)
+    bytes_axis(axis, "x")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(f"{question}\n" + (cell.title() if cell else "no cell with two strategies"), fontsize=10)
+    legend(axis, fontsize=7 if ncol == 1 else 6, ncol=ncol)
+    axis.grid(True, alpha=0.3)
+
+
 def _missing(value: Any) -> bool:
     import pandas as pd
 
@@ -182,14 +193,8 @@ def plot_checkpoint_pareto(frame: Any, plots: Path) -> list[str]:
                       & (single.device == cell.device) & (single["mode"] == "train") & (single.status == "ok")]
         _time_scatter(axis, [(r.label, r.saved_activation_bytes, r.step_time_median_s, r.step_time_iqr_s,
                               bool(r.time_noisy is True)) for r in part.itertuples()])
-    axis.set_xlim(left=0)
-    bytes_axis(axis, "x")
-    axis.set_xlabel("retained activations (bytes, IEC)")
-    axis.set_ylabel("step time, median (s); bars: IQR of the repeats")
-    axis.set_title("What does each checkpointing strategy save, and what does it cost in time?\n"
-                   + (cell.title() if cell else "no cell with two strategies"), fontsize=10)
-    legend(axis, fontsize=7)
-    axis.grid(True, alpha=0.3)
+    _finish_time_axes(axis, "retained activations (bytes, IEC)", "step time, median (s); bars: IQR of the repeats",
+                      "What does each checkpointing strategy save, and what does it cost in time?", cell)
     return save(fig, plots, "checkpoint_pareto")
 
 
@@ -227,14 +232,9 @@ def plot_split(frame: Any, plots: Path) -> list[str]:
         per = everything.groupby("label").agg(peak=("peak_bytes", "max"), time=("step_time_median_s", "max"),
                                               iqr=("step_time_iqr_s", "max"), noisy=("time_noisy", "any"))
         _time_scatter(axis, [(label, r.peak, r.time, r.iqr, bool(r.noisy)) for label, r in per.iterrows()])
-    axis.set_xlim(left=0)
-    bytes_axis(axis, "x")
-    axis.set_xlabel("peak memory per device (bytes, IEC; the largest rank)")
-    axis.set_ylabel("step time, median (s; the slowest rank); bars: IQR")
-    axis.set_title("Which strategy gives the least memory per device for its time?\n"
-                   + (cell.title() if cell else "no rows"), fontsize=10)
-    legend(axis, fontsize=6, ncol=2)
-    axis.grid(True, alpha=0.3)
+    _finish_time_axes(axis, "peak memory per device (bytes, IEC; the largest rank)",
+                      "step time, median (s; the slowest rank); bars: IQR",
+                      "Which strategy gives the least memory per device for its time?", cell, ncol=2)
     return paths + save(fig, plots, "pareto_all")
 
 

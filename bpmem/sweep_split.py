@@ -12,6 +12,7 @@ is decided before anything is launched, so a cell this machine cannot hold becom
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,14 @@ def run_distributed_cell(cell: Cell, run_id: str, env: dict[str, Any], config: S
         predictions = estimate_ranks(cell.spec, cell.step)
     except ValueError as error:
         return rank_rows(cell, run_id, env, config, [], error)
+    if cell.step.strategy.peak_by_dry_run and cell.device == "cpu":
+        from bpmem.rank_dry_run import rank_peaks
+
+        try:
+            peaks = rank_peaks(cell.spec, cell.step)
+            predictions = [dataclasses.replace(p, peak_bytes=peak) for p, peak in zip(predictions, peaks, strict=True)]
+        except Exception:  # noqa: BLE001 - no dry run, no peak prediction: the row says so by its empty column
+            pass
     rows = rank_rows(cell, run_id, env, config, predictions)
     with contextlib.ExitStack() as stack:
         folder = log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpmem-log-")))

@@ -349,3 +349,21 @@ def cuda_history(device: Any, snapshot: dict[str, Any]) -> Iterator[None]:
             snapshot.update(torch.cuda.memory._snapshot())
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
+
+
+@contextlib.contextmanager
+def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
+    """This process as rank ``rank`` of ``world_size`` in a process group whose collectives
+    return at once without communicating (PyTorch's "fake" backend, from its test utilities),
+    so one rank's share of a distributed step runs here alone; destroyed on leaving. Tensors
+    that a collective would fill keep what they held."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -36,7 +36,7 @@ from bpmem.figures import MeasuredRank
 from bpmem.launch import cell_device, cell_from_json
 from bpmem.measure_cell import optimizer_state_tensors
 from bpmem.placement import RANKS, Machine, Placement, place
-from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
+from bpmem.probes import SavedTensorProbe, distinct_storage_bytes
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import _unlabelled, make_optimizer
 from bpmem.strategies import rank_runtime as strategies
@@ -89,16 +89,7 @@ def run_rank(spec: MLPSpec | Workload, step: StepSpec, repeats: int, warmup: int
     optimizer.step()
 
     # 3. the live peak of one whole step
-    # FSDP's all-gathered parameters live in storages it resizes in place, step after step
-    live = LiveTensorProbe({"params": setup.params, "grads": [p.grad for p in setup.params],
-                            "optimizer": optimizer_state_tensors(optimizer), "inputs": setup.inputs},
-                           record_timeline=False, resizable={"gathered_params": transient})
-    with live:
-        with live.phase("zero_grad"):
-            optimizer.zero_grad(set_to_none=True)
-        setup.run(live.phase)
-        with live.phase("optimizer_step"):
-            optimizer.step()
+    live = strategies.live_step(setup, optimizer, transient)
 
     # 4. time: every rank starts together, the slowest defines the step
     for _ in range(warmup):

@@ -312,3 +312,24 @@ def test_fsdp_gathers_one_unit_at_a_time(rows: list[dict]) -> None:
         spec, step = _cases()[row["cell_index"]]
         assert row["gathered_peak_bytes"] == predict_rank(spec, step, row["rank"], 2)["gathered_bytes"]
         assert row["peak_bytes"] >= row["params_bytes"] + row["gathered_peak_bytes"]
+
+
+def test_fsdp_and_tensor_parallel_peaks_are_predicted_by_a_dry_run_of_each_rank(rows: list[dict]) -> None:
+    """Each rank's step run alone in this process, with a process group that does not
+    communicate (bpmem.rank_dry_run), peaks at exactly what that rank measured under torchrun:
+    the all-gathers, reduce-scatters and redistributions allocate the same buffers in the
+    same order."""
+    from bpmem.rank_dry_run import rank_peaks
+
+    checked = 0
+    for index, (spec, step) in enumerate(_cases()):
+        if not step.strategy.peak_by_dry_run:
+            continue
+        if spec == UNEVEN:  # FSDP pads uneven shards by sizes the ranks exchange: a fake group has none
+            with pytest.raises(ValueError, match=r"strategy: the dry run of rank \d needs data a real collective"):
+                rank_peaks(spec, step)
+            continue
+        measured = {r["rank"]: r["peak_bytes"] for r in rows if r["cell_index"] == index}
+        assert rank_peaks(spec, step) == [measured[0], measured[1]], step.strategy.name
+        checked += 1
+    assert checked >= 4  # FSDP and tensor parallel, each on two models

@@ -178,6 +178,9 @@ class SplitConfig(StrategyConfig):
     world_size: int = parameter(2, "N", "ranks or devices, >= 2", minimum=2)  # type: ignore[assignment]
     modes: ClassVar[tuple[str, ...]] = ("train",)
     placement: ClassVar[str] = RANKS
+    # each rank's peak predicted by a dry run of that rank alone (bpmem.rank_dry_run), where the
+    # arithmetic has none: the wrapper's buffers come and go inside the library
+    peak_by_dry_run: ClassVar[bool] = False
     # what of the MLP the strategy splits, where your own model need not have it (tensor-parallel's
     # Linear pairs): it then refuses your own model, saying so; None: it splits any model
     mlp_only: ClassVar[str | None] = None

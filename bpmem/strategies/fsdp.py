@@ -51,7 +51,7 @@ def fsdp_shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return max(0, min(padded, rows - rank * padded)), padded
 
 
-@strategy("fsdp", "FSDP2: every parameter sharded over the ranks, B/p rows each (torchrun)")
+@strategy("fsdp", "FSDP2: every parameter sharded over the ranks, B/p rows each (torchrun)", peak_by_dry_run=True)
 class FSDP(DataParallelConfig):
     def predict_ranks(self, spec: MLPSpec, step: StepSpec) -> list[RankFigures]:
         s, p = spec.itemsize, self.world_size

@@ -133,3 +133,23 @@ def max_relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> flo
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def live_step(setup: RankSetup, optimizer: torch.optim.Optimizer, transient: list[torch.Tensor]) -> Any:
+    """The live probe over one whole step of this rank (zero_grad, its share of forward and
+    backward, the optimizer step), from the state the steps before it left. FSDP's
+    all-gathered parameters (``transient``) live in storages it resizes in place, step after
+    step: the probe reads their size after every op."""
+    from bpmem.measure_cell import optimizer_state_tensors
+    from bpmem.probes import LiveTensorProbe
+
+    live = LiveTensorProbe({"params": setup.params, "grads": [p.grad for p in setup.params],
+                            "optimizer": optimizer_state_tensors(optimizer), "inputs": setup.inputs},
+                           record_timeline=False, resizable={"gathered_params": transient})
+    with live:
+        with live.phase("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
+        setup.run(live.phase)
+        with live.phase("optimizer_step"):
+            optimizer.step()
+    return live

@@ -39,7 +39,7 @@ def tensor_parallel_styles(spec: MLPSpec) -> list[str]:
 
 
 @strategy("tensor-parallel", "colwise/rowwise Linear pairs, hidden features split over the ranks (torchrun)",
-          mlp_only="colwise/rowwise pairs of its Linears")
+          mlp_only="colwise/rowwise pairs of its Linears", peak_by_dry_run=True)
 class TensorParallel(SplitConfig):
     def check(self, spec: MLPSpec, step: StepSpec) -> None:
         self.check_model(spec)

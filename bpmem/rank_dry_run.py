@@ -1,6 +1,6 @@
 """Each rank's peak of a distributed step, predicted by a dry run of that rank alone.
 
-For FSDP and tensor parallelism the arithmetic gives each rank's parameters, gradients,
+For FSDP, tensor parallelism and the pipelines the arithmetic gives each rank's parameters, gradients,
 optimizer state and retained activations, but not the moment-by-moment peak: the
 all-gathered parameters, the reduce-scattered gradients and the DTensor redistributions
 come and go inside the library. So ``rank_peaks`` runs each rank's share of the step in this
@@ -9,10 +9,13 @@ communicating (``bpmem.torch_private.fake_process_group``): the same shards, buf
 order of allocations, on one rank's memory, with no torchrun and no network. The live probe
 watches the third step, as the worker does on every rank of the real run.
 
-Not for pipelines: their stages learn their input shapes from the previous stage over the
-process group, which a fake one cannot tell them; nor for FSDP with uneven shards (a width
-that the world size does not divide), whose padding follows sizes the ranks exchange. Not for
-DDP either, whose peak the arithmetic predicts (one device's step at B/p plus the buckets).
+What a rank would learn from the others it is told instead (``setup_dry_rank``): a pipeline
+stage its micro-batch's input and output shapes, which under torchrun it receives from its
+neighbour on the first step; and a send keeps its tensor until its work is dropped, as a real
+backend's does (``p2p_works_hold_their_tensors``). Not for FSDP with uneven shards (a
+width that the world size does not divide), whose padding follows sizes the ranks exchange;
+not for DDP either, whose peak the arithmetic predicts (one device's step at B/p plus the
+buckets).
 """
 
 from __future__ import annotations
@@ -33,6 +36,51 @@ def _as_value_error(rank: int) -> Iterator[None]:
                          "allowed: measure it under torchrun") from None
 
 
+class _HoldingWork:
+    """A point-to-point ``Work`` that keeps its tensor alive for as long as it lives itself, as
+    gloo's and NCCL's do; everything else is the wrapped work's."""
+
+    def __init__(self, work: Any, tensor: Any) -> None:
+        self._work, self._tensor = work, tensor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
+
+@contextlib.contextmanager
+def p2p_works_hold_their_tensors() -> Iterator[None]:
+    """The fake backend's send and receive works drop their tensor at once; a real backend's
+    hold it until the work itself is dropped, which a pipeline schedule does only once it has
+    waited on it (sends, for the interleaved schedule, at the end of the step). So a tensor
+    sent would die earlier in a dry run than under torchrun. Inside the block, ``isend`` and
+    ``irecv`` (both names the library looks up: ``torch.distributed`` and its
+    ``distributed_c10d``) return works that hold their tensor."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    originals = {name: getattr(distributed_c10d, name) for name in ("isend", "irecv")}
+
+    def holding(function: Any) -> Any:
+        @functools.wraps(function)
+        def call(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            work = function(tensor, *args, **kwargs)
+            return None if work is None else _HoldingWork(work, tensor)
+
+        return call
+
+    for name, function in originals.items():
+        setattr(distributed_c10d, name, holding(function))
+        setattr(dist, name, getattr(distributed_c10d, name))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(distributed_c10d, name, function)
+            setattr(dist, name, function)
+
+
 def rank_peaks(spec: Any, step: Any) -> list[int]:
     """``peak_bytes`` of every rank of ``step`` (a split strategy whose ``peak_by_dry_run``
     is set), in rank order, each as the worker measures it: the live peak of one steady-state
@@ -46,8 +94,8 @@ def rank_peaks(spec: Any, step: Any) -> list[int]:
 
     peaks = []
     for rank in range(step.world_size):
-        with fake_process_group(rank, step.world_size), _as_value_error(rank):
-            setup = step.strategy.setup_rank(spec, step, rank, torch.device("cpu"))
+        with fake_process_group(rank, step.world_size), p2p_works_hold_their_tensors(), _as_value_error(rank):
+            setup = step.strategy.setup_dry_rank(spec, step, rank, torch.device("cpu"))
             optimizer = make_optimizer(step, nn.ModuleList(setup.modules))
             for _ in range(2):  # the worker's first two steps: optimizer state, then steady state
                 optimizer.zero_grad(set_to_none=True)

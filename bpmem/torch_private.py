@@ -51,6 +51,10 @@ Private API -> what bpmem needs it for -> fence:
   rebuilt with our own graph compilers -> ``min_cut_backend``
 - ``torch._functorch.aot_autograd.make_boxed_func`` -> ``boxed``
 - ``torch._dynamo.reset()`` -> ``reset_compiler_caches``
+- ``torch.testing._internal.distributed.fake_pg.FakeStore``: a process group whose
+  collectives do not communicate, for one rank's dry run -> ``fake_process_group``
+- ``PipelineStage._warmup_forward_vote`` / ``_warmup_backward_result`` (torch >= 2.13): the
+  first step's vote on given shapes, answered locally in that dry run -> ``pipeline_stages_static``
 
 The compiler and distributed modules are imported only when their fence is called:
 importing bpmem must not pay for dynamo, and some torch builds lack ``torch.distributed``.
@@ -367,3 +371,20 @@ def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def pipeline_stages_static(stages: list[Any]) -> None:
+    """Make ``PipelineStage``s built with ``input_args`` and ``output_args`` take them as given
+    in a process group that does not communicate. Since torch 2.13 the schedule's first step
+    holds a vote over P2P (``_warmup_forward_vote``, ``_warmup_backward_result``) on whether
+    every stage was given its shapes; a receive that never arrives reads 0 ("infer them"),
+    so each stage here answers 1 for itself. Before 2.13, given shapes skip inference anyway."""
+    import torch
+
+    def agreed(*_: Any, **__: Any) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.int32)
+
+    for stage in stages:
+        if hasattr(stage, "_warmup_forward_vote"):
+            stage._warmup_forward_vote = agreed
+            stage._warmup_backward_result = agreed

@@ -210,6 +210,11 @@ class SplitConfig(StrategyConfig):
         ``bpmem.strategies.rank_runtime.RankSetup``); run by every rank of a torchrun job."""
         raise NotImplementedError
 
+    def setup_dry_rank(self, spec: MLPSpec, step: StepSpec, rank: int, device: Any) -> Any:
+        """``setup_rank`` for ``bpmem.rank_dry_run``, in a process group whose collectives
+        return without communicating: what a rank would learn from the others, it is told."""
+        return self.setup_rank(spec, step, rank, device)
+
     def owned_parameters(self, spec: MLPSpec, rank: int) -> list[int]:
         """Indices (in ``model.parameters()`` order) of the parameters this rank holds a part of."""
         return list(range((spec.depth + 1) * (2 if spec.bias else 1)))

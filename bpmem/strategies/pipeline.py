@@ -43,6 +43,9 @@ class PipelineConfig(SplitConfig):
     microbatches: int = parameter(4, "K", "micro-batches per step")
     schedule: ClassVar[str] = "gpipe"
     label_params: ClassVar[tuple[str, ...] | None] = ("microbatches", "world_size")
+    # receive buffers, gradients sent back and the schedule's order are the library's: each
+    # rank's peak comes from a dry run of that rank (setup_dry_rank)
+    peak_by_dry_run: ClassVar[bool] = True
 
     @property
     def local_stages(self) -> int:
@@ -119,7 +122,14 @@ class PipelineConfig(SplitConfig):
         kind = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B}[self.schedule]
         return kind(stages[0], n_microbatches=self.microbatches, loss_fn=loss_fn)
 
-    def setup_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any) -> Any:
+    def setup_dry_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any) -> Any:
+        """``setup_rank`` for a dry run in a process group that does not communicate: every
+        stage is told its input and output shapes up front, as a real stage learns them from
+        its neighbours over the group on the first step (``bpmem.rank_dry_run``)."""
+        return self.setup_rank(spec, step, rank, device, shapes_up_front=True)
+
+    def setup_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any,
+                   shapes_up_front: bool = False) -> Any:
         from torch import nn
         from torch.distributed.pipelining import PipelineStage
 
@@ -136,8 +146,14 @@ class PipelineConfig(SplitConfig):
         n_stages = len(ranges)
         mine = ranks_stages(self, rank)
         modules = [nn.Sequential(*[m for unit in chain[a:b] for m in unit]) for a, b in (ranges[i] for i in mine)]
+        examples = stage_examples(chain, ranges, x, self.microbatches) if shapes_up_front else None
         del chain
-        stages = [PipelineStage(module, index, n_stages, device) for module, index in zip(modules, mine, strict=True)]
+        stages = [PipelineStage(module, index, n_stages, device, **(examples[index] if examples else {}))
+                  for module, index in zip(modules, mine, strict=True)]
+        if examples:
+            from bpmem.torch_private import pipeline_stages_static
+
+            pipeline_stages_static(stages)
         schedule = self.make_schedule(stages, workload.data_loss)
         first, last = 0 in mine, n_stages - 1 in mine
         x_local, y_local = (x if first else None), (y if last else None)
@@ -164,6 +180,30 @@ class PipelineConfig(SplitConfig):
         params = [p for module in modules for p in module.parameters()]
         inputs = [t for t in (x_local, y_local) if t is not None]
         return RankSetup(modules, params, x_local, y_local, run, inputs)
+
+
+def stage_examples(chain: list[list[Any]], ranges: list[tuple[int, int]], x: Any,
+                   microbatches: int) -> list[dict[str, Any]]:
+    """Each stage's ``input_args`` and ``output_args`` for one micro-batch: fake tensors of the
+    shapes that flow between the stages (no data, no memory). A stage's input after the first
+    needs a gradient, as the activation it receives does."""
+    import torch
+
+    from bpmem.torch_private import fake_tensor_mode
+
+    if not isinstance(x, torch.Tensor):
+        raise ValueError("model: the dry run of a pipeline needs one input tensor; allowed: measure it under torchrun")
+    examples = []
+    with fake_tensor_mode() as mode:
+        flowing = mode.from_tensor(x[: x.shape[0] // microbatches])
+        for index, (start, end) in enumerate(ranges):
+            given = flowing.detach().requires_grad_(index > 0)
+            flowing = given
+            for unit in chain[start:end]:
+                for module in unit:
+                    flowing = module(flowing)
+            examples.append({"input_args": given, "output_args": flowing})
+    return examples
 
 
 @strategy("pipeline-gpipe", "GPipe: all forwards, then all backwards (torchrun; --microbatches)")

@@ -55,11 +55,13 @@ def estimate_exactly(spec: MLPSpec, step: StepSpec, device: str = "cpu") -> Esti
     CUDA (``dry_run_device``) and gives the retained bytes too: CUDA's double backward keeps
     other tensors than the CPU's, which the arithmetic follows."""
     est = estimate(spec, step)
-    if est.peak_is_exact or step.strategy.opaque_to_probes:
+    if est.peak_is_exact:
         return est  # the replay's exact peak: torch is never imported
     from bpmem.measure_cell import measure
 
-    where = dry_run_device(device)
+    # compile-budget compiles on fake tensors of the CPU only: a compile on fake CUDA ones is
+    # untried, and a GPU's minutes are for measuring
+    where = "cpu" if step.strategy.compiles else dry_run_device(device)
     dry = measure(spec, step, device=where, fake=True)
     arithmetic = Term("peak: the arithmetic's estimate", est.peak_bytes, "plain peak - no longer retained + "
                       "largest recompute working set", "an upper estimate; the peak above is the dry run's")

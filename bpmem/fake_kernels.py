@@ -38,6 +38,11 @@ def real_storage_nbytes(op: str, args: tuple[Any, ...], out: Any) -> int | None:
 class DeviceStorageSizes(TorchDispatchMode):
     """Enter it above ``FakeTensorMode``: each listed op's fake output gets the real size."""
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # as the live probe's: torch.compile compiles past it and runs its graphs under it
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         nbytes = real_storage_nbytes(str(func.overloadpacket.__name__), args, out)

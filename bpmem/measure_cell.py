@@ -24,7 +24,6 @@ from bpmem.memory_trace import snapshot_from_allocations
 from bpmem.model import as_workload, meta_batch
 from bpmem.precision import Precision, precision_for
 from bpmem.probes import (
-    AllocatorTraceProbe,
     CudaProbe,
     LiveTensorProbe,
     RssProbe,
@@ -211,28 +210,23 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     result["per_layer"] = saved.per_layer()
     result["strategy_params"] = strategy.params() if strategy is not None else {}
     plain_flops = 0 if plain else plain_step_flops(spec, step.batch_size, device)
-    if step.strategy.opaque_to_probes:
-        # Dynamo runs eagerly under a dispatch mode, so neither the live probe nor an outer
-        # FlopCounterMode would see the compiled step; its own graphs count their FLOPs.
+    cuda = torch.device(device).type == "cuda"
+    live = measure_training_peak(spec, model, optimizer, x, y, strategy, log_allocations=trace and not cuda)
+    if step.strategy.compiles:
+        # what the compiled function saves through ctx.save_for_backward, which the hooks see;
+        # its FLOPs counted in its own graphs (under an outer FlopCounterMode dynamo runs eagerly)
+        result["saved_activation_bytes"] = saved.saved_activation_bytes
         with strategy.tally.counting() as tally:  # type: ignore[attr-defined]
             train_step(spec, model, optimizer, x, y, strategy=strategy)
         result["recompute_flops"] = tally.total - plain_flops
-        result["saved_activation_bytes"] = saved.saved_activation_bytes
-        optimizer.zero_grad(set_to_none=True)  # the trace cannot see frees of older blocks
-        baseline = distinct_storage_bytes([*model.parameters(), *optimizer_state_tensors(optimizer), *_tensors(x, y)])
-        with AllocatorTraceProbe(baseline) as trace:
-            train_step(spec, model, optimizer, x, y, strategy=strategy)
-        result.update(peak_bytes=trace.peak_bytes, peak_phase="", peak_by_category={}, timeline=[])
-        return result
-    cuda = torch.device(device).type == "cuda"
-    live = measure_training_peak(spec, model, optimizer, x, y, strategy, log_allocations=trace and not cuda)
-    # Retained activations, truly: every storage the forward made that is still alive when it
-    # ends, but J itself (one element), plus the inputs the graph holds on to. This sees what
-    # checkpointing keeps in its own frames, which saved-tensor hooks cannot.
-    made_in_forward = max(ends.get("forward", 0) for name, ends in live.phase_ends if name == "forward")
-    made_in_forward -= objective_bytes[-1]  # J's storage (each micro-batch's with accumulation; MSE's spans B*q)
-    result["saved_activation_bytes"] = made_in_forward + saved.packed_bytes_of(_tensors(x, y))
-    result["recompute_flops"] = 0 if plain else step_flops(spec, model, optimizer, x, y, strategy) - plain_flops
+    else:
+        # Retained activations, truly: every storage the forward made that is still alive when
+        # it ends, but J itself (one element), plus the inputs the graph holds on to. This sees
+        # what checkpointing keeps in its own frames, which saved-tensor hooks cannot.
+        made_in_forward = max(ends.get("forward", 0) for name, ends in live.phase_ends if name == "forward")
+        made_in_forward -= objective_bytes[-1]  # J's storage (each micro-batch's with accumulation; MSE's spans B*q)
+        result["saved_activation_bytes"] = made_in_forward + saved.packed_bytes_of(_tensors(x, y))
+        result["recompute_flops"] = 0 if plain else step_flops(spec, model, optimizer, x, y, strategy) - plain_flops
     result["peak_bytes"] = live.peak_bytes
     result["peak_phase"] = live.peak_phase
     result["peak_by_category"] = live.peak_by_category

@@ -149,7 +149,7 @@ class StepSpec:
                                                f"{self.strategy.name})")
         check_choice("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         check_choice("amp", self.amp, AMP_DTYPES)
-        if self.amp != "none" and (self.strategy.world_size > 1 or self.strategy.opaque_to_probes):
+        if self.amp != "none" and (self.strategy.world_size > 1 or self.strategy.compiles):
             # the ranks' steps and the compiled step run at full precision, for now
             raise SpecError("amp", self.amp, f"none with {self.strategy.name}")
         if self.amp != "none" and self.mode == "hvp":

@@ -64,7 +64,7 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         return row
     row.update({f"predicted_{name}": getattr(predicted, name) for name in PREDICTED_FIGURES},
                predicted_recompute_flops=predicted.recompute_flops)
-    if cell.device.startswith("cuda") and not step.strategy.opaque_to_probes:
+    if cell.device.startswith("cuda") and not step.strategy.compiles:
         row["predicted_cuda_allocated_bytes"] = predicted_cuda_allocated(spec, step, cell.device)
     if predicted.strategy_params:
         # the step's own parameters win: a plan's segment count must not hide the K asked for
@@ -79,10 +79,7 @@ def _fake_estimate(spec: Any, step: Any, device: str = "cpu") -> Any:
     from bpmem.dry_run import dry_run_device
     from bpmem.measure_cell import measure
 
-    if step.strategy.opaque_to_probes:
-        raise ValueError(f"strategy: {step.strategy.name} cannot run on fake tensors; allowed with factory: "
-                         "the other single-device strategies")
-    return measure(spec, step, device=dry_run_device(device), fake=True)
+    return measure(spec, step, device="cpu" if step.strategy.compiles else dry_run_device(device), fake=True)
 
 
 def timeline_cell(config: SweepConfig, cell: Cell) -> bool:

@@ -127,12 +127,22 @@ def test_the_shape_parser_names_what_it_accepts() -> None:
 @pytest.mark.parametrize("argv,words", [
     (["--strategy", "tensor-parallel"], "splits the MLP only"),
     (["--strategy", "pipeline-gpipe"], "needs an nn.Sequential model"),
-    (["--strategy", "compile-budget"], "bpmem measure"),
 ])
 def test_a_strategy_that_cannot_apply_says_what_it_needs(argv: list[str], words: str, capsys) -> None:
     assert main(["estimate", *GPT_FLAGS, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_your_own_models_compile_budget_step_is_estimated_on_fake_tensors_exactly() -> None:
+    """torch.compile runs on fake tensors too, and the live probe sees its graphs' ops: the
+    estimate (no memory) equals the measurement, saved bytes and peak."""
+    step = make_step(batch_size=8, strategy="compile-budget", budget=0.5)
+    predicted, measured = measure(SHAPES, step, fake=True), measure(SHAPES, step)
+    assert (predicted.peak_bytes, predicted.saved_activation_bytes) == (measured.peak_bytes,
+                                                                       measured.saved_activation_bytes)
+    # the compiled graphs' own step, not an eager fallback (which would read the plain peak)
+    assert measured.peak_bytes != measure(SHAPES, make_step(batch_size=8)).peak_bytes
 
 
 def test_blocks_that_are_not_a_chain_are_one_line(capsys) -> None:

@@ -230,9 +230,9 @@ def trace_refusal(args: argparse.Namespace, step: StepSpec) -> str:
     single-device strategy the probes can watch has one."""
     if getattr(args, "trace", None) is None:
         return ""
-    if step.mode != "train" or step.strategy.placement != "one-device" or step.strategy.opaque_to_probes:
+    if step.mode != "train" or step.strategy.placement != "one-device":
         return (f"argument --trace: no trace of --mode {step.mode} with --strategy {step.strategy.name}; allowed: "
-                "--mode train with a single-device strategy other than compile-budget")
+                "--mode train with a single-device strategy")
     return ""
 
 

@@ -197,7 +197,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from bpmem.spec import MLPSpec
 
     spec, step = specs_from_args(args)
-    if not isinstance(spec, MLPSpec) or step.strategy.placement != "one-device" or step.strategy.opaque_to_probes:
+    if not isinstance(spec, MLPSpec) or step.strategy.placement != "one-device" or step.strategy.compiles:
         return fail(args.prog, f"argument --strategy: bpmem graph draws the MLP under a single-device strategy; "
                                 f"{step.strategy.name} is not one; allowed: none, checkpoint-*, microbatch")
     path = write_graph(spec, step, args.out)

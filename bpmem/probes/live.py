@@ -12,15 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from bpmem.analytic.ledger import Ledger
 from bpmem.probes.common import local_tensor
 from bpmem.probes.engine_sums import EngineSums, storage_id_or_none
+from bpmem.probes.live_modes import GraphHookMode, LiveMode
 from bpmem.torch_private import (
     DISPATCH_MODES,
     FUNCTION_MODES,
-    TorchDispatchMode,
     is_accumulate_grad,
     is_fake,
     running_backward,
@@ -86,33 +85,6 @@ def _fresh_storage_nbytes(tensor: torch.Tensor) -> int:
     return extent * tensor.element_size()
 
 
-class _ProbeMode:
-    """A torch mode that reports to one probe."""
-
-    def __init__(self, probe: LiveTensorProbe) -> None:
-        super().__init__()
-        self._probe = probe
-
-
-class _LiveMode(_ProbeMode, TorchDispatchMode):
-    """Sees every aten op below autograd, so forward, backward and optimizer ops alike."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        self._probe._on_op(str(func.overloadpacket.__name__), out, (args, kwargs))
-        return out
-
-
-class _GraphHookMode(_ProbeMode, TorchFunctionMode):
-    """Sits above autograd, where results already carry their grad_fn, to hook new nodes."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        if torch.is_grad_enabled():
-            self._probe._hook_graph(out)
-        return out
-
-
 class LiveTensorProbe(EngineSums):
     """Peak and timeline of live tensor storages over a block of work, by category.
 
@@ -163,7 +135,7 @@ class LiveTensorProbe(EngineSums):
         self.timeline: list[TimelineEvent] = []
         self.phase_end: dict[str, dict[str, int]] = {}  # the last time each phase ended
         self.phase_ends: list[tuple[str, dict[str, int]]] = []  # every time, in order
-        self._mode: _LiveMode | None = None
+        self._mode: LiveMode | None = None
         self._node_key = f"bpmem-live-{next(_PROBE_IDS)}"  # marks the autograd nodes this probe hooked
         EngineSums.__init__(self)
 
@@ -323,7 +295,7 @@ class LiveTensorProbe(EngineSums):
             return
         # every bpmem live mode on top of the stack steps aside, so nested probes (each hooked
         # on the same nodes) leave the sum in place too; the first hook to run pops them all
-        while isinstance(DISPATCH_MODES.top(), _LiveMode):
+        while isinstance(DISPATCH_MODES.top(), LiveMode):
             DISPATCH_MODES.pop()
 
     def _resync_resizable(self) -> None:
@@ -372,8 +344,8 @@ class LiveTensorProbe(EngineSums):
         self._preexisting = {}  # hold no references: they would keep freed storages alive
         self._resizable = [(c, st) for c, st in self._resizable if storage_address(st) not in self._tracked]
         self._note("start")
-        self._mode = _LiveMode(self)
-        self._graph_mode = _GraphHookMode(self)
+        self._mode = LiveMode(self)
+        self._graph_mode = GraphHookMode(self)
         self._graph_mode.__enter__()
         self._mode.__enter__()
         return self

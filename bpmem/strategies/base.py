@@ -104,8 +104,9 @@ class StrategyConfig:
     modes: ClassVar[tuple[str, ...]] = ("train", "inference")
     label_params: ClassVar[tuple[str, ...] | None] = None  # params the report's labels show (None: all)
     accumulates: ClassVar[bool] = False  # several forwards per step (micro-batches): the report's exercise 5
-    # runs where the dispatch-mode probes cannot see (a compiled graph): measured by the allocator's trace
-    opaque_to_probes: ClassVar[bool] = False
+    # runs through torch.compile: its FLOPs are counted inside its own graphs (dynamo runs eagerly
+    # under an outer FlopCounterMode); the live probe sees its compiled graphs run
+    compiles: ClassVar[bool] = False
     in_timeline_plot: ClassVar[bool] = False  # one of the few the report's timeline plot draws
     predicts_by_arithmetic: ClassVar[bool] = True  # False: the prediction runs torch (on meta tensors)
 

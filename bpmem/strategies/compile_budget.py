@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 @strategy("compile-budget", "torch.compile's min-cut partitioner under an activation budget (--budget)",
-          opaque_to_probes=True, predicts_by_arithmetic=False)
+          compiles=True, predicts_by_arithmetic=False)
 class CompileBudget(StrategyConfig):
     def why(self, spec: MLPSpec, plain_terms: dict[str, int], kept: int, plain: int) -> str:
         return "the compiler's min-cut partitioner chooses what to keep under the budget"

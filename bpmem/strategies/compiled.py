@@ -9,9 +9,13 @@ eagerly whenever a dispatch mode is already active around the compiled call, so 
 outside would only ever see the uncompiled model.
 
 What this strategy retains is measured by ``SavedTensorProbe``: the compiled function
-saves through ``ctx.save_for_backward``, which saved-tensor hooks see. The live-tensor probe
-cannot see inside (dynamo falls back to eager under its dispatch mode), so the peak of a
-compile-budget cell comes from ``AllocatorTraceProbe``, the CPU allocator's own trace.
+saves through ``ctx.save_for_backward``, which saved-tensor hooks see. Its peak is the
+live-tensor probe's, like every other strategy's: the probe's dispatch mode declares
+``ignore_compile_internals``, so dynamo compiles as if it were absent and the probe sees
+every aten op of the compiled graphs as they run, and the probe's graph-hooking function
+mode steps aside around the compiled call (``graph_hooks_set_aside``), so that dynamo does
+not trace into it. The CPU allocator's own trace (``AllocatorTraceProbe``) agrees to the
+byte (``tests/test_compile_budget.py``).
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ class CompiledBudgetStrategy:
         if compiled is None:
             reset_compiler_caches()  # fresh caches: earlier models must not share guards or limits
             compiled = self._compiled[id(model)] = torch.compile(model, backend=_backend(self.tally))
-        with partitioner_memory_budget(min(self.budget, 1.0)):
+        from bpmem.probes.live_modes import graph_hooks_set_aside
+
+        with partitioner_memory_budget(min(self.budget, 1.0)), graph_hooks_set_aside():
             return compiled(x)
 
     def params(self) -> dict[str, Any]:

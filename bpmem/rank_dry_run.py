@@ -21,6 +21,7 @@ buckets).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,7 +56,6 @@ def p2p_works_hold_their_tensors() -> Iterator[None]:
     sent would die earlier in a dry run than under torchrun. Inside the block, ``isend`` and
     ``irecv`` (both names the library looks up: ``torch.distributed`` and its
     ``distributed_c10d``) return works that hold their tensor."""
-    import functools
 
     import torch.distributed as dist
     from torch.distributed import distributed_c10d
@@ -81,10 +81,54 @@ def p2p_works_hold_their_tensors() -> Iterator[None]:
             setattr(dist, name, function)
 
 
-def rank_peaks(spec: Any, step: Any) -> list[int]:
+# the collectives FSDP and tensor parallelism issue, under the names torch has had for them
+_COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+                "all_reduce")
+
+
+@contextlib.contextmanager
+def collectives_release_late() -> Iterator[None]:
+    """Each collective's tensors live until the next collective starts.
+
+    Under gloo a collective runs on the backend's own thread, which drops its reference to
+    the work (and so to its tensors) a moment after ``wait()`` returns. Whether that comes
+    before or after the main thread's next allocation is a race: FSDP's all-gather buffer of
+    one unit is then freed before or after the next unit's is made. Run after run, a rank's
+    measured peak is one or the other. This block gives the late one; without it, the early."""
+    from torch.distributed import distributed_c10d
+
+    held: list[Any] = []
+    originals = {name: getattr(distributed_c10d, name) for name in _COLLECTIVES if hasattr(distributed_c10d, name)}
+
+    def holding(function: Any) -> Any:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            held.clear()  # the last collective's thread has let go by the time this one starts
+            held.extend(a for a in (*args, *kwargs.values()) if hasattr(a, "untyped_storage"))
+            return function(*args, **kwargs)
+
+        return call
+
+    import torch.distributed as dist
+
+    for name, function in originals.items():
+        setattr(distributed_c10d, name, holding(function))
+        setattr(dist, name, getattr(distributed_c10d, name))
+    try:
+        yield
+    finally:
+        held.clear()
+        for name, function in originals.items():
+            setattr(distributed_c10d, name, function)
+            setattr(dist, name, function)
+
+
+def rank_peaks(spec: Any, step: Any, release_late: bool = False) -> list[int]:
     """``peak_bytes`` of every rank of ``step`` (a split strategy whose ``peak_by_dry_run``
     is set), in rank order, each as the worker measures it: the live peak of one steady-state
-    step plus the wrapper's lifelong buffers."""
+    step plus the wrapper's lifelong buffers. With ``release_late``, as it measures it when
+    gloo's thread lets go of every collective's tensors only after the next one has begun
+    (``collectives_release_late``)."""
     import torch
     from torch import nn
 
@@ -94,7 +138,8 @@ def rank_peaks(spec: Any, step: Any) -> list[int]:
 
     peaks = []
     for rank in range(step.world_size):
-        with fake_process_group(rank, step.world_size), p2p_works_hold_their_tensors(), _as_value_error(rank):
+        with fake_process_group(rank, step.world_size), p2p_works_hold_their_tensors(), _as_value_error(rank), \
+                collectives_release_late() if release_late else contextlib.nullcontext():
             setup = step.strategy.setup_dry_rank(spec, step, rank, torch.device("cpu"))
             optimizer = make_optimizer(step, nn.ModuleList(setup.modules))
             for _ in range(2):  # the worker's first two steps: optimizer state, then steady state

@@ -332,6 +332,8 @@ def test_fsdp_tensor_parallel_and_pipeline_peaks_are_predicted_by_a_dry_run_of_e
             continue
         measured = {r["rank"]: r["peak_bytes"] for r in rows if r["cell_index"] == index}
         assert rank_peaks(spec, step) == [measured[0], measured[1]], step.strategy.name
+        if step.strategy.name in ("fsdp", "tensor-parallel"):  # gloo's release of buffers cannot move the peak
+            assert rank_peaks(spec, step, release_late=True) == [measured[0], measured[1]], step.strategy.name
         checked += 1
     # FSDP and tensor parallel on two models each; every pipeline schedule on two models
     assert checked >= 4 + 3 * 2

@@ -98,16 +98,36 @@ def test_a_pipeline_rank_holds_its_slice_of_the_children(rows: list[dict]) -> No
 @pytest.mark.slow
 def test_your_own_models_fsdp_and_pipeline_peaks_are_predicted_by_a_dry_run_of_each_rank(rows: list[dict]) -> None:
     """No arithmetic of your model, yet each rank's peak: its share of the step run alone
-    here, in a process group that does not communicate, equals what it measured under torchrun."""
+    here, in a process group that does not communicate, equals what it measured under torchrun.
+
+    Under gloo that measurement races on the GPT's FSDP step: the backend's thread lets go of
+    one unit's all-gather buffer a moment after the wait, before or after the next unit's is
+    made (about one run in three: 7,476,344 B against 7,208,056 B with Adam). So each rank's
+    measured peak is one of the dry run's two: buffers released at once, or at the next
+    collective (``release_late``); on the Sequential they are the same figure."""
     from bpmem.rank_dry_run import rank_peaks
 
     checked = 0
     for index, (model, step) in enumerate(CASES):
         if step.strategy.peak_by_dry_run:
             measured = {r["rank"]: r["peak_bytes"] for r in rows if r["cell_index"] == index}
-            assert rank_peaks(model, step) == [measured[0], measured[1]], step.strategy.name
+            early, late = rank_peaks(model, step), rank_peaks(model, step, release_late=True)
+            for rank in (0, 1):
+                assert measured[rank] in (early[rank], late[rank]), (step.strategy.name, rank, early, late)
+            if model == SEQUENTIAL:
+                assert early == late, step.strategy.name  # nothing to race on: one exact figure
             checked += 1
     assert checked == 4  # fsdp on the GPT and the Sequential, and two pipelines
+
+
+@pytest.mark.slow
+def test_the_gpt_fsdp_race_is_one_all_gather_buffer_and_the_late_release_shows_it() -> None:
+    """The two figures differ on the GPT with Adam: when the buffers go late, the peak rises."""
+    from bpmem.rank_dry_run import rank_peaks
+
+    model, step = CASES[1]
+    early, late = rank_peaks(model, step), rank_peaks(model, step, release_late=True)
+    assert all(a < b for a, b in zip(early, late, strict=True))
 
 
 @pytest.mark.slow

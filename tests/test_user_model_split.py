@@ -102,7 +102,7 @@ def test_your_own_models_fsdp_and_pipeline_peaks_are_predicted_by_a_dry_run_of_e
 
     Under gloo that measurement races on the GPT's FSDP step: the backend's thread lets go of
     one unit's all-gather buffer a moment after the wait, before or after the next unit's is
-    made (about one run in three: 7,476,344 B against 7,208,056 B with Adam). So each rank's
+    made (11 of 40 rank runs here: 7,476,344 B against 7,208,056 B with Adam). So each rank's
     measured peak is one of the dry run's two: buffers released at once, or at the next
     collective (``release_late``); on the Sequential they are the same figure."""
     from bpmem.rank_dry_run import rank_peaks

@@ -59,6 +59,9 @@ def job_placement(devices: list[str], local_world: int, machine: Machine) -> Pla
     return placement
 
 
+PEAK_STEPS = 5  # steady-state steps watched for the peak; the least is the rank's
+
+
 def run_rank(spec: MLPSpec | Workload, step: StepSpec, repeats: int, warmup: int,
              device: torch.device) -> MeasuredRank:
     rank = dist.get_rank()
@@ -88,8 +91,13 @@ def run_rank(spec: MLPSpec | Workload, step: StepSpec, repeats: int, warmup: int
         setup.run(_unlabelled)
     optimizer.step()
 
-    # 3. the live peak of one whole step
-    live = strategies.live_step(setup, optimizer, transient)
+    # 3. the live peak of a whole step: the least of a few steady-state steps. Under gloo a
+    # collective's thread lets go of its tensors a moment after wait() returns, sometimes only
+    # after this thread's next allocation, which then counts them (FSDP's all-gather buffer,
+    # a 4 B all-reduced scalar): scheduling noise, which the least peak leaves out, as the
+    # dry run of the rank does (bpmem.rank_dry_run)
+    live = min((strategies.live_step(setup, optimizer, transient) for _ in range(PEAK_STEPS)),
+               key=lambda probe: probe.peak_bytes)
 
     # 4. time: every rank starts together, the slowest defines the step
     for _ in range(warmup):

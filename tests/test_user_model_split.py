@@ -100,11 +100,11 @@ def test_your_own_models_fsdp_and_pipeline_peaks_are_predicted_by_a_dry_run_of_e
     """No arithmetic of your model, yet each rank's peak: its share of the step run alone
     here, in a process group that does not communicate, equals what it measured under torchrun.
 
-    Under gloo that measurement races on the GPT's FSDP step: the backend's thread lets go of
-    one unit's all-gather buffer a moment after the wait, before or after the next unit's is
-    made (11 of 40 rank runs here: 7,476,344 B against 7,208,056 B with Adam). So each rank's
-    measured peak is one of the dry run's two: buffers released at once, or at the next
-    collective (``release_late``); on the Sequential they are the same figure."""
+    Under gloo the backend's thread lets go of one unit's all-gather buffer a moment after the
+    wait, before or after the next unit's is made: in one watched step, 11 of 40 GPT FSDP rank
+    runs read 7,476,344 B against 7,208,056 B with Adam. The worker reports the least peak of
+    5 steps, the dry run's early figure; the late one (``release_late``) is the only other
+    figure the race can give, so either passes here; on the Sequential they are the same."""
     from bpmem.rank_dry_run import rank_peaks
 
     checked = 0

@@ -22,7 +22,7 @@ from bpmem.fake_kernels import DeviceStorageSizes
 from bpmem.figures import Measured
 from bpmem.memory_trace import snapshot_from_allocations
 from bpmem.model import as_workload, meta_batch
-from bpmem.precision import Precision, precision_for
+from bpmem.precision import Precision, precision_for, settle
 from bpmem.probes import (
     CudaProbe,
     LiveTensorProbe,
@@ -193,7 +193,8 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     strategy = step.strategy.runtime(spec, step)
     optimizer = make_optimizer(step, model)
     try:
-        train_step(workload, model, optimizer, x, y, strategy=strategy)  # warm-up: optimizer state exists
+        # warm-up: optimizer state exists (float16: once its scaler no longer skips the step)
+        settle(lambda: train_step(workload, model, optimizer, x, y, strategy=strategy), optimizer)
     except RuntimeError as error:
         if plain or not IN_PLACE_CLASH.search(str(error)):
             raise
@@ -211,7 +212,8 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     result["strategy_params"] = strategy.params() if strategy is not None else {}
     plain_flops = 0 if plain else plain_step_flops(spec, step.batch_size, device)
     cuda = torch.device(device).type == "cuda"
-    live = measure_training_peak(spec, model, optimizer, x, y, strategy, log_allocations=trace and not cuda)
+    live = settle(lambda: measure_training_peak(spec, model, optimizer, x, y, strategy,
+                                                log_allocations=trace and not cuda), optimizer)
     if step.strategy.compiles:
         # what the compiled function saves through ctx.save_for_backward, which the hooks see;
         # its FLOPs counted in its own graphs (under an outer FlopCounterMode dynamo runs eagerly)
@@ -239,8 +241,13 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
         # gradients included); the rest of the baseline is no tensor of the step
         resident = allocator_block_bytes([*model.parameters(), *(p.grad for p in model.parameters()),
                                           *optimizer_state_tensors(optimizer), *_tensors(x, y)])
-        with CudaProbe(device) as allocator, cuda_history(device, snapshot) if trace else contextlib.nullcontext():
-            train_step(spec, model, optimizer, x, y, strategy=strategy)
+
+        def cuda_step() -> CudaProbe:
+            with CudaProbe(device) as probe, cuda_history(device, snapshot) if trace else contextlib.nullcontext():
+                train_step(spec, model, optimizer, x, y, strategy=strategy)
+            return probe
+
+        allocator = settle(cuda_step, optimizer)
         result.update(allocator.result())
         result["cuda_workspace_bytes"] = allocator.start_allocated_bytes - resident
         result["cuda_step_allocated_bytes"] = allocator.cuda_max_allocated_bytes - result["cuda_workspace_bytes"]

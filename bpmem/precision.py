@@ -16,12 +16,15 @@ function that is handed an optimizer runs the same step, and nothing else has to
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from bpmem.torch_private import is_fake
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Precision:
 
     dtype: torch.dtype | None = None
     scaler: Any = None  # a GradScaler with float16, made for the device of the first step
+    skipped_last_step: bool = False  # the scaler found an overflow and skipped the optimizer
 
     def region(self, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
         """Autocast for the forward and the loss on ``device`` (nothing at full precision)."""
@@ -50,9 +54,31 @@ class Precision:
             # with the same unscale_ before it and update after it
             self.scaler.unscale_(optimizer)
             optimizer.step()
-        else:
-            self.scaler.step(optimizer)
+            self.scaler.update()
+            return
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
         self.scaler.update()
+        self.skipped_last_step = self.scaler.get_scale() < scale  # update() backs off after an overflow
+
+
+# GradScaler starts at 2**16 and halves after every overflow: 64 halvings reach any scale a
+# finite gradient needs
+SETTLING_STEPS = 64
+
+
+def settle(train_once: Callable[[], T], optimizer: Any) -> T:
+    """Run ``train_once()`` until its step is not skipped (at most ``SETTLING_STEPS`` times) and
+    return what that run returned. As the warm-up: the measured steps start from the steady
+    state, optimizer state made. Around a measured step: the step measured is one that
+    updates, as the estimate's is, not one whose gradients overflowed at a scale the scaler
+    then backs off from. Only float16's scaler ever skips; any other precision runs once."""
+    precision = precision_of(optimizer)
+    for _ in range(SETTLING_STEPS):
+        outcome = train_once()
+        if not precision.skipped_last_step:
+            break
+    return outcome
 
 
 def precision_for(amp: str, device: torch.device | str) -> Precision:

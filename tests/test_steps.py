@@ -190,3 +190,24 @@ def test_the_cuda_prediction_rounds_every_storage_to_the_allocators_block() -> N
         rounded = measure(spec, step).peak_bytes
     assert predicted == rounded and predicted % CUDA_BLOCK_BYTES == 0
     assert predicted > measure(spec, step).peak_bytes  # 0-dim scalars and odd sizes each take a whole block
+
+
+# two cases the hypothesis test found: a scaler that skips every warm-up step (no optimizer
+# state at all), and one that settles, then skips the measured step as the weights move
+SKIPPING = [
+    (MLPSpec(input_dim=1, hidden_dim=1, output_dim=1, depth=1, activation="relu", loss="mse", l2=0.0),
+     make_step(batch_size=2, optimizer="sgd-momentum", optimizer_impl="for-loop", amp="float16")),
+    (MLPSpec(input_dim=1, hidden_dim=90, output_dim=1, depth=6, activation="tanh", loss="mse", l2=0.0),
+     make_step(batch_size=1, optimizer="adamw", optimizer_impl="foreach", weight_decay=0.01, amp="float16")),
+]
+
+
+@pytest.mark.parametrize("spec,step", SKIPPING, ids=["skips-every-warm-up", "skips-the-measured-step"])
+def test_a_float16_step_is_measured_after_the_scaler_has_settled(spec: MLPSpec, step: object) -> None:
+    """GradScaler starts at 2**16 and skips every step whose gradients overflow float16. The
+    estimate takes the step (fake tensors have no overflow to read). The measurement warms up
+    until the scaler stops skipping, and measures the peak of a step that updates, so both see
+    the steady state: optimizer state made, the optimizer's ops in the step."""
+    fake, real = measure(spec, step, fake=True), measure(spec, step)  # type: ignore[arg-type]
+    assert real.optimizer_bytes == fake.optimizer_bytes > 0
+    assert (real.peak_bytes, real.saved_activation_bytes) == (fake.peak_bytes, fake.saved_activation_bytes)

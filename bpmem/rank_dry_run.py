@@ -57,10 +57,6 @@ def p2p_works_hold_their_tensors() -> Iterator[None]:
     ``irecv`` (both names the library looks up: ``torch.distributed`` and its
     ``distributed_c10d``) return works that hold their tensor."""
 
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d
-
-    originals = {name: getattr(distributed_c10d, name) for name in ("isend", "irecv")}
 
     def holding(function: Any) -> Any:
         @functools.wraps(function)
@@ -70,15 +66,8 @@ def p2p_works_hold_their_tensors() -> Iterator[None]:
 
         return call
 
-    for name, function in originals.items():
-        setattr(distributed_c10d, name, holding(function))
-        setattr(dist, name, getattr(distributed_c10d, name))
-    try:
+    with _distributed_functions_wrapped(("isend", "irecv"), holding):
         yield
-    finally:
-        for name, function in originals.items():
-            setattr(distributed_c10d, name, function)
-            setattr(dist, name, function)
 
 
 # the collectives FSDP and tensor parallelism issue, under the names torch has had for them
@@ -95,10 +84,7 @@ def collectives_release_late() -> Iterator[None]:
     before or after the main thread's next allocation is a race: FSDP's all-gather buffer of
     one unit is then freed before or after the next unit's is made. Run after run, a rank's
     measured peak is one or the other. This block gives the late one; without it, the early."""
-    from torch.distributed import distributed_c10d
-
     held: list[Any] = []
-    originals = {name: getattr(distributed_c10d, name) for name in _COLLECTIVES if hasattr(distributed_c10d, name)}
 
     def holding(function: Any) -> Any:
         @functools.wraps(function)
@@ -109,15 +95,28 @@ def collectives_release_late() -> Iterator[None]:
 
         return call
 
-    import torch.distributed as dist
+    try:
+        with _distributed_functions_wrapped(_COLLECTIVES, holding):
+            yield
+    finally:
+        held.clear()
 
+
+@contextlib.contextmanager
+def _distributed_functions_wrapped(names: tuple[str, ...], wrap: Any) -> Iterator[None]:
+    """Inside the block, each of ``torch.distributed``'s functions ``names`` (those this torch
+    has) is ``wrap(function)``, under both names the libraries look it up by:
+    ``torch.distributed`` and its ``distributed_c10d``."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    originals = {name: getattr(distributed_c10d, name) for name in names if hasattr(distributed_c10d, name)}
     for name, function in originals.items():
-        setattr(distributed_c10d, name, holding(function))
+        setattr(distributed_c10d, name, wrap(function))
         setattr(dist, name, getattr(distributed_c10d, name))
     try:
         yield
     finally:
-        held.clear()
         for name, function in originals.items():
             setattr(distributed_c10d, name, function)
             setattr(dist, name, function)

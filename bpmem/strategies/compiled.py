@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpmem.probes.live_modes import graph_hooks_set_aside
 from bpmem.torch_private import boxed, min_cut_backend, partitioner_memory_budget, reset_compiler_caches
 
 
@@ -82,8 +83,6 @@ class CompiledBudgetStrategy:
         if compiled is None:
             reset_compiler_caches()  # fresh caches: earlier models must not share guards or limits
             compiled = self._compiled[id(model)] = torch.compile(model, backend=_backend(self.tally))
-        from bpmem.probes.live_modes import graph_hooks_set_aside
-
         with partitioner_memory_budget(min(self.budget, 1.0)), graph_hooks_set_aside():
             return compiled(x)
 

@@ -21,12 +21,14 @@ from bpmem.figures import Estimate
 from bpmem.spec import MLPSpec, StepSpec
 
 
-def dry_run_device(device: str) -> str:
+def dry_run_device(device: str, step: StepSpec | None = None) -> str:
     """Where a dry run for a cell on ``device`` runs its fake tensors: on that device where it
     exists here (fake CUDA tensors take CUDA's own kernels, autocast policy and RNG outputs),
     else on the CPU. A CUDA cell is only ever measured where CUDA is, so its row's dry run
-    is always CUDA's; without CUDA, autograd cannot even make a fake CUDA tensor's node."""
-    if not device.startswith("cuda"):
+    is always CUDA's; without CUDA, autograd cannot even make a fake CUDA tensor's node.
+    A ``step`` that compiles (compile-budget) runs on the CPU's: a compile on fake CUDA
+    tensors is untried, and a GPU's minutes are for measuring."""
+    if not device.startswith("cuda") or (step is not None and step.strategy.compiles):
         return "cpu"
     import torch
 
@@ -59,9 +61,7 @@ def estimate_exactly(spec: MLPSpec, step: StepSpec, device: str = "cpu") -> Esti
         return est  # the replay's exact peak: torch is never imported
     from bpmem.measure_cell import measure
 
-    # compile-budget compiles on fake tensors of the CPU only: a compile on fake CUDA ones is
-    # untried, and a GPU's minutes are for measuring
-    where = "cpu" if step.strategy.compiles else dry_run_device(device)
+    where = dry_run_device(device, step)
     dry = measure(spec, step, device=where, fake=True)
     arithmetic = Term("peak: the arithmetic's estimate", est.peak_bytes, "plain peak - no longer retained + "
                       "largest recompute working set", "an upper estimate; the peak above is the dry run's")

@@ -79,7 +79,7 @@ def _fake_estimate(spec: Any, step: Any, device: str = "cpu") -> Any:
     from bpmem.dry_run import dry_run_device
     from bpmem.measure_cell import measure
 
-    return measure(spec, step, device="cpu" if step.strategy.compiles else dry_run_device(device), fake=True)
+    return measure(spec, step, device=dry_run_device(device, step), fake=True)
 
 
 def timeline_cell(config: SweepConfig, cell: Cell) -> bool:

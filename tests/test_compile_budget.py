@@ -62,3 +62,18 @@ def test_the_peak_is_predicted_by_the_compiled_step_on_fake_tensors(spec: MLPSpe
     assert predicted.peak_from_dry_run and predicted.peak_is_exact
     assert (predicted.peak_bytes, predicted.saved_activation_bytes) == (measured.peak_bytes,
                                                                        measured.saved_activation_bytes)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_recomputed_flops_at_batch_one_are_the_measured_ones_and_never_negative(depth: int) -> None:
+    """quick.toml's crash: at B=1 every weight gradient is a matmul with inner dimension 1,
+    which inductor's decompositions rewrite as a broadcast multiply on every device but the
+    CPU. The plan traced on the meta device was therefore not the CPU's graph, its FLOP
+    counter missed each weight gradient, and it predicted -2*in*out per layer (-406,528 at
+    the seed's 784-256-10), a figure results.csv's reader then refused."""
+    spec, step = MLPSpec(depth=depth), make_step(batch_size=1, strategy="compile-budget", budget=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        predicted, measured = estimate_exactly(spec, step), measure(spec, step)
+    assert predicted.recompute_flops == measured.recompute_flops
+    assert predicted.recompute_flops >= 0

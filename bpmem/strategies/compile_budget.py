@@ -3,11 +3,16 @@
 ``bpmem.strategies.compiled`` for the backend.
 
 The partitioner's choice has no closed formula, so the prediction asks it: the model is
-compiled and run once on the *meta* device (shapes and dtypes, no data, no memory), the
+compiled and run once on fake CPU tensors (shapes and dtypes, no data, no memory), the
 saved tensors are counted by ``SavedTensorProbe`` and the compiled graphs' matmul FLOPs by
 their own counter; the plain step's FLOPs are subtracted (each Linear: 2*B*in*out forward,
 the same for its weight gradient, and for its input gradient except on the first layer,
 whose input needs none). This is the one single-device prediction that imports torch.
+
+Fake *CPU* tensors, not the meta device: inductor's decompositions depend on the device. On
+any device but the CPU they rewrite a matmul whose inner dimension is 1 (a weight gradient
+at B=1) as a broadcast multiply, which no FLOP counter counts as a matmul, so a meta trace
+at B=1 planned a graph the CPU never runs and read its FLOPs 2*in*out low per layer.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ class CompileBudget(StrategyConfig):
         return min(1.0, self.budget.of(0) / plain_retained_bytes(spec, batch_size))
 
     def predict(self, spec: MLPSpec, step: StepSpec, plain: Estimate) -> Estimate:
-        retained, flops = self._partitioner_plan_on_meta(spec, step)
-        terms = [Term("retained (min-cut partitioner's plan)", retained, "saved by the compiled graph, on meta",
-                      "torch.compile's own partition of the joint graph, traced on meta tensors: no memory")]
+        retained, flops = self._partitioner_plan_on_fake_cpu(spec, step)
+        terms = [Term("retained (min-cut partitioner's plan)", retained, "saved by the compiled graph, on fake tensors",
+                      "torch.compile's own partition of the joint graph, traced on fake CPU tensors: no memory")]
         budget_bytes = self.budget.of(plain_retained_bytes(spec, step.batch_size))
         return plain.under_strategy(retained, plain.peak_bytes - plain.saved_activation_bytes + retained, flops,
                                     {"budget": self.budget.value, "budget_bytes": budget_bytes}, terms)
@@ -50,20 +55,21 @@ class CompileBudget(StrategyConfig):
 
         return CompiledBudgetStrategy(self.fraction(spec, step.batch_size))
 
-    def _partitioner_plan_on_meta(self, spec: MLPSpec, step: StepSpec) -> tuple[int, int]:
+    def _partitioner_plan_on_fake_cpu(self, spec: MLPSpec, step: StepSpec) -> tuple[int, int]:
         import warnings
 
-        from bpmem.model import as_workload, meta_batch
+        from bpmem.model import as_workload
         from bpmem.probes import SavedTensorProbe
         from bpmem.step import forward_objective
+        from bpmem.torch_private import fake_tensor_mode
 
         b, workload = step.batch_size, as_workload(spec)
-        model = workload.build("meta", seed=None)
-        x, y = meta_batch(workload, b)
         strategy = self.runtime(spec, step)
-        probe = SavedTensorProbe(model)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), fake_tensor_mode():
             warnings.simplefilter("ignore")
+            model = workload.build("cpu", seed=None)
+            x, y = workload.make_batch(b, "cpu")
+            probe = SavedTensorProbe(model)
             with strategy.tally.counting() as tally, probe:
                 forward_objective(spec, model, x, y, probe.scope, strategy).backward()
         plain = sum(2 * b * fan_in * fan_out * (3 if index else 2)

@@ -11,8 +11,10 @@ Order of work, each on a fresh step of the same model so that probes never watch
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,7 +37,8 @@ from bpmem.spec import MLPSpec, StepSpec
 from bpmem.step import hvp_step, inference_step, make_optimizer, train_step
 from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.checkpointing import Strategy
-from bpmem.timing import time_calls
+from bpmem.timing import plain_columns, time_samples
+from bpmem.timing_pairs import Paired, paired_columns, time_pairs
 from bpmem.torch_private import cuda_history, data_dependent_errors, fake_tensor_mode
 from bpmem.workload import Workload
 
@@ -288,13 +291,8 @@ def _measure_hvp(spec: MLPSpec | Workload, model: nn.Module, x: torch.Tensor, y:
     return result
 
 
-def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: int, repeats: int,
-               seed: int = 0) -> list[float]:
-    """Seconds per plain step (no probe) on a fresh model: ``warmup`` untimed, then ``repeats``.
-
-    On CUDA each timed step is bracketed by ``torch.cuda.synchronize`` so the clock sees the
-    kernels, not just their launch.
-    """
+def _step_runner(spec: MLPSpec | Workload, step: StepSpec, device: str, seed: int) -> Callable[[], None]:
+    """One step of ``step``'s mode on a fresh model, batch (and optimizer), no probe."""
     workload = as_workload(spec)
     model = workload.build(device, seed=seed)
     x, y = workload.make_batch(step.batch_size, device, seed=seed)
@@ -312,4 +310,40 @@ def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: in
 
         def run() -> None:
             train_step(spec, model, optimizer, x, y, strategy=strategy)
-    return time_calls(run, warmup, repeats, [device])
+    return run
+
+
+def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: int, repeats: int,
+               seed: int = 0) -> dict[str, Any]:
+    """A row's time columns (``bpmem.timing``), from steps without probes on fresh models.
+
+    The plain step is timed alone: warm-up, then ``repeats`` steps. A strategy's step is timed
+    in pairs with the plain step of the same model, batch, optimizer and mode, each on its own
+    model, in this process (``bpmem.timing_pairs.time_pairs``); where the plain step does not
+    fit beside it (out of memory: a strategy may be there to fit where the plain step does
+    not), the strategy's step is timed alone and the row has no paired overhead. The CPU-time
+    rule for contention applies to CPU steps only. On CUDA each timed step is bracketed by
+    ``torch.cuda.synchronize`` so the clock sees the kernels, not just their launch.
+    """
+    judge_cpu = torch.device(device).type == "cpu"  # a CUDA step's CPU waits on the GPU: no rule
+    run = _step_runner(spec, step, device, seed)
+    if not isinstance(step.strategy, NoStrategy):
+        paired = _time_paired(spec, step, device, warmup, repeats, seed, run)
+        if paired is not None:
+            return paired_columns(paired, judge_cpu)
+        gc.collect()  # the plain twin's model and optimizer state, before the strategy is timed alone
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return plain_columns(time_samples(run, warmup, repeats, [device]), judge_cpu)
+
+
+def _time_paired(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: int, repeats: int, seed: int,
+                 run: Callable[[], None]) -> Paired | None:
+    """``time_pairs`` of the plain twin and ``run``; None when that runs out of memory."""
+    try:
+        plain = _step_runner(spec, step.replace(strategy=NoStrategy()), device, seed)
+        return time_pairs(plain, run, warmup, repeats, [device])
+    except Exception as error:  # noqa: BLE001 - out of memory falls back to timing alone; the rest is raised
+        if not is_out_of_memory(error):
+            raise
+    return None

@@ -38,7 +38,10 @@ def load(directory: Path):
     # every column the report reads; files written before these columns existed were the MLP's,
     # with no weight decay and the CPU's for-loop optimizer
     later = {"model": "mlp", "model_kwargs": "", "weight_decay": 0.0, "optimizer_impl": "for-loop", "amp": "none",
-             "threads": None, "time_noisy": False, "peak_by_category": ""}
+             "threads": None, "time_noisy": False, "peak_by_category": "",
+             # before pairing (bpmem.timing_pairs): no CPU time, no contention judged, no paired overhead
+             "step_cpu_time_median_s": None, "time_contended": None, "time_overhead": None,
+             "time_overhead_low": None, "time_overhead_high": None, "time_pairs": None}
     required = tuple(c for c in COLUMNS if c not in later)
     frame = read_results(directory / "results.csv", required, MEASURED_COLUMNS)
     for column, default in later.items():

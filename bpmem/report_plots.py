@@ -192,7 +192,7 @@ def plot_checkpoint_pareto(frame: Any, plots: Path) -> list[str]:
         part = single[(single.model == cell.model) & (single.batch_size == cell.batch_size)
                       & (single.device == cell.device) & (single["mode"] == "train") & (single.status == "ok")]
         _time_scatter(axis, [(r.label, r.saved_activation_bytes, r.step_time_median_s, r.step_time_iqr_s,
-                              bool(r.time_noisy is True)) for r in part.itertuples()])
+                              r.time_noisy is True or r.time_contended is True) for r in part.itertuples()])
     _finish_time_axes(axis, "retained activations (bytes, IEC)", "step time, median (s); bars: IQR of the repeats",
                       "What does each checkpointing strategy save, and what does it cost in time?", cell)
     return save(fig, plots, "checkpoint_pareto")
@@ -230,8 +230,10 @@ def plot_split(frame: Any, plots: Path) -> list[str]:
     if cell is not None:
         everything = ok[(ok.model == cell.model) & (ok.batch_size == cell.batch_size)]
         per = everything.groupby("label").agg(peak=("peak_bytes", "max"), time=("step_time_median_s", "max"),
-                                              iqr=("step_time_iqr_s", "max"), noisy=("time_noisy", "any"))
-        _time_scatter(axis, [(label, r.peak, r.time, r.iqr, bool(r.noisy)) for label, r in per.iterrows()])
+                                              iqr=("step_time_iqr_s", "max"), noisy=("time_noisy", "any"),
+                                              contended=("time_contended", lambda s: any(v is True for v in s)))
+        _time_scatter(axis, [(label, r.peak, r.time, r.iqr, bool(r.noisy) or bool(r.contended))
+                             for label, r in per.iterrows()])
     _finish_time_axes(axis, "peak memory per device (bytes, IEC; the largest rank)",
                       "step time, median (s; the slowest rank); bars: IQR",
                       "Which strategy gives the least memory per device for its time?", cell, ncol=2)

@@ -61,18 +61,46 @@ def status_section(frame: Any) -> str:
     return text
 
 
-def summary_section(frame: Any) -> str:
-    """Per strategy: how much less it retains than the plain step of the same cell, and how
-    much longer its step takes (medians over every cell that has both), an overhead only
-    where it stands out of the noise (``bpmem.timing.overhead``)."""
-    from bpmem.timing import overhead
+# what exercise 5 says of a step whose overhead the report does not state
+UNSTATED_STEP = {"within noise": "a step whose extra time is within noise",
+                 "contended": "a step timed while other work held the cores (contended: no time stated)",
+                 "not paired": "a step not timed in pairs with the plain one (no time stated)"}
 
+
+def _verdict(row: Any) -> Any:
+    """What the report may say about a row's time overhead (``bpmem.timing_pairs.judge``)."""
+    from bpmem.timing_pairs import judge
+
+    return judge(row.time_overhead, row.time_overhead_low, row.time_overhead_high, row.time_contended)
+
+
+def _time_text(stated: list[float], unstated: dict[str, int]) -> str:
+    """A strategy's time overhead over its cells: the median of the stated ones, with how many
+    cells were within noise, contended or not paired; no number where none was stated."""
+    counts = [f"{n} {kind}" for kind, n in unstated.items() if n]
+    if stated:
+        return (f"{stated[len(stated) // 2]:+,.0%} (median of {len(stated)} cell{'s' * (len(stated) > 1)}"
+                + "".join(f"; {count}" for count in counts) + ")")
+    total = sum(unstated.values())
+    if not total:
+        return "—"
+    kind = max(unstated, key=lambda k: unstated[k])  # the commonest reason leads
+    rest = [f"; {n} {other}" for other, n in unstated.items() if n and other != kind]
+    return f"{kind} ({unstated[kind]} of {total} cells" + "".join(rest) + ")"
+
+
+def summary_section(frame: Any) -> str:
+    """Per strategy: how much less it retains than the plain step of the same cell (median
+    over every cell that has both), and how much longer its step takes: the median of the
+    paired overheads over the cells that state one (``bpmem.timing_pairs.judge``)."""
     train = frame[(frame["mode"] == "train") & (frame.status == "ok")]
     keys = ["model", "batch_size", "device", "optimizer", "dtype", "activation", "loss"]
     plain = train[train.strategy == registry.PLAIN].set_index(keys)
     rows = []
     for label, group in train.groupby("label", sort=True):
-        ratios, overheads, noisy = [], [], 0
+        ratios: list[float] = []
+        overheads: list[float] = []
+        unstated = {"within noise": 0, "contended": 0, "not paired": 0}
         for row in group.itertuples():
             key = tuple(getattr(row, k) for k in keys)
             if key in plain.index:
@@ -80,30 +108,29 @@ def summary_section(frame: Any) -> str:
                 base = base.iloc[0] if hasattr(base, "iloc") and getattr(base, "ndim", 1) > 1 else base
                 if row.saved_activation_bytes:
                     ratios.append(base.saved_activation_bytes / row.saved_activation_bytes)
-                if row.strategy == registry.PLAIN:
-                    continue
-                cost = overhead(row.step_time_median_s, row.step_time_iqr_s, base.step_time_median_s,
-                                base.step_time_iqr_s, row.time_noisy is True, base.time_noisy is True)
-                noisy += cost.noisy
-                if not cost.noisy:
-                    overheads.append(cost.ratio)
+            if row.strategy == registry.PLAIN:
+                continue  # a paired overhead needs no plain row: it was timed against its own twin
+            verdict = _verdict(row)
+            if verdict.kind == "stated":
+                overheads.append(verdict.overhead)
+            else:
+                unstated[verdict.kind] += 1
         if not ratios:
             continue
         ratios.sort()
         overheads.sort()
-        if label == registry.PLAIN:
-            time_text = "(the reference)"
-        elif overheads:
-            time_text = f"{overheads[len(overheads) // 2]:+.0%}" + (f" ({noisy} more within noise)" if noisy else "")
-        else:
-            time_text = f"within noise ({noisy} of {noisy} cells)"
+        time_text = "(the reference)" if label == registry.PLAIN else _time_text(overheads, unstated)
         rows.append([label, len(ratios), f"{ratios[len(ratios) // 2]:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f})",
                      time_text])
     return ("## Summary per strategy\n\nMemory saved is the plain step's retained activations over the strategy's, "
-            "in the same cell (per rank for split strategies); time overhead is the median step time over the "
-            "plain step's, minus one, the median over the cells where it stands out of the noise: a cell whose "
-            "own repeats spread by more than a quarter of their median, or whose difference from the plain step "
-            "lies within the two cells' IQRs, says nothing about the cost and is counted as within noise.\n\n"
+            "in the same cell (per rank for split strategies). Time overhead: each cell times the strategy's step "
+            "in pairs with the plain step of the same model, batch and optimizer, in one process (plain, strategy, "
+            "plain, ...), and takes the median of the per-pair ratios, minus one, with its 95% interval from order "
+            "statistics. A cell states it only when that interval excludes zero and its steps did not wait for "
+            "cores; the table gives the median over those cells. The others are counted: within noise (the "
+            "interval includes zero, or too few pairs for one), contended (more than a quarter of its timed steps "
+            "got under half their wall time in CPU time: another process held the cores), not paired (split "
+            "strategies, files written before pairing).\n\n"
             + _table(["strategy", "cells", "memory saved (x)", "time overhead"], rows))
 
 
@@ -224,10 +251,12 @@ def _exercise_five(frame: Any) -> str:
         base = ok[(ok.strategy == registry.PLAIN) & (ok.model == row.model) & (ok.batch_size == row.batch_size)]
         if len(base):
             base = base.iloc[0]
+            verdict = _verdict(row)
+            cost = (f"a step {1 + verdict.overhead:.2f}x as long (timed in pairs with the plain step)"
+                    if verdict.kind == "stated" else UNSTATED_STEP[verdict.kind])
             text += (f" Here, {row.label} at B={row.batch_size} ({row.model}) retains "
-                     f"{_b(row.saved_activation_bytes)} against {_b(base.saved_activation_bytes)}, with a step "
-                     f"{row.step_time_median_s / base.step_time_median_s:.2f}x as long. This run has no split "
-                     "rows: `bpmem run --config benchmarks/configs/split.toml` measures them.")
+                     f"{_b(row.saved_activation_bytes)} against {_b(base.saved_activation_bytes)}, with {cost}. "
+                     "This run has no split rows: `bpmem run --config benchmarks/configs/split.toml` measures them.")
     return text
 
 
@@ -238,7 +267,7 @@ def plots_section(plots: dict[str, list[str]]) -> str:
         "breakdown": "(b) What fills memory at the training peak (bars stack to the row's peak_bytes), beside the "
                      "inference peak.",
         "checkpoint_pareto": "(c) What each checkpointing strategy saves and costs in time, at the cell where they "
-                             "differ most; bars are the IQR, hollow points have noisy times.",
+                             "differ most; bars are the IQR, hollow points have noisy or contended times.",
         "split": "(d) Splitting against a smaller minibatch per device, and every strategy's memory per device "
                  "against time.",
         "timeline": "(e) Live memory through one training step, phases shaded and aligned across strategies.",

@@ -39,6 +39,10 @@ COLUMNS: tuple[str, ...] = (
     # added later (older files lack them): the intra-op threads the step was timed with, whether
     # its time is noisy (bpmem.timing), and the peak's bytes by category (JSON)
     "threads", "time_noisy", "peak_by_category",
+    # added later still: the steps' CPU time, whether they waited for cores, and a strategy's
+    # overhead timed in pairs with the plain step, its interval and pair count (bpmem.timing_pairs)
+    "step_cpu_time_median_s", "time_contended", "time_overhead", "time_overhead_low", "time_overhead_high",
+    "time_pairs",
 )
 
 

@@ -96,13 +96,13 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig, 
     """Measure one cell; never raises for OOM or errors, which become the row's status. With
     ``trace``, a training cell's memory snapshot rides along as ``row["_trace"]``."""
     from bpmem.measure_cell import measure, time_steps
-    from bpmem.timing import time_summary
 
     row = base_row(cell, run_id, env, config)
     if row.get("status") in ("error", "skipped"):
         return row
     try:
         measured = measure(cell.spec, cell.step, device=cell.device, trace=trace and cell.step.mode == "train")
+        # the plain step alone; a strategy's in pairs with the plain step (bpmem.timing_pairs)
         times = time_steps(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
         row.update(status="oom" if is_out_of_memory(error) else "error", error=one_line(error))
@@ -116,5 +116,5 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig, 
         row["_timeline"] = [(e.index, e.op, e.phase, e.live_bytes) for e in measured.timeline]
     if measured.trace:
         row["_trace"] = measured.trace
-    row.update(status="ok", error="", **time_summary(times))
+    row.update(status="ok", error="", **times)
     return row

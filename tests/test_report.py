@@ -81,6 +81,22 @@ def test_summary_ratio_is_computed_from_the_rows(rendered) -> None:
     assert f"{ratio:.2f}" in summary
 
 
+def test_a_file_written_before_pairing_states_no_overhead(rendered) -> None:
+    """The fixture predates paired timing (no time_overhead, no interval, no CPU time): it still
+    reports, and its strategies' time is "not paired", never a ratio of two cells' medians."""
+    _, text, frame = rendered
+    assert "time_overhead" not in frame and "step_cpu_time_median_s" not in frame
+    summary = text.split("## Summary per strategy")[1].split("\n## ")[0]
+    lines = [row for row in summary.splitlines() if row.startswith("| ") and row.split("|")[1].strip() not in
+             ("strategy", "---")]
+    assert len(lines) == 3
+    for line in lines:
+        time_cell = line.split("|")[4]
+        assert "%" not in time_cell
+        assert "(the reference)" in time_cell if line.startswith("| none ") else "not paired" in time_cell
+    assert "not timed in pairs" in text.split("**5. Too big for one GPU.**")[1]
+
+
 def test_report_command_and_missing_csv(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "results.csv" in capsys.readouterr().err

@@ -8,8 +8,9 @@ several ``[[model]]`` tables are several grids, one after another)::
     devices = ["cpu"]                   # cpu, cuda, cuda:N, or "auto" (every visible GPU)
     modes = ["train", "inference"]
     strategies = ["none"]
-    repeats = 5                         # timed steps per cell (median and IQR)
+    repeats = 5                         # timed steps per cell (a strategy's: pairs with the plain step), at least
     warmup = 1                          # untimed steps first
+    timing_cap_s = 8                    # more pairs, until the overhead's interval is narrow, for at most this long
     continue_after_oom = false          # after an OOM, still try larger batches of the series
 
     [model]
@@ -36,6 +37,7 @@ from bpmem.strategies import registry
 from bpmem.strategies.base import ONE_DEVICE
 from bpmem.strategies.checkpoint_selective import POLICIES
 from bpmem.strategies.registry import STRATEGIES, make_step
+from bpmem.timing_pairs import MAX_TIMED_SECONDS
 
 Grid = tuple[tuple[str, tuple[Any, ...]], ...]  # a [model] table: (key, values) pairs, a grid
 MLP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec))
@@ -44,7 +46,7 @@ USER_MODEL_KEYS: tuple[str, ...] = ("factory", "data", "kwargs", "input", "targe
 STEP_KEYS: tuple[str, ...] = ("optimizer", "weight_decay", "optimizer_impl", "amp")  # how the step is run
 MODEL_KEYS: tuple[str, ...] = MLP_KEYS + STEP_KEYS + USER_MODEL_KEYS
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
-                             "warmup", "continue_after_oom", "timeout_s", "threads", "model")
+                             "warmup", "timing_cap_s", "continue_after_oom", "timeout_s", "threads", "model")
 
 # bpmem's default sweep (what `bpmem run` runs without --config), shipped beside this module
 DEFAULT_CONFIG_TOML = (Path(__file__).parent / "default_sweep.toml").read_text()
@@ -102,6 +104,9 @@ class SweepConfig:
     strategies: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = (("none", ()),)
     repeats: int = 3
     warmup: int = 1
+    # seconds of timed steps a strategy's cell may spend on pairs beyond ``repeats``, to narrow
+    # its overhead's interval (bpmem.timing_pairs); 0 times exactly ``repeats`` pairs
+    timing_cap_s: float = MAX_TIMED_SECONDS
     continue_after_oom: bool = False
     timeout_s: int = 300  # a distributed cell (torchrun) that runs longer is killed: status error
     threads: int | None = None  # torch's intra-op threads for every cell (None: torch's default), recorded per row
@@ -297,6 +302,12 @@ def _count(key: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise ConfigError(key, f"{value!r} is not allowed; allowed: a number of seconds >= 0")
+    return float(value)
+
+
 def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConfig:
     """Validate a parsed TOML document into a SweepConfig."""
     for key in data:
@@ -318,6 +329,7 @@ def parse_config(data: dict[str, Any], default_name: str = "sweep") -> SweepConf
         strategies=_strategies(data.get("strategies", ["none"])),
         repeats=_count("repeats", data.get("repeats", 3), 1),
         warmup=_count("warmup", data.get("warmup", 1), 0),
+        timing_cap_s=_seconds("timing_cap_s", data.get("timing_cap_s", MAX_TIMED_SECONDS)),
         continue_after_oom=flag,
         timeout_s=_count("timeout_s", data.get("timeout_s", 300), 1),
         threads=_count("threads", data["threads"], 1) if "threads" in data else None,

@@ -38,7 +38,7 @@ from bpmem.step import hvp_step, inference_step, make_optimizer, train_step
 from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.checkpointing import Strategy
 from bpmem.timing import plain_columns, time_samples
-from bpmem.timing_pairs import Paired, paired_columns, time_pairs
+from bpmem.timing_pairs import MAX_TIMED_SECONDS, Paired, paired_columns, time_pairs
 from bpmem.torch_private import cuda_history, data_dependent_errors, fake_tensor_mode
 from bpmem.workload import Workload
 
@@ -314,21 +314,22 @@ def _step_runner(spec: MLPSpec | Workload, step: StepSpec, device: str, seed: in
 
 
 def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: int, repeats: int,
-               seed: int = 0) -> dict[str, Any]:
+               seed: int = 0, max_seconds: float = MAX_TIMED_SECONDS) -> dict[str, Any]:
     """A row's time columns (``bpmem.timing``), from steps without probes on fresh models.
 
     The plain step is timed alone: warm-up, then ``repeats`` steps. A strategy's step is timed
     in pairs with the plain step of the same model, batch, optimizer and mode, each on its own
     model, in this process (``bpmem.timing_pairs.time_pairs``); where the plain step does not
     fit beside it (out of memory: a strategy may be there to fit where the plain step does
-    not), the strategy's step is timed alone and the row has no paired overhead. The CPU-time
+    not), the strategy's step is timed alone and the row has no paired overhead. Pairs go on
+    past ``repeats`` for at most ``max_seconds`` of timed steps (the sweep's ``timing_cap_s``). The CPU-time
     rule for contention applies to CPU steps only. On CUDA each timed step is bracketed by
     ``torch.cuda.synchronize`` so the clock sees the kernels, not just their launch.
     """
     judge_cpu = torch.device(device).type == "cpu"  # a CUDA step's CPU waits on the GPU: no rule
     run = _step_runner(spec, step, device, seed)
     if not isinstance(step.strategy, NoStrategy):
-        paired = _time_paired(spec, step, device, warmup, repeats, seed, run)
+        paired = _time_paired(spec, step, device, warmup, repeats, seed, run, max_seconds)
         if paired is not None:
             return paired_columns(paired, judge_cpu)
         gc.collect()  # the plain twin's model and optimizer state, before the strategy is timed alone
@@ -338,11 +339,11 @@ def time_steps(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: in
 
 
 def _time_paired(spec: MLPSpec | Workload, step: StepSpec, device: str, warmup: int, repeats: int, seed: int,
-                 run: Callable[[], None]) -> Paired | None:
+                 run: Callable[[], None], max_seconds: float) -> Paired | None:
     """``time_pairs`` of the plain twin and ``run``; None when that runs out of memory."""
     try:
         plain = _step_runner(spec, step.replace(strategy=NoStrategy()), device, seed)
-        return time_pairs(plain, run, warmup, repeats, [device])
+        return time_pairs(plain, run, warmup, repeats, [device], max_seconds=max_seconds)
     except Exception as error:  # noqa: BLE001 - out of memory falls back to timing alone; the rest is raised
         if not is_out_of_memory(error):
             raise

@@ -103,7 +103,8 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig, 
     try:
         measured = measure(cell.spec, cell.step, device=cell.device, trace=trace and cell.step.mode == "train")
         # the plain step alone; a strategy's in pairs with the plain step (bpmem.timing_pairs)
-        times = time_steps(cell.spec, cell.step, cell.device, config.warmup, config.repeats)
+        times = time_steps(cell.spec, cell.step, cell.device, config.warmup, config.repeats,
+                           max_seconds=config.timing_cap_s)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
         row.update(status="oom" if is_out_of_memory(error) else "error", error=one_line(error))
         release_memory(cell.device)

@@ -227,13 +227,14 @@ def test_time_steps_pairs_a_strategy_with_its_plain_twin(monkeypatch: pytest.Mon
     seen: list[Any] = []
     real = bpmem.measure_cell.time_pairs
 
-    def spy(plain: Any, strategy: Any, warmup: int, repeats: int, devices: Any = ()) -> Paired:
-        seen.append((warmup, repeats, list(devices)))
+    def spy(plain: Any, strategy: Any, warmup: int, repeats: int, devices: Any = (),
+            max_seconds: float = MAX_TIMED_SECONDS) -> Paired:
+        seen.append((warmup, repeats, list(devices), max_seconds))
         return real(plain, strategy, warmup, repeats, devices, max_pairs=6)
 
     monkeypatch.setattr(bpmem.measure_cell, "time_pairs", spy)
     columns = bpmem.measure_cell.time_steps(spec, step, "cpu", warmup=0, repeats=1)
-    assert seen == [(0, 1, ["cpu"])] and columns["time_pairs"] == 6
+    assert seen == [(0, 1, ["cpu"], MAX_TIMED_SECONDS)] and columns["time_pairs"] == 6
     assert columns["time_overhead_low"] <= columns["time_overhead"] <= columns["time_overhead_high"]
     assert columns["time_contended"] in (True, False) and columns["step_cpu_time_median_s"] >= 0
     from bpmem.strategies.base import NoStrategy
@@ -241,6 +242,24 @@ def test_time_steps_pairs_a_strategy_with_its_plain_twin(monkeypatch: pytest.Mon
     plain = bpmem.measure_cell.time_steps(spec, step.replace(strategy=NoStrategy()), "cpu", warmup=0, repeats=2)
     assert len(seen) == 1 and "time_overhead" not in plain  # the plain step is timed alone
     assert plain["time_contended"] in (True, False) and plain["step_time_median_s"] > 0
+
+
+def test_a_timing_cap_of_zero_times_exactly_the_sweeps_repeats() -> None:
+    """``timing_cap_s = 0`` in a config: no pairs beyond ``repeats``, however wide the interval."""
+    import bpmem.measure_cell
+
+    spec, step = _tiny()
+    columns = bpmem.measure_cell.time_steps(spec, step, "cpu", warmup=0, repeats=2, max_seconds=0)
+    assert columns["time_pairs"] == 2
+
+
+@pytest.mark.parametrize("value", [-1, "soon", True, float("inf")])
+def test_a_bad_timing_cap_names_the_key(value: Any) -> None:
+    from bpmem.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"timing_cap_s: .* allowed: a number of seconds >= 0"):
+        parse_config({"timing_cap_s": value})
+    assert parse_config({"timing_cap_s": 0}).timing_cap_s == 0
 
 
 def test_a_plain_twin_out_of_memory_times_the_strategy_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,10 +14,15 @@ Every failure to load is a ``UserModelError`` naming the flag: one line, exit 2.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
+import sys
+import sysconfig
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "none")
@@ -30,6 +35,19 @@ class UserModelError(ValueError):
     def __init__(self, flag: str, message: str) -> None:
         self.flag = flag
         super().__init__(f"{flag}: {message}")
+
+
+class UserCodeError(UserModelError):
+    """The factory or the data function raised: the message says what and where, and the
+    original exception is the cause, so ``BPMEM_DEBUG=1`` shows its traceback."""
+
+    def __init__(self, flag: str, name: str, error: BaseException, allowed: str) -> None:
+        # the frame that called the user's code is the traceback's first: skip it, so an
+        # error in the call itself (a wrong keyword) has no place in the user's files
+        frames = list(traceback.walk_tb(error.__traceback__))[1:]
+        where = _place(frames, [True] * len(frames))
+        self.located = bool(where)
+        super().__init__(flag, f"{name} raised {_what(error)}" + (f" at {where}" if where else f"; {allowed}"))
 
 
 def load_callable(text: str, flag: str) -> Any:
@@ -172,12 +190,12 @@ class UserModel:
     def _construct(self) -> Any:
         from torch import nn
 
+        factory = load_callable(self.factory, "--model")
         try:
-            model = load_callable(self.factory, "--model")(**json.loads(self.kwargs_json))
-        except UserModelError:
-            raise
+            model = factory(**json.loads(self.kwargs_json))
         except Exception as error:  # noqa: BLE001 - the factory is the user's code
-            raise UserModelError("--model", f"{self.factory} raised {type(error).__name__}: {error}") from None
+            raise UserCodeError("--model", self.factory, error, "allowed: the keyword arguments FACTORY takes, in "
+                                                                "--model-kwargs") from error
         if not isinstance(model, nn.Module):
             raise UserModelError("--model", f"{self.factory} returned {type(model).__name__}; allowed: an nn.Module")
         return model
@@ -192,12 +210,12 @@ class UserModel:
             target = self.target.make(batch_size, device, generator) if self.target is not None else None
             return inputs, target
         torch.manual_seed(seed)
+        data = load_callable(self.data, "--data")
         try:
-            batch = load_callable(self.data, "--data")(batch_size, torch.device(device))
-        except UserModelError:
-            raise
+            batch = data(batch_size, torch.device(device))
         except Exception as error:  # noqa: BLE001 - the data function is the user's code
-            raise UserModelError("--data", f"{self.data} raised {type(error).__name__}: {error}") from None
+            raise UserCodeError("--data", self.data, error, "allowed: FUNC(batch_size, device) returning "
+                                                            "(inputs, target)") from error
         return self._checked_batch(batch)
 
     def _checked_batch(self, batch: Any) -> tuple[Any, Any]:
@@ -222,8 +240,12 @@ class UserModel:
         return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
     def data_loss(self, output: Any, target: Any) -> Any:
+        import torch
         from torch import nn
 
+        if not isinstance(output, torch.Tensor):  # e.g. a transformers ModelOutput, or a tuple
+            raise UserModelError("--model", f"{self.factory}'s forward returned {type(output).__name__}; allowed: "
+                                            "a tensor (the logits, or with --loss none the scalar loss)")
         if self.loss == "none":
             if output.dim() != 0:
                 raise UserModelError("--loss", f"none needs the model to return a scalar loss; it returned shape "
@@ -278,3 +300,98 @@ def as_fake_on(model: Any, device: Any) -> Any:
         for name, buffer in list(module.named_buffers(recurse=False)):
             setattr(module, name, like(buffer))
     return model
+
+
+# -- which code raised: the user's, or bpmem's (read off the traceback: no call site wraps) ----
+# From the outermost frame in, frames are bpmem's until bpmem calls the user's files or a
+# model (what nn.Module.__call__ runs, e.g. torch's BatchNorm1d in the user's Sequential); a
+# later bpmem frame (a probe's hook) takes them back. torch, the stdlib and other packages act
+# for their caller; bpmem's dispatch modes pass each op on, so an op failing under one is its
+# caller's. bpmem.models, the zoo, runs as a user's model would.
+
+_PACKAGE = Path(__file__).resolve().parent
+_PASS_ON = frozenset({"__torch_dispatch__", "__torch_function__"})
+
+
+@functools.lru_cache(maxsize=1024)
+def _kind(filename: str) -> str:
+    """"bpmem", "torch", "stdlib", "package" (another installed package) or "user"."""
+    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
+        return "stdlib"
+    path = Path(filename).resolve()
+    if path.is_relative_to(_PACKAGE / "models"):
+        return "user"
+    if path.is_relative_to(_PACKAGE):
+        return "bpmem"
+    torch = sys.modules.get("torch")
+    if torch is not None and path.is_relative_to(Path(torch.__file__).resolve().parent):
+        return "torch"
+    if {"site-packages", "dist-packages"} & set(path.parts):
+        return "package"
+    return "stdlib" if path.is_relative_to(Path(sysconfig.get_paths()["stdlib"]).resolve()) else "user"
+
+
+def _what(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def _shown(filename: str) -> str:
+    """A path as short as it can be and still found: relative to here, or to site-packages."""
+    path, parts = Path(filename), Path(filename).parts
+    marker = next((m for m in ("site-packages", "dist-packages") if m in parts), None)
+    if marker:
+        return str(Path(*parts[parts.index(marker) + 1:]))
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else filename
+
+
+def _place(frames: list[tuple[Any, int]], users: list[bool]) -> str:
+    """The innermost of the user's frames worth naming: one in the user's own files, else in
+    an installed package the model runs (transformers), else a module's forward in torch
+    (the user's BatchNorm1d); "" when there is none."""
+    mine = [(frame, line) for (frame, line), user in zip(frames, users, strict=True) if user]
+    for wanted in ("user", "package"):
+        found = [(f, n) for f, n in mine if _kind(f.f_code.co_filename) == wanted]
+        if found:
+            frame, line = found[-1]
+            return f"{_shown(frame.f_code.co_filename)}:{line} in {frame.f_code.co_qualname}"
+    for frame, line in reversed(mine):
+        module = frame.f_locals.get("self") if frame.f_code.co_name == "forward" else None
+        if module is not None and hasattr(module, "named_modules"):  # an nn.Module
+            return f"{_shown(frame.f_code.co_filename)}:{line} in {type(module).__name__}.forward"
+    return ""
+
+
+def raised_by_bpmem(error: BaseException) -> bool:
+    """Whether bpmem's own code (not torch's, the user's or a package's) raised ``error``."""
+    frames = list(traceback.walk_tb(error.__traceback__))
+    return bool(frames) and _kind(frames[-1][0].f_code.co_filename) == "bpmem"
+
+
+def user_code_error(error: BaseException, factory: str, loss: str) -> str | None:
+    """One line for an exception that the user's model, or torch's --loss on the model's
+    output and target, raised: what and where (for the CLI's error and a sweep row's). None
+    when bpmem raised it: a bug."""
+    frames = list(traceback.walk_tb(error.__traceback__))
+    owner, by_module, users, shapes = "bpmem", False, [], ""
+    for index, (frame, _) in enumerate(frames):
+        code, innermost = frame.f_code, index == len(frames) - 1
+        kind = _kind(code.co_filename)
+        if kind == "user" or (by_module and kind != "bpmem"):
+            owner = "model"
+        elif kind == "bpmem" and (innermost or code.co_name not in _PASS_ON):
+            # torch's loss on the user's output and target fails on their shapes, not bpmem's
+            in_loss = code.co_name == "data_loss" and code.co_filename == __file__ and not innermost
+            owner = "loss" if in_loss else "bpmem"
+            shapes = " and ".join(f"{name} of shape {tuple(value.shape)}" for name in ("output", "target")
+                               if hasattr(value := frame.f_locals.get(name), "shape"))
+        users.append(owner == "model")
+        by_module = kind == "torch" and code.co_name == "_call_impl"  # nn.Module.__call__ runs a forward
+    if owner == "loss":
+        return (f"--loss: {loss} raised {_what(error)} on the model's {shapes or 'output and target'}; allowed: an "
+                "output and target that it takes (cross_entropy: logits (..., C) and integer targets (...); mse: "
+                "equal shapes), or --loss none with a model that returns its loss")
+    where = _place(frames, users) if owner == "model" else ""
+    if owner == "bpmem":
+        return None
+    return f"--model: {factory} raised {_what(error)}" + (f" at {where}" if where else "")

@@ -281,3 +281,34 @@ def test_measure_model_parallel_reports_each_stage(capsys):
     assert [stage["rank"] for stage in data["ranks"]] == [0, 1]
     assert sum(stage["params_bytes"] for stage in data["ranks"]) == predicted["params_bytes"]
     assert sum(stage["saved_activation_bytes"] for stage in data["ranks"]) == predicted["saved_activation_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --json is strict JSON: no NaN or Infinity, which JSON has not got (null instead)
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("argv", [
+    ["estimate"], ["estimate", "--amp", "bfloat16"],
+    ["estimate", "--model", "tests.fixtures.user_models:small_mlp", "--input", "float32[B,20]", "--target",
+     "int64[B]<5"],
+    ["measure", "--batch-size", "4"], ["fit", "--memory", "64KiB"],
+], ids=["estimate", "estimate-amp", "estimate-model", "measure", "fit"])
+def test_json_output_is_strict(capsys, argv):
+    code, out, err = _run(capsys, [*argv, "--json"])
+    assert code == 0, err
+    document = _strict_json(out)
+    if "--amp" in argv or "--model" in argv:  # a step on fake tensors has no loss to report: null, not NaN
+        assert "loss" in document and document["loss"] is None
+
+
+def test_print_json_writes_null_for_every_non_finite_number(capsys):
+    from bpmem.cli.options import print_json
+
+    print_json({"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": (2, float("nan"))})
+    assert _strict_json(capsys.readouterr().out) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2, None]}

@@ -11,6 +11,8 @@ traceback; an unexpected one is exit status 3 (``run``).
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,8 @@ from bpmem.cli.options import FIGURES_HELP, RUN_HELP, Parser, add_model_flags, f
 from bpmem.cli.run_commands import cmd_check, cmd_graph, cmd_report, cmd_run
 from bpmem.figures import ALIASES as FIGURE_ALIASES
 from bpmem.spec import InfeasibleBudget, SpecError
-from bpmem.user_model import UserModelError
+from bpmem.strategies import registry
+from bpmem.user_model import UserCodeError, UserModelError, user_code_error
 
 __all__ = ["build_parser", "main", "run", "add_model_flags"]
 
@@ -142,30 +145,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.prog = f"bpmem {args.command}"
     if args.command == "measure" and not (args.device == "cpu" or args.device.startswith("cuda")):
         return fail(args.prog, f"argument --device: {args.device!r} is not allowed; allowed: cpu, cuda, cuda:N")
+    # torch logs a fake kernel's failure with its traceback, which bpmem says in one line itself
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    if not os.environ.get("BPMEM_DEBUG"):
+        quiet.addFilter(_no_records)
     try:
         return args.func(args)
     except UserModelError as error:
+        if isinstance(error, UserCodeError):  # the factory or the data function raised
+            if os.environ.get("BPMEM_DEBUG"):
+                raise
+            return fail(args.prog, f"argument {error}{YOUR_CODE if error.located else DEBUG}")
         return fail(args.prog, f"argument {error}")
     except SpecError as error:
-        return fail(args.prog, f"argument --{error.field.replace('_', '-')}: {error.value!r} is not allowed; "
-                                f"allowed: {error.allowed}")
+        flag = f"--{error.field.replace('_', '-')}"
+        takers = [name for name in registry.STRATEGIES if error.field in registry.parameters(name)]
+        if error.allowed.startswith("not a parameter of") and takers:  # a strategy's flag given to another
+            return fail(args.prog, f"argument {flag}: {error.allowed}; allowed: {flag} with --strategy "
+                                    f"{', '.join(takers)}")
+        return fail(args.prog, f"argument {flag}: {error.value!r} is not allowed; allowed: {error.allowed}")
     except InfeasibleBudget as error:
         return fail_field(args.prog, error)
-    except OSError as error:  # a folder that cannot be written, a disk that is full
-        if error.filename is None:
-            raise
-        return fail(args.prog, f"cannot write {error.filename}: {error.strerror}; allowed: a folder you can "
-                                "write to (--out, DIR)")
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # noqa: BLE001 - the user's model raised, or bpmem did (run says so)
+        message = _user_code(args, error)
+        if message is not None and not os.environ.get("BPMEM_DEBUG"):
+            return fail(args.prog, message)
+        if isinstance(error, OSError) and error.filename is not None and message is None:
+            # a folder that cannot be written, a disk that is full
+            return fail(args.prog, f"cannot write {error.filename}: {error.strerror}; allowed: a folder you can "
+                                    "write to (--out, DIR)")
+        raise
+    finally:
+        quiet.removeFilter(_no_records)
+
+
+YOUR_CODE = " (raised by your code, not by bpmem; BPMEM_DEBUG=1 shows the traceback)"
+DEBUG = " (BPMEM_DEBUG=1 shows the traceback)"
+
+
+BATCH_NORM = "Expected more than 1 value per channel when training"
+
+
+def _no_records(record: logging.LogRecord) -> bool:
+    return False
+
+
+def _user_code(args: argparse.Namespace, error: Exception) -> str | None:
+    """The line for an exception the user's model (or torch's loss on its output) raised,
+    None when bpmem raised it. With the MLP no code is the user's: everything is bpmem's."""
+    if getattr(args, "model", "mlp") == "mlp":
+        return None
+    message = user_code_error(error, args.model, args.loss)
+    if message is None:
+        return None
+    if BATCH_NORM in str(error):  # torch's words do not say why a batch had one row
+        message += ("; BatchNorm cannot train on one row, and bpmem fit's search starts at batch 1: allowed: bpmem "
+                    "estimate --batch-size B for each B >= 2" if args.command == "fit" else
+                    "; BatchNorm cannot train on one row per batch: allowed: --batch-size >= 2 (with --strategy "
+                    "microbatch, >= 2 rows per micro-batch: --batch-size / --microbatches), or --mode inference")
+    return f"argument {message}{YOUR_CODE if message.startswith('--model') else DEBUG}"
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The console entry (``bpmem``, ``python -m bpmem``): ``main``, but an unexpected
     exception is one line and exit status 3, never Python's 1, which ``bpmem check`` keeps
     for a regression. ``BPMEM_DEBUG=1`` shows the traceback."""
-    import os
-
     try:
         return main(argv)
     except BrokenPipeError:  # the reader left (`| head`): nothing more to say, and nothing to flush

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
-from bpmem.cli.options import describe, echo_config, fail, specs_from_args
-from bpmem.spec import MLPSpec
+from bpmem.cli.options import describe, echo_config, fail, field_message, print_json, specs_from_args
+from bpmem.spec import MLPSpec, StepSpec
 from bpmem.units import format_bytes, parse_bytes
 
 USER_MODEL_STRATEGIES = ("checkpoint-sqrt", "checkpoint-selective", "microbatch")
@@ -47,28 +46,57 @@ def _both(nbytes: int | None) -> str:
     return "—" if nbytes is None else f"{format_bytes(nbytes)} ({nbytes:,} B)"
 
 
+def _why_not(model: object, step: StepSpec, device_kind: str, error: str) -> str:
+    """The line for a step that ``fit`` could not size. ``fit`` keeps only the error's text,
+    which may be PyTorch's or the model's and name no flag: the first batch's estimate is run
+    again so that its exception, traceback and all, goes to bpmem.cli.main, which tells the
+    model's error from bpmem's check; a check's "field: why" becomes that field's flag."""
+    from bpmem.fit import predicted_peak
+
+    try:
+        predicted_peak(model, dataclasses.replace(step, batch_size=1), device_kind)
+    except ValueError as again:
+        if (message := field_message(again)) is None:
+            raise
+        return message
+    return error  # only a larger batch fails: the text is all there is
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from bpmem.environment import environment
     from bpmem.fit import fit
+    from bpmem.strategies import registry
+    from bpmem.strategies.base import ONE_DEVICE
 
     try:
         memory = parse_bytes(args.memory)
     except ValueError:
         return fail(args.prog, f"argument --memory: {args.memory!r} is not a size; allowed: bytes or a size with "
                                 "a unit, e.g. 80GiB")
+    if args.batch_size != StepSpec().batch_size:  # never ignored in silence: the search sets it
+        return fail(args.prog, f"argument --batch-size: bpmem fit searches the batch size itself (not "
+                                f"{args.batch_size}); allowed: leave it out, with --memory the budget")
     model, step = specs_from_args(args)
     if step.mode != "train":
         return fail(args.prog, f"argument --mode: fit sizes a training step; allowed: train (not {step.mode})")
+    if step.strategy.placement != ONE_DEVICE:  # its search starts at one row, which no split can share
+        return fail(args.prog, f"argument --strategy: bpmem fit searches the batch of one device's step, and "
+                                f"{step.strategy.name} splits it over {step.world_size} ranks; allowed: "
+                                f"{', '.join(registry.names(ONE_DEVICE))} (for the MLP, bpmem estimate --strategy "
+                                f"{step.strategy.name} --batch-size B gives each rank's figures at B)")
+    if step.amp != "none" and isinstance(model, MLPSpec) and model.dtype != "float32":  # as measure() refuses it
+        return fail(args.prog, f"argument --dtype: {model.dtype} parameters under --amp {step.amp}; autocast keeps "
+                                "float32 parameters and casts them itself; allowed: float32 with --amp")
     answers = fit(model, step, memory, _strategies(model, step), args.device_kind)
     first = answers[0]
     if first.error:
-        return fail(args.prog, first.error)
+        return fail(args.prog, _why_not(model, step, args.device_kind, first.error))
     if args.json:
-        print(json.dumps({"max_batch_size": first.max_batch_size, "peak_bytes": first.peak_bytes,
-                          "next_peak_bytes": first.next_peak_bytes, "memory_bytes": memory,
-                          "device_kind": args.device_kind, "cannot_see": CANNOT_SEE[args.device_kind],
-                          "strategies": [dataclasses.asdict(a) for a in answers],
-                          "config": echo_config(model, step), "environment": environment("cpu")}, indent=2))
+        print_json({"max_batch_size": first.max_batch_size, "peak_bytes": first.peak_bytes,
+                    "next_peak_bytes": first.next_peak_bytes, "memory_bytes": memory,
+                    "device_kind": args.device_kind, "cannot_see": CANNOT_SEE[args.device_kind],
+                    "strategies": [dataclasses.asdict(a) for a in answers],
+                    "config": echo_config(model, step), "environment": environment("cpu")})
         return 0
     print(f"bpmem fit: {describe(model, step)} in {format_bytes(memory)} ({args.device_kind})")
     print(f"  {'strategy':<22} {'largest batch':>14} {'peak there':>26} {'peak at the next batch':>26}")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from bpmem.cli.options import (
     describe,
     echo_config,
     fail,
-    fail_field,
+    field_message,
+    print_json,
     print_table,
     specs_from_args,
     trace_refusal,
@@ -28,6 +28,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from bpmem.estimate import estimate
 
     spec, step = specs_from_args(args)
+    if args.arithmetic and not isinstance(spec, MLPSpec):  # never a silent dry run where arithmetic was asked
+        return fail(args.prog, "argument --arithmetic: the arithmetic models the MLP only; allowed: --arithmetic "
+                                "without --model, or --model without --arithmetic (its step on fake tensors)")
+    if args.arithmetic and step.amp != "none":
+        return fail(args.prog, f"argument --arithmetic: the arithmetic replays full precision only, not --amp "
+                                f"{step.amp}; allowed: --amp none, or --amp without --arithmetic (a dry run on fake "
+                                "tensors)")
     if not isinstance(spec, MLPSpec) or step.amp != "none":
         # your own model, or mixed precision (which the arithmetic does not model yet): the
         # step on fake tensors, under the same probes
@@ -39,7 +46,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     est = estimate(spec, step) if args.arithmetic else estimate_exactly(spec, step)
     if args.json:
         out = {**est.to_dict(), "config": echo_config(spec, step), "environment": environment("cpu")}
-        print(json.dumps(out, indent=2))
+        print_json(out)
         return 0
     where = (f"dry run on fake tensors: in {est.peak_phase}" if est.peak_from_dry_run
              else f"exact replay: at {est.peak_op} in {est.peak_phase}" if est.peak_is_exact
@@ -73,12 +80,14 @@ def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> 
 
     try:
         ranks = [figures.to_dict() for figures in estimate_ranks(spec, step)]
-    except ValueError as error:
-        return fail_field(args.prog, error)
+    except ValueError as error:  # a strategy that cannot split this model says why, naming the field
+        if (message := field_message(error)) is None:
+            raise
+        return fail(args.prog, message)
     if args.json:
         per_rank = [{"rank": r, **figures} for r, figures in enumerate(ranks)]
-        print(json.dumps({**_most_per_device(ranks), "ranks": per_rank, "config": echo_config(spec, step),
-                          "environment": environment("cpu")}, indent=2))
+        print_json({**_most_per_device(ranks), "ranks": per_rank, "config": echo_config(spec, step),
+                    "environment": environment("cpu")})
         return 0
     print(f"bpmem estimate: {describe(spec, step)}, {step.strategy.name} over {step.world_size}")
     for rank, figures in enumerate(ranks):
@@ -123,6 +132,10 @@ def cmd_measure(args: argparse.Namespace) -> int:
         return _measure_split(args, spec, step, device)
     try:
         measured = measure(spec, step, device=device, rss=args.rss, trace=args.trace is not None)
+    except ValueError as error:  # a step measure cannot run says why, naming the field (--amp with --dtype)
+        if (message := field_message(error)) is None:
+            raise
+        return fail(args.prog, message)
     except Exception as error:  # an allocation that failed is the user's size, not a crash
         if not is_out_of_memory(error):
             raise
@@ -130,8 +143,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     result = {k: v for k, v in measured.to_dict().items() if k != "timeline"}
     write_trace(args, measured.trace)
     if args.json:
-        print(json.dumps({**result, "config": echo_config(spec, step, device), "environment": environment(device)},
-                         indent=2))
+        print_json({**result, "config": echo_config(spec, step, device), "environment": environment(device)})
         return 0
     rows = [(k.removesuffix("_bytes"), result[k], "") for k in (*FIGURE_NAMES, "rss_peak_bytes") if k in result]
     print_table(f"bpmem measure on {device}: {describe(spec, step)}", rows)
@@ -173,15 +185,17 @@ def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, devi
     try:
         stages = [stage.to_dict(drop_none=False)
                   for stage in step.strategy.measure_stages(spec, step, device, warmup=1, repeats=3)]
-    except ValueError as error:
-        return fail_field(args.prog, error)
+    except ValueError as error:  # a strategy that cannot split this model says why, naming the field
+        if (message := field_message(error)) is None:
+            raise
+        return fail(args.prog, message)
     except Exception as error:  # an allocation that failed is the user's size, not a crash
         if not is_out_of_memory(error):
             raise
         return fail(args.prog, _out_of_memory(spec, step, device, error))
     if args.json:
-        print(json.dumps({**_most_per_device(stages), "ranks": stages, "config": echo_config(spec, step, device),
-                          "environment": environment(device)}, indent=2))
+        print_json({**_most_per_device(stages), "ranks": stages, "config": echo_config(spec, step, device),
+                    "environment": environment(device)})
         return 0
     print(f"bpmem measure on {device}: {describe(spec, step)}, model-parallel over {step.world_size}")
     for stage in stages:

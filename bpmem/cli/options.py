@@ -4,6 +4,7 @@ per error (exit 2), IEC tables, the config echoed back in --json."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import textwrap
@@ -175,18 +176,31 @@ def specs_from_args(args: argparse.Namespace) -> tuple[Any, StepSpec]:
 
 def user_model_from_args(args: argparse.Namespace) -> Any:
     """The ``UserModel`` the --model flags name, or None for the MLP; ``UserModelError`` names a flag."""
+    from bpmem.user_model import TensorShape, UserModel, UserModelError
+
     values = vars(args)
     if values.get("model", "mlp") == "mlp":
         for flag in ("data", "input", "target", "blocks"):
             if values.get(flag):
                 raise SpecError(flag, values[flag], "only with --model MODULE:FACTORY")
         return None
-    from bpmem.user_model import TensorShape, UserModel
-
+    mlp = MLPSpec()
+    for name in MLP_ONLY:  # the MLP's flags mean nothing to the user's factory: never ignore them silently
+        if values.get(name, getattr(mlp, name)) != getattr(mlp, name):
+            flag = ("--bias" if values[name] else "--no-bias") if name == "bias" else f"--{name.replace('_', '-')}"
+            what, allowed = (("adds the MLP's regulariser only", "--weight-decay, or the term in your model's own "
+                              "loss (--loss none)") if name == "l2" else
+                             ("shapes the MLP only", "the factory's keyword arguments, in --model-kwargs"))
+            raise UserModelError(flag, f"{what}, and {values['model']} builds its own model; allowed with --model: "
+                                       f"{allowed}")
     return UserModel(values["model"], values["model_kwargs"], values.get("data"),
                      tuple(TensorShape.parse(text, "--input") for text in values.get("input") or ()),
                      TensorShape.parse(values["target"], "--target") if values.get("target") else None,
                      values["loss"], values.get("blocks"))
+
+
+# the MLP's shape flags (not --loss, which a user model has too): refused with --model
+MLP_ONLY: tuple[str, ...] = ("input_dim", "hidden_dim", "output_dim", "depth", "bias", "activation", "dtype", "l2")
 
 
 def echo_config(spec: MLPSpec, step: StepSpec, device: str | None = None) -> dict[str, Any]:
@@ -219,10 +233,44 @@ def fail(prog: str, message: str) -> int:
     return 2
 
 
+# the fields a bpmem check's ValueError may name ("field: why; allowed: ..."): the specs', the
+# strategies' parameters, and the flags a strategy's check of a model names
+_FLAG_FIELDS = frozenset({*(f.name for f in (*fields(MLPSpec), *fields(StepSpec))), *registry.parameters(),
+                          "model", "device", "world_size", "data", "blocks"})
+
+
+def field_message(error: ValueError) -> str | None:
+    """A bpmem check's "field: why; allowed: ..." as an error on that field's flag; None for
+    any other ValueError (PyTorch's, the user's), whose text names no flag and must not be
+    cut at its first ": " as if it did."""
+    from bpmem.user_model import raised_by_bpmem
+
+    field, sep, rest = str(error).partition(": ")
+    if not sep or field not in _FLAG_FIELDS or not raised_by_bpmem(error):
+        return None
+    return f"argument --{field.replace('_', '-')}: {rest}"
+
+
 def fail_field(prog: str, error: ValueError) -> int:
-    """A strategy check's "field: why; allowed: ..." as an error on that field's flag."""
-    field, _, rest = str(error).partition(": ")
-    return fail(prog, f"argument --{field.replace('_', '-')}: {rest}")
+    """``field_message``'s line, exit 2; only for an error known to be bpmem's field error."""
+    message = field_message(error)
+    return fail(prog, message if message is not None else str(error))
+
+
+def print_json(document: dict[str, Any]) -> None:
+    """Strict JSON on stdout: a figure that is not a finite number (the loss of an estimate,
+    NaN; a ratio with nothing to divide) is null, never Python's NaN or Infinity, which
+    JSON has not got and strict parsers refuse."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    print(json.dumps(finite(document), indent=2, allow_nan=False))
 
 
 def trace_refusal(args: argparse.Namespace, step: StepSpec) -> str:

@@ -41,7 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = args.out or _latest_run(Path("reports"), config.name)
         if out is None or not (out / "run.json").exists():
             where = str(args.out) if args.out else f"reports/{config.name}-*"
-            return fail(args.prog, f"argument --resume: no earlier run of {config.name!r} in {where}")
+            return fail(args.prog, f"argument --resume: no earlier run of {config.name!r} in {where}; allowed: "
+                                    "--out DIR of a run this --config started")
         run_info = json.loads((out / "run.json").read_text())
         if run_info.get("config") != json.loads(json.dumps(config.to_dict())):
             return fail(args.prog, f"argument --resume: {out} was made by another config; pass the same --config")
@@ -134,6 +135,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(args.directory) > 1 and args.out is None:
         return fail(args.prog, "argument --out: several run folders are merged into one; allowed: --out MERGED, "
                                 "a new folder for the merged results.csv and report")
+    if len(args.directory) == 1 and args.out is not None:  # never a report drawn elsewhere than asked
+        return fail(args.prog, f"argument --out: only with several DIRs, merged into MERGED; one DIR's report is "
+                                f"drawn in {args.directory[0]} itself; allowed: bpmem report DIR, or bpmem report "
+                                "DIR DIR... --out MERGED")
     directory = args.out if len(args.directory) > 1 else args.directory[0]
     try:
         if len(args.directory) > 1:
@@ -194,12 +199,31 @@ def _check_predicted(args: argparse.Namespace, rules: list[Rule]) -> int:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     from bpmem.graph import write_graph
-    from bpmem.spec import MLPSpec
+    from bpmem.spec import StepSpec
+    from bpmem.strategies import registry
+    from bpmem.strategies.base import ONE_DEVICE
 
+    if args.model != "mlp":
+        return fail(args.prog, f"argument --model: bpmem graph draws only the MLP (the seed's network, shaped by "
+                                f"--depth, --hidden-dim and the other model flags), not {args.model}; allowed: "
+                                "--model mlp (the default)")
+    unused = [name for name in ("optimizer", "optimizer_impl", "weight_decay")
+              if getattr(args, name) != getattr(StepSpec(), name)]
+    if unused:  # never ignored in silence: the drawing would be the same
+        flag = f"--{unused[0].replace('_', '-')}"
+        return fail(args.prog, f"argument {flag}: bpmem graph draws the forward and backward graph, in which the "
+                                f"optimizer has no part; allowed: leave {flag} out (bpmem estimate counts the "
+                                "optimizer's state)")
     spec, step = specs_from_args(args)
-    if not isinstance(spec, MLPSpec) or step.strategy.placement != "one-device" or step.strategy.compiles:
-        return fail(args.prog, f"argument --strategy: bpmem graph draws the MLP under a single-device strategy; "
-                                f"{step.strategy.name} is not one; allowed: none, checkpoint-*, microbatch")
+    drawn = [name for name in registry.names(ONE_DEVICE) if not registry.REGISTRY[name].compiles]
+    if step.strategy.name not in drawn:
+        why = ("compiles the step, whose graph the compiler rewrites" if step.strategy.compiles
+               else f"splits the step over {step.world_size} ranks")
+        return fail(args.prog, f"argument --strategy: bpmem graph draws one device's eager autograd graph, and "
+                                f"{step.strategy.name} {why}; allowed: {', '.join(drawn)}")
+    if step.amp != "none":
+        return fail(args.prog, f"argument --amp: bpmem graph draws the full-precision step, not {step.amp} "
+                                "autocast's; allowed: none")
     path = write_graph(spec, step, args.out)
     print(f"bpmem graph: wrote {path}")
     return 0

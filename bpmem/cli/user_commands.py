@@ -8,10 +8,9 @@ agree by construction wherever the fake kernels return what the real ones do.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from bpmem.cli.options import describe, echo_config, fail, fail_field, print_table, write_trace
+from bpmem.cli.options import describe, echo_config, fail, field_message, print_json, print_table, write_trace
 from bpmem.figures import FIGURE_NAMES
 from bpmem.spec import StepSpec
 from bpmem.strategies.base import SplitConfig
@@ -28,12 +27,14 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
     try:
         measured = measure(workload, step, device=device, rss=getattr(args, "rss", False) and not fake, fake=fake,
                            trace=getattr(args, "trace", None) is not None and not fake)
-    except UserModelError as error:
-        return fail(args.prog, f"argument {error}")
+    except UserModelError:
+        raise  # bpmem.cli.main says it, with the user's traceback under BPMEM_DEBUG=1
     except DataDependentModel as error:
         return fail(args.prog, str(error))
     except ValueError as error:  # a strategy that cannot apply to this model says why, naming the field
-        return fail_field(args.prog, error)
+        if (message := field_message(error)) is None:
+            raise  # not bpmem's check: the model's own error, which bpmem.cli.main says as one
+        return fail(args.prog, message)
     except RuntimeError as error:  # a missing double backward is measure's ValueError, above
         if not is_out_of_memory(error):
             raise
@@ -43,8 +44,8 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
     write_trace(args, measured.trace)
     if args.json:
         how = "estimate: fake tensors, no data" if fake else f"measure on {device}"
-        print(json.dumps({**figures, "how": how, "config": echo_config(workload, step, device),
-                          "environment": environment(device)}, indent=2))
+        print_json({**figures, "how": how, "config": echo_config(workload, step, device),
+                    "environment": environment(device)})
         return 0
     verb = "estimate (fake tensors: no data, no memory)" if fake else f"measure on {device}"
     print_table(f"bpmem {verb}: {describe(workload, step)}",
@@ -62,10 +63,12 @@ def _split_step(args: argparse.Namespace, workload: Any, step: StepSpec, fake: b
 
     try:
         step.strategy.check(workload, step)
-    except UserModelError as error:
-        return fail(args.prog, f"argument {error}")
+    except UserModelError:
+        raise  # bpmem.cli.main says it
     except ValueError as error:
-        return fail_field(args.prog, error)
+        if (message := field_message(error)) is None:
+            raise
+        return fail(args.prog, message)
     name = step.strategy.name
     why = ("bpmem has no per-rank estimate of your own model (no arithmetic of it)" if fake
            else "it runs one process per rank")

@@ -3,6 +3,9 @@
 One row per measured cell (and rank). Rows are appended and flushed, then fsync'd, as each
 cell finishes, each as a single write, so an interrupted sweep leaves a valid file. A line
 cut short by a hard kill (no trailing newline) is dropped when the file is next opened.
+
+``normal_value`` says what a value may be. The reader hands on its normalised text (a file that
+pandas or a spreadsheet rewrote reads as bpmem wrote it); the writer checks each value with it.
 """
 
 from __future__ import annotations
@@ -82,10 +85,19 @@ class ResultsWriter:
         os.fsync(self._handle.fileno())
 
     def write(self, row: Mapping[str, Any]) -> None:
+        """Check every value of ``row`` as the reader does, then append it. A value the reader refuses
+        raises ResultsWriteError before any of the row is written: the rows before it stay readable."""
         unknown = set(row) - set(self.header)
         if unknown:
             raise KeyError(f"not a results.csv column: {sorted(unknown)}")
-        self._write_line(_cell_text(row.get(column)) for column in self.header)
+        texts = []
+        for column in self.header:
+            try:
+                texts.append(normal_value(column, _cell_text(row.get(column))))
+            except BadValue as error:
+                raise ResultsWriteError(f"{self.path}: cell {row.get('cell_id')!r}: {error}; the row was not written "
+                                        "(a bug in bpmem: the rows before it are in the file)") from None
+        self._write_line(texts)
 
     def close(self) -> None:
         self._handle.close()
@@ -103,7 +115,7 @@ def _cell_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return repr(value)
+        return repr(float(value))  # numpy's float64 is a float whose repr is "np.float64(1.5)"
     return str(value)
 
 
@@ -112,16 +124,27 @@ class ResultsFileError(ValueError):
     the column, and says what was expected (``bpmem check`` and ``report`` exit 2)."""
 
 
+class ResultsWriteError(RuntimeError):
+    """A value bpmem was about to write that its own reader refuses: a bpmem bug (the CLI exits 3)."""
+
+
+class BadValue(ValueError):
+    """One value that results.csv does not allow; the message is ``COLUMN is 'VALUE'; allowed: ...``."""
+
+
 # every results.csv has these; the rest are checked where they are present
 REQUIRED_COLUMNS: tuple[str, ...] = ("cell_id", "status")
 INTEGER_COLUMNS: tuple[str, ...] = ("world_size", "rank", "repeats", "warmup", "batch_size", "depth", "input_dim",
-                                    "hidden_dim", "output_dim")
+                                    "hidden_dim", "output_dim", "threads", "time_pairs")
+# true or false in any case: bpmem writes true/false, pandas True/False, spreadsheets TRUE/FALSE
+BOOLEAN_COLUMNS: tuple[str, ...] = ("bias", "time_noisy", "time_contended")
 # text columns that label every row: a row without them cannot be placed in a table or plot
 NON_EMPTY_COLUMNS: tuple[str, ...] = ("cell_id", "device", "mode", "strategy", "activation", "dtype", "loss",
                                       "optimizer", "bias", "batch_size", "depth", "input_dim", "hidden_dim",
                                       "output_dim", "world_size", "rank")
 FLOAT_COLUMNS: tuple[str, ...] = ("l2", "weight_decay", "bubble_fraction", "equivalence_max_rel_err",
-                                  "step_time_median_s", "step_time_iqr_s")
+                                  "step_time_median_s", "step_time_iqr_s", "step_cpu_time_median_s", "time_overhead",
+                                  "time_overhead_low", "time_overhead_high")
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -129,7 +152,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from bpmem.strategies.registry import STRATEGIES
 
     return {"mode": MODES, "strategy": STRATEGIES, "activation": ACTIVATIONS, "dtype": tuple(DTYPES),
-            "loss": (*LOSSES, "none"), "optimizer": OPTIMIZERS, "bias": ("true", "false")}
+            "loss": (*LOSSES, "none"), "optimizer": OPTIMIZERS}
 
 
 # what every ok row of `bpmem run` holds, whatever the strategy
@@ -148,8 +171,15 @@ def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
     """The rows of a results.csv, checked before anyone trusts them: a header with
     ``required``, as many fields in every row as in the header, quotes closed, a known
     ``status``, integers in the byte and count columns, and each (cell_id, rank) once.
-    Raises ResultsFileError naming the first problem."""
-    path = Path(path)
+    Every value is as bpmem writes it (``normal_value``: ``true``, ``269316``, empty), also
+    where pandas or a spreadsheet wrote ``TRUE``, ``269316.0`` or ``NaN``. Raises
+    ResultsFileError naming the first problem."""
+    return _checked(Path(path), required, ok_needs)[1]
+
+
+def _checked(path: Path, required: tuple[str, ...], ok_needs: tuple[str, ...]
+             ) -> tuple[list[str], list[dict[str, str]]]:
+    """``load_rows``, with the header (which a file of no rows still has)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -173,8 +203,7 @@ def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
             continue
         if len(fields) != len(header):
             raise ResultsFileError(f"{path}, line {number}: {len(fields)} fields, the header has {len(header)}")
-        row = dict(zip(header, fields, strict=True))
-        _check_row(path, number, row)
+        row = _check_row(path, number, dict(zip(header, fields, strict=True)))
         for column in ok_needs:
             # a split cell's stages that share one device share one peak, on the first one's row
             shared_peak = column == "peak_bytes" and row.get("world_size", "1").strip() not in ("", "1")
@@ -187,7 +216,7 @@ def load_rows(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
                                    f"{seen[key]}; allowed: each (cell_id, rank) once")
         seen[key] = number
         rows.append(row)
-    return rows
+    return header, rows
 
 
 # the MLP's own columns: empty on the rows of a user's model (its `model` column names it)
@@ -204,27 +233,72 @@ def model_columns(spec: Any) -> dict[str, Any]:
             "dtype": spec.dtype, "loss": spec.loss, "l2": spec.l2}
 
 
-def _check_row(path: Path, number: int, row: dict[str, str]) -> None:
+def _check_row(path: Path, number: int, row: dict[str, str]) -> dict[str, str]:
+    """``row`` normalised (``normal_value``), or ResultsFileError naming file, line and column."""
     where = f"{path}, line {number}"
-    if not row["cell_id"].strip():
-        raise ResultsFileError(f"{where}: cell_id is empty")
-    if row["status"] not in STATUSES:
-        raise ResultsFileError(f"{where}: status {row['status']!r}; allowed: {', '.join(STATUSES)}")
-    choices = _choices()
-    for column, value in row.items():
-        integer = column.endswith("_bytes") or column.endswith("_flops") or column in INTEGER_COLUMNS
-        least = 0 if column in ("rank", "warmup") or column not in INTEGER_COLUMNS else 1
-        if integer and value != "" and not (re.fullmatch(r"[0-9]+", value) and int(value) >= least):
-            raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: an integer >= {least} or empty")
-        mlp_only = column in MLP_COLUMNS and row.get("model", "mlp") not in ("", "mlp")
+    try:
+        # the row's identity first: its problem is the one worth naming
+        normal = {column: normal_value(column, row[column]) for column in ("cell_id", "status")}
+        normal.update((column, normal_value(column, value)) for column, value in row.items() if column not in normal)
+    except BadValue as error:
+        raise ResultsFileError(f"{where}: {error}") from None
+    for column, value in normal.items():
+        mlp_only = column in MLP_COLUMNS and normal.get("model", "mlp") not in ("", "mlp")
         if column in NON_EMPTY_COLUMNS and not value.strip() and not mlp_only:
             raise ResultsFileError(f"{where}: {column} is empty; allowed: the value `bpmem run` wrote")
-        if column == "strategy_params" and value and not _json_object(value):
-            raise ResultsFileError(f"{where}: strategy_params is {value[:40]!r}; allowed: a JSON object or empty")
-        if column in FLOAT_COLUMNS and value != "" and not _is_float(value):
-            raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: a number or empty")
-        if column in choices and value != "" and value not in choices[column]:
-            raise ResultsFileError(f"{where}: {column} is {value[:40]!r}; allowed: {', '.join(choices[column])}")
+    return {column: normal[column] for column in row}  # the header's order
+
+
+# digits, a point, an exponent: how pandas writes an integer column with a missing value
+# (269316.0), or a spreadsheet a large one (2.69316E+05); no sign, no inf, no nan
+_FLOAT_INTEGER = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
+
+
+def _integer(text: str) -> int | None:
+    """``text`` as an integer, or None. Digits up to int64's largest (pandas' Int64 holds it);
+    in a float's spelling, only a whole number a float holds exactly (up to 2**53)."""
+    if len(text) > 30 or not _FLOAT_INTEGER.fullmatch(text):
+        return None
+    if text.isdigit():  # ASCII digits only: the pattern allows no others
+        return int(text) if int(text) < 2**63 else None
+    number = float(text)
+    return int(number) if number.is_integer() and number <= 2**53 else None
+
+
+def normal_value(column: str, value: str) -> str:
+    """``value`` of ``column`` as bpmem writes it, or BadValue saying what ``column`` allows.
+    Missing is empty (``NaN`` and ``nan`` too: pandas' missing value); an integer column's
+    value is digits (``269316.0`` reads as ``269316``); a boolean's is ``true`` or ``false``
+    (``True``, ``TRUE``: pandas' and spreadsheets' spellings). Whether a value may be missing
+    is the row's question (``_check_row``), except for ``cell_id`` and ``status``."""
+    if column == "cell_id":  # the row's name, never missing: kept as it is, even "nan"
+        if not value.strip():
+            raise BadValue("cell_id is empty")
+        return value
+    if column == "status":
+        if value not in STATUSES:
+            raise BadValue(f"status {value[:40]!r}; allowed: {', '.join(STATUSES)}")
+        return value
+    if value == "" or value.lower() == "nan":
+        return ""
+    if column.endswith(("_bytes", "_flops")) or column in INTEGER_COLUMNS:
+        least = 0 if column in ("rank", "warmup", "time_pairs") or column not in INTEGER_COLUMNS else 1
+        number = _integer(value)
+        if number is None or number < least:
+            raise BadValue(f"{column} is {value[:40]!r}; allowed: an integer >= {least} or empty")
+        return str(number)
+    if column in BOOLEAN_COLUMNS:
+        if value.lower() not in ("true", "false"):
+            raise BadValue(f"{column} is {value[:40]!r}; allowed: true, false (in any case) or empty")
+        return value.lower()
+    if column == "strategy_params" and not _json_object(value):
+        raise BadValue(f"strategy_params is {value[:40]!r}; allowed: a JSON object or empty")
+    if column in FLOAT_COLUMNS and not _is_float(value):
+        raise BadValue(f"{column} is {value[:40]!r}; allowed: a number or empty")
+    choices = _choices()
+    if column in choices and value not in choices[column]:
+        raise BadValue(f"{column} is {value[:40]!r}; allowed: {', '.join(choices[column])}")
+    return value
 
 
 def _json_object(text: str) -> bool:
@@ -298,8 +372,13 @@ def read_results(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS,
     (``load_rows``): a malformed one raises ResultsFileError."""
     import pandas as pd
 
-    load_rows(path, required, ok_needs)
-    frame = pd.read_csv(path, dtype={column: str for column in TEXT_COLUMNS})
+    header, rows = _checked(Path(path), required, ok_needs)
+    # pandas reads the checked rows, not the file: the values normalised, so a file that pandas
+    # rewrote (True, 269316.0, NaN) gives the frame its original gives
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([header, *([row[c] for c in header] for row in rows)])
+    buffer.seek(0)
+    frame = pd.read_csv(buffer, dtype={column: str for column in TEXT_COLUMNS})
     for column in frame.columns:
         if column.endswith(("_bytes", "_flops")) or column in ("world_size", "rank", "repeats", "warmup",
                                                                 "batch_size"):

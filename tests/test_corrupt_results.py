@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bpmem.cli import main
+from bpmem.results import load_rows
 
 pytestmark = pytest.mark.slow  # a property search: many files, many reports
 
@@ -105,3 +106,40 @@ def test_report_on_a_corrupt_file_exits_0_or_2(tmp_path: Path, capsys: pytest.Ca
     code, out = _exit_code(["report", str(folder)], capsys)
     assert code in (0, 2), out
     assert "Traceback" not in out
+
+
+# -- the same file in pandas' and spreadsheets' spellings is the same file ------------------
+
+INTEGER_LIKE = ("_bytes", "_flops", "world_size", "rank", "repeats", "warmup", "batch_size", "depth", "_dim")
+
+
+@st.composite
+def respelled(draw: st.DrawFn) -> bytes:
+    """The fixture as pandas or a spreadsheet rewrites it, column by column: booleans as
+    True or TRUE, integers as 813056.0 or 8.130560000000000e+05, missing values as NaN."""
+    lines = [list(line) for line in LINES]
+    rows = draw(st.sets(st.integers(1, len(lines) - 1), min_size=1))
+    for index, column in enumerate(lines[0]):
+        spelling = draw(st.sampled_from(["as is", "title", "upper", "point", "exponent", "nan"]))
+        for number in rows:
+            value = lines[number][index]
+            if value in ("true", "false") and spelling in ("title", "upper"):
+                lines[number][index] = value.title() if spelling == "title" else value.upper()
+            elif value.isdigit() and column.endswith(INTEGER_LIKE) and spelling in ("point", "exponent"):
+                lines[number][index] = f"{value}.0" if spelling == "point" else f"{int(value):.15e}"
+            elif value == "" and spelling == "nan":
+                lines[number][index] = draw(st.sampled_from(["NaN", "nan"]))
+    return _text(lines).encode()
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=respelled())
+def test_check_reads_a_respelled_file_as_the_original(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      data: bytes) -> None:
+    respelt = tmp_path / "respelt.csv"
+    respelt.write_bytes(data)
+    assert load_rows(respelt) == load_rows(FIXTURE)
+    for baseline, results in ((FIXTURE, respelt), (respelt, FIXTURE)):
+        code, out = _exit_code(["check", "--baseline", str(baseline), "--results", str(results), "--strict",
+                                "--fail", "saved:0%", "--fail", "peak:0%"], capsys)
+        assert code == 0 and "0 regression(s)" in out, out

@@ -59,9 +59,11 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
     except InfeasibleBudget as error:  # no plan can fit: nothing to measure, say why
         row.update(status="skipped", error=one_line(error))
         return row
-    except ValueError as error:
-        row.update(status="error", error=one_line(error))
-        return row
+    except Exception as error:  # noqa: BLE001 - a bad cell or the user's own code: an error row, the sweep goes on
+        if isinstance(error, ValueError) or _users_error(spec, error) is not None:
+            row.update(status="error", error=_users_error(spec, error) or one_line(error))
+            return row
+        raise  # bpmem's own bug: exit 3
     row.update({f"predicted_{name}": getattr(predicted, name) for name in PREDICTED_FIGURES},
                predicted_recompute_flops=predicted.recompute_flops)
     if cell.device.startswith("cuda") and not step.strategy.compiles:
@@ -71,6 +73,16 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
         row["strategy_params"] = json.dumps({**predicted.strategy_params, **step.strategy_params()},
                                             sort_keys=True)
     return row
+
+
+def _users_error(spec: Any, error: BaseException) -> str | None:
+    """The one line naming the user's file:line when the user's model (or the loss on its
+    output) raised ``error``; None for the MLP, or when bpmem raised it."""
+    if isinstance(spec, MLPSpec):
+        return None
+    from bpmem.user_model import user_code_error
+
+    return user_code_error(error, spec.factory, spec.loss)
 
 
 def _fake_estimate(spec: Any, step: Any, device: str = "cpu") -> Any:
@@ -106,7 +118,8 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig, 
         times = time_steps(cell.spec, cell.step, cell.device, config.warmup, config.repeats,
                            max_seconds=config.timing_cap_s)
     except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
-        row.update(status="oom" if is_out_of_memory(error) else "error", error=one_line(error))
+        row.update(status="oom" if is_out_of_memory(error) else "error",
+                   error=_users_error(cell.spec, error) or one_line(error))
         release_memory(cell.device)
         return row
     row.update({key: value for key, value in measured.to_dict().items() if key in FIGURE_NAMES})

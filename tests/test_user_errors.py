@@ -290,9 +290,7 @@ def test_a_sweep_row_of_a_model_that_raises_a_value_error(user_module: Path, tmp
     assert "returned tuple" in rows[0]["error"]
 
 
-@pytest.mark.xfail(reason="bpmem.sweep_cell.base_row catches only ValueError around the fake-tensor prediction: "
-                          "another exception from the user's forward ends the sweep (exit 3) instead of an error row")
 def test_a_sweep_row_of_a_model_that_raises_a_key_error(user_module: Path, tmp_path: Path, capsys) -> None:
     rows = _sweep(tmp_path, "key_error", capsys)
     assert [row["status"] for row in rows] == ["error"]
-    assert "KeyError" in rows[0]["error"]
+    assert "KeyError" in rows[0]["error"] and f"{user_module.name}:{_line('forward')}" in rows[0]["error"]

@@ -8,13 +8,15 @@ per-stage accounting and the predictions for a shared device; the separate-devic
 from __future__ import annotations
 
 from dataclasses import replace
+from fractions import Fraction
 
 import pytest
 import torch
 
+from bpmem.analytic.schedules import interleaved_order
 from bpmem.config import Cell, SweepConfig
 from bpmem.environment import environment
-from bpmem.estimate import estimate
+from bpmem.estimate import estimate, estimate_ranks
 from bpmem.placement import Machine
 from bpmem.spec import MLPSpec, SpecError, StepSpec
 from bpmem.strategies.base import NoStrategy
@@ -43,11 +45,51 @@ def predict_stages(spec: MLPSpec, step: StepSpec, separate_devices: bool) -> lis
     return [stage.to_dict(drop_none=False) for stage in step.strategy.predict_stages(spec, step, separate_devices)]
 
 
-@pytest.mark.parametrize("spec,step", CASES)
-def test_each_stage_holds_exactly_what_was_predicted(spec: MLPSpec, step: StepSpec) -> None:
+# each case's stages as [start, end) units (unit i: the i-th Linear and the activation after
+# it), split as evenly as the chain allows, the longer stages first: written out here, not
+# taken from bpmem, so that a changed split fails the test below
+SPLITS = [((0, 3), (3, 6)), ((0, 2), (2, 4), (4, 5)), ((0, 1), (1, 2), (2, 3), (3, 4))]
+
+
+def expected_stages(spec: MLPSpec, step: StepSpec, split: tuple[tuple[int, int], ...]) -> list[dict]:
+    """Each stage's figures from the model's shape alone (float32, 4 B an element): its
+    Linears' weights (and biases), their gradients, the optimizer's state for them, and the
+    activations its modules save first (bpmem.analytic is not used)."""
+    assert spec.dtype == "float32"
+    s, b, h = 4, step.batch_size, spec.hidden_dim
+    dims = [spec.input_dim] + [h] * spec.depth + [spec.output_dim]
+    units = len(dims) - 1
+    params = [(dims[i] * dims[i + 1] + (dims[i + 1] if spec.bias else 0)) * s for i in range(units)]
+    tensors = [2 if spec.bias else 1] * units  # parameter tensors per unit
+    saved = [0] * units
+    saved[0] += b * dims[0] * s  # the first Linear saves X
+    for i in range(units - 1):  # each activation: ReLU and tanh save their output, GELU its input
+        saved[i] += b * h * s
+        if spec.activation == "gelu":  # GELU keeps z, so the next Linear is the first to save GELU's output
+            saved[i + 1] += b * h * s
+    q = spec.output_dim
+    # the loss, on the last stage: log_softmax's output, the int64 labels, nll's total_weight;
+    # MSE keeps the logits and the target
+    loss = b * q * s + b * 8 + s if spec.loss == "cross_entropy" else 2 * b * q * s
+    rows = []
+    for k, (start, end) in enumerate(split):
+        p = sum(params[start:end])
+        state = {"sgd": 0, "sgd-momentum": p, "adam": 2 * p + s * sum(tensors[start:end])}[step.optimizer]
+        rows.append({"params_bytes": p, "grads_bytes": p, "optimizer_bytes": state,
+                     "saved_activation_bytes": sum(saved[start:end]) + (loss if k == len(split) - 1 else 0)})
+    return rows
+
+
+@pytest.mark.parametrize("spec,step,split", [(*case, split) for case, split in zip(CASES, SPLITS, strict=True)])
+def test_each_stage_holds_exactly_what_was_predicted(spec: MLPSpec, step: StepSpec,
+                                                     split: tuple[tuple[int, int], ...]) -> None:
     measured = measure_stages(spec, step, "cpu", warmup=0, repeats=1)
     predicted = predict_stages(spec, step, separate_devices=False)
     assert [row["rank"] for row in measured] == list(range(step.world_size))
+    # both sides against figures stated from the shape: a split moved in bpmem moves both
+    # sides alike (they share stage_ranges and stage_of_label), which only this catches
+    expected = expected_stages(spec, step, split)
+    assert [{k: row[k] for k in FIGURES} for row in measured] == expected
     for got, want in zip(measured, predicted, strict=True):
         assert {k: got[k] for k in FIGURES} == {k: want[k] for k in FIGURES}
     # the stages share out the whole model's figures, nothing lost or counted twice
@@ -120,3 +162,82 @@ def test_on_two_gpus_each_device_keeps_its_stage_and_the_copies(spec: MLPSpec, s
         assert {k: got[k] for k in FIGURES} == {k: want[k] for k in FIGURES}
         assert got["peak_bytes"] > 0
     assert measured[0]["equivalence_max_rel_err"] < 1e-5
+
+
+# -- the bubble, against a simulation of each schedule -------------------------------------
+
+def _simulated_bubbles(orders: list[list[tuple[str, int, int]]], stages: int, cost: Fraction) -> list[Fraction]:
+    """Each rank's idle share of the step when every forward and every backward of one stage on
+    one micro-batch takes ``cost``: rank r runs its actions ("F"/"B", stage, micro-batch) in
+    order, each as soon as the rank is free and what it needs is done (a forward the stage
+    before's, a backward the stage after's, the last stage's backward its own forward)."""
+    done: dict[tuple[str, int, int], Fraction] = {}
+    free = [Fraction(0)] * len(orders)
+    pending = [list(order) for order in orders]
+    while any(pending):
+        progressed = False
+        for rank, queue in enumerate(pending):
+            if not queue:
+                continue
+            kind, stage, micro = queue[0]
+            if kind == "F":
+                needs = [("F", stage - 1, micro)] if stage > 0 else []
+            else:
+                needs = [("B", stage + 1, micro)] if stage < stages - 1 else [("F", stage, micro)]
+            if all(need in done for need in needs):
+                done[queue.pop(0)] = free[rank] = max([free[rank], *(done[need] for need in needs)]) + cost
+                progressed = True
+        assert progressed, "the orders deadlock"
+    makespan = max(free)
+    return [1 - len(order) * cost / makespan for order in orders]
+
+
+def _gpipe_orders(p: int, m: int) -> list[list[tuple[str, int, int]]]:
+    return [[("F", r, j) for j in range(m)] + [("B", r, j) for j in range(m)] for r in range(p)]
+
+
+def _one_f_one_b_orders(p: int, m: int) -> list[list[tuple[str, int, int]]]:
+    orders = []
+    for r in range(p):
+        warmup = min(p - 1 - r, m)
+        order = [("F", r, j) for j in range(warmup)]
+        for j in range(warmup, m):
+            order += [("F", r, j), ("B", r, j - warmup)]
+        orders.append(order + [("B", r, j) for j in range(m - warmup, m)])
+    return orders
+
+
+def _interleaved_orders(p: int, m: int) -> list[list[tuple[str, int, int]]]:
+    """torch's interleaved 1F1B order (as tests/test_distributed.py checks it), micro-batches numbered."""
+    orders = []
+    for r in range(p):
+        seen: dict[tuple[str, int], int] = {}
+        order = []
+        for kind, stage in interleaved_order(r, p, m):
+            seen[kind, stage] = seen.get((kind, stage), -1) + 1
+            order.append((kind, stage, seen[kind, stage]))
+        orders.append(order)
+    return orders
+
+
+PIPELINE_SPEC = MLPSpec(input_dim=32, hidden_dim=16, output_dim=4, depth=7)  # 8 units: 2 stages a rank on 4 ranks
+
+
+@pytest.mark.parametrize("world,microbatches", [(2, 2), (2, 4), (3, 6), (4, 4)])
+def test_the_pipelines_bubble_is_the_simulated_schedules_idle_share(world: int, microbatches: int) -> None:
+    """bubble_fraction of each pipeline (and of model-parallel, one micro-batch), predicted,
+    equals the idle share of its schedule simulated step by step: (p - 1) / (m + p - 1) for
+    GPipe and 1F1B, (p - 1) / (v m + p - 1) for the interleaved schedule's v = 2 stages a rank,
+    each half the work."""
+    p, m = world, microbatches
+    simulated = {
+        "pipeline-gpipe": _simulated_bubbles(_gpipe_orders(p, m), p, Fraction(1)),
+        "pipeline-1f1b": _simulated_bubbles(_one_f_one_b_orders(p, m), p, Fraction(1)),
+        "pipeline-interleaved": _simulated_bubbles(_interleaved_orders(p, m), 2 * p, Fraction(1, 2)),
+        MP: _simulated_bubbles(_gpipe_orders(p, 1), p, Fraction(1)),
+    }
+    for name, bubbles in simulated.items():
+        extra = {} if name == MP else {"microbatches": m}
+        step = make_step(batch_size=4 * m, strategy=name, world_size=p, **extra)
+        predicted = [rank.bubble_fraction for rank in estimate_ranks(PIPELINE_SPEC, step)]
+        assert predicted == pytest.approx([float(b) for b in bubbles], abs=1e-12), name

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from bpmem.estimate import estimate
 from bpmem.measure_cell import measure, measure_training_peak, optimizer_state_tensors
 from bpmem.model import build, make_batch
 from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
+from bpmem.probes.common import storage_key
 from bpmem.spec import MLPSpec
 from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
@@ -47,6 +49,49 @@ def test_saved_probe_sees_gelu_input_and_output() -> None:
     by_name = {row["name"]: row["saved_bytes"] for row in probe.per_layer()}
     assert by_name["1.GELU"] == 4 * 8 * 4  # z, GELU's input
     assert by_name["2.Linear"] == 4 * 8 * 4  # h, GELU's output, saved by the next mm
+
+
+def test_saved_probe_counts_a_new_storage_at_a_freed_ones_address() -> None:
+    """A storage is known by its address only while it lives: the allocator hands a freed
+    storage's address to the next one, which is another storage and counts on its own (the
+    probe once kept one entry per address, so the later storage replaced the earlier)."""
+    a = torch.randn(64, requires_grad=True)
+    keys = []
+    with SavedTensorProbe() as probe:
+        for _ in range(3):
+            h = a.exp()  # exp saves its result; h and its graph die at once
+            keys.append(storage_key(h))
+            del h
+    if len(set(keys)) == 3:
+        pytest.skip("the allocator reused no address this time")
+    assert probe.saved_activation_bytes == 3 * 64 * 4
+    assert probe.per_layer() == [{"name": "outside", "saved_bytes": 3 * 64 * 4}]
+    assert probe.peak_retained_bytes == 64 * 4 and probe.retained_bytes == 0
+
+
+def test_saved_probe_leaves_out_what_a_reentrant_recomputation_saves_in_backward() -> None:
+    """Reentrant checkpointing saves only its inputs in the forward (under no_grad) and saves
+    again when backward re-runs that forward: freed within the checkpoint's backward, those
+    are no activation the forward retains. A checkpointed module and a checkpointed function
+    alike; what a create_graph backward saves (H v's) still counts."""
+    lin, act = torch.nn.Linear(8, 8), torch.nn.ReLU()
+    block = torch.nn.Sequential(lin, act)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorProbe(block) as probe:
+        h = x * 2  # a leaf's mul saves the other operand only: a scalar, not a tensor of x
+        y = checkpoint(block, h, use_reentrant=True)
+        z = checkpoint(lambda t: torch.sigmoid(t) * t, y, use_reentrant=True)
+        z.sum().backward()
+    by_name = {row["name"]: row["saved_bytes"] for row in probe.per_layer()}
+    assert by_name == {"0.Linear": 0, "1.ReLU": 0, "outside": 2 * 4 * 8 * 4}  # h and y, each checkpoint's input
+    assert probe.saved_activation_bytes == 2 * 4 * 8 * 4
+
+    w = torch.randn(8, requires_grad=True)
+    with SavedTensorProbe() as probe:
+        objective = w.pow(3).sum()
+        assert probe.saved_activation_bytes == 8 * 4  # pow saves w
+        torch.autograd.grad(objective, w, create_graph=True)
+        assert probe.saved_activation_bytes > 8 * 4  # its backward, made with a graph, saves too
 
 
 def test_live_probe_timeline_rises_in_forward_and_falls_in_backward() -> None:

@@ -16,6 +16,7 @@ import torch
 import bpmem.measure_cell
 from bpmem.cli import main
 from bpmem.config import DEFAULT_CONFIG_TOML, ConfigError, load_config, parse_config
+from bpmem.figures import PREDICTED_FIGURES
 from bpmem.results import BYTE_COLUMNS, ResultsWriter, columns, done_cells, read_results
 from bpmem.strategies import registry
 from bpmem.strategies.base import ONE_DEVICE
@@ -262,22 +263,33 @@ def test_resume_refuses_another_config(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_the_default_sweep_as_shipped(tmp_path: Path, capsys) -> None:
     """`bpmem run` with no config, on the CPU: every cell ok, every byte column an integer,
-    retained bytes and recomputed FLOPs exactly predicted; for the plain step, every figure."""
+    and every row's every predicted figure equal to the measured one, to the byte: the peaks
+    of the checkpointed and hvp rows too (a dry run's; the arithmetic's upper estimate is off
+    by -16% to +56% on 64 of the 140 rows), and the recomputed FLOPs of every train row."""
     code, err = _run(["run", "--out", str(tmp_path / "default"), "--quiet"], capsys)
     assert code == 0, err
     frame = pd.read_csv(tmp_path / "default" / "results.csv")
-    assert len(frame) == len(load_config(None).cells())
+    assert len(frame) == len(load_config(None).cells()) == 140
     assert set(frame.status) == {"ok"}
     for column in BYTE_COLUMNS:
         assert frame[column].dtype == "int64", column
-    plain = frame[(frame.strategy == "none") & (frame["mode"] != "hvp")]
-    for figure in ("params", "grads", "optimizer", "saved_activation", "peak", "inference_peak"):
-        assert (plain[f"{figure}_bytes"] == plain[f"predicted_{figure}_bytes"]).all(), figure
-    hvp = frame[frame["mode"] == "hvp"]
-    assert len(hvp) == 14 and (hvp.saved_activation_bytes == hvp.predicted_saved_activation_bytes).all()
-    exact = frame[frame["mode"] == "train"]
-    assert (exact.saved_activation_bytes == exact.predicted_saved_activation_bytes).all()
-    assert (exact.recompute_flops == exact.predicted_recompute_flops).all()
+    assert_every_prediction_holds(frame)
+
+
+def assert_every_prediction_holds(frame: pd.DataFrame) -> None:
+    """Each row's predicted figures equal its measured ones, each strategy and mode present."""
+    assert set(frame.strategy) >= {"none", "checkpoint-layer", "checkpoint-segments", "checkpoint-sqrt",
+                                   "checkpoint-budget", "checkpoint-selective", "microbatch"}
+    assert set(frame["mode"]) == {"train", "inference", "hvp"}
+    assert len(frame[frame["mode"] == "hvp"]) == 14
+    for figure in PREDICTED_FIGURES:
+        off = frame.loc[frame[figure] != frame[f"predicted_{figure}"], ["cell_id", figure, f"predicted_{figure}"]]
+        assert off.values.tolist() == [], f"{figure}: {len(off)} of {len(frame)} row(s) off their prediction"
+    train = frame[frame["mode"] == "train"]
+    assert train.recompute_flops.notna().all()
+    off = train.loc[train.recompute_flops != train.predicted_recompute_flops,
+                    ["cell_id", "recompute_flops", "predicted_recompute_flops"]]
+    assert off.values.tolist() == [], f"recompute_flops: {len(off)} row(s) off their prediction"
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

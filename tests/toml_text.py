@@ -19,10 +19,15 @@ def value(item: Any) -> str:
 
 
 def dumps(config: dict[str, Any]) -> str:
-    """Top-level keys, then the ``[model]`` table."""
+    """Top-level keys, then the ``[model]`` table, or one ``[[model]]`` table per model
+    where ``model`` is a list of them."""
     top = [f"{k} = {value(v)}" for k, v in config.items() if k != "model"]
-    model = [f"{k} = {value(v)}" for k, v in config.get("model", {}).items()]
-    return "\n".join([*top, "[model]", *model]) + "\n"
+    models = config.get("model", {})
+    if isinstance(models, list):
+        tables = [line for grid in models for line in ["[[model]]", *(f"{k} = {value(v)}" for k, v in grid.items())]]
+    else:
+        tables = ["[model]", *(f"{k} = {value(v)}" for k, v in models.items())]
+    return "\n".join([*top, *tables]) + "\n"
 
 
 def run_sweep(folder: Any, name: str, text: str) -> Any:

@@ -41,7 +41,8 @@ config (TOML; every key optional, a list under [model] is a grid axis):
   devices = ["cpu"]                                cpu, cuda, cuda:N, or "auto" (every GPU)
   modes = ["train", "inference"]                   or "all"
   strategies = ["none"]                            or "all"
-  repeats = 5                                      timed steps per cell (median, IQR)
+  repeats = 5                                      timed steps per cell (a strategy's: pairs with the plain step)
+  timing_cap_s = 8                                 more pairs for at most this long, until the overhead is sure
   warmup = 1                                       untimed steps before them (more until the time settles)
   continue_after_oom = false                       still try larger batches after an OOM
   timeout_s = 300                                  a torchrun cell running longer is an error row

@@ -27,7 +27,9 @@
 # benchmarks/configs/gpu_dry_run.toml instead of the two GPU configs; on DEVICE, so
 # DEVICE=cuda QUICK=1 is a one-minute smoke test of a GPU), BUDGET_S (the whole script's
 # wall-clock budget, 470 s by default; every step gets a `timeout` out of what is left),
-# PYTHON (the interpreter). Everything printed also goes to $OUT/gpu_check.log.
+# PYTHON (the interpreter), SPLIT_CONFIG (step 5's config, benchmarks/configs/split.toml by
+# default; the test suite passes a smaller one, since it runs split.toml itself elsewhere).
+# Everything printed also goes to $OUT/gpu_check.log.
 #
 # Each run folder ($OUT/gpu-seed, $OUT/gpu-steps, $OUT/gpu-models, $OUT/gpu-compile, $OUT/gpu,
 # $OUT/split, or $OUT/gpu-dry-run) holds one
@@ -43,6 +45,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out_dir="${OUT:-reports/gpu-check}"
 device="${DEVICE:-cuda}"
 quick="${QUICK:-0}"
+split_config="${SPLIT_CONFIG:-benchmarks/configs/split.toml}"
 budget_s="${BUDGET_S:-470}"
 if [[ -n "${PYTHON:-}" ]]; then py="$PYTHON"
 elif [[ -x .venv/bin/python ]]; then py=.venv/bin/python
@@ -63,6 +66,10 @@ if [[ "$device" == "cpu" && "$quick" != "1" ]]; then
 fi
 if ! [[ "$budget_s" =~ ^[0-9]+$ ]] || (( budget_s < 60 )); then
     echo "gpu_check.sh: BUDGET_S=$budget_s is not allowed; allowed: whole seconds >= 60" >&2
+    exit 2
+fi
+if [[ ! -f "$split_config" ]]; then
+    echo "gpu_check.sh: SPLIT_CONFIG=$split_config is not a file; allowed: a bpmem sweep config (.toml)" >&2
     exit 2
 fi
 mkdir -p "$out_dir" || exit 2
@@ -151,7 +158,7 @@ for i in range(torch.cuda.device_count()):
         names+=(gpu-seed gpu-steps)
     fi
     # distributed cells on the CPU (split.toml's devices are cpu) still run on this machine
-    sweep split benchmarks/configs/split.toml 170 170
+    sweep split "$split_config" 170 170
     names+=(split)
 
     # one step's memory trace in PyTorch's snapshot format (on CUDA the caching allocator's

@@ -11,11 +11,13 @@ import csv
 import os
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import toml_text
+from test_shipped_configs import shrunk
 
 from bpmem.cli import main
 from bpmem.figures import PREDICTED_FIGURES
@@ -182,7 +184,12 @@ def test_the_gpu_check_dry_run_passes_on_the_cpu(tmp_path: Path) -> None:
     """``DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh``: the tiny config and split.toml
     run, are checked against their predictions, and the summary holds both checks."""
     out = tmp_path / "gc"
-    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(out), "PYTHON": sys.executable}
+    # split.toml as shipped runs in test_shipped_configs.py; here the same strategies, smaller
+    split = tmp_path / "split.toml"
+    split.write_text(toml_text.dumps(shrunk(tomllib.loads((REPO_ROOT / "benchmarks" / "configs" / "split.toml")
+                                                         .read_text()))))
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(out), "PYTHON": sys.executable,
+           "SPLIT_CONFIG": str(split)}
     done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

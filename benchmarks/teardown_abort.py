@@ -1,5 +1,5 @@
 """Reproduce, without bpmem's measuring code, the SIGABRT that gloo ranks could hit at exit
-(bpmem.teardown).
+(bpmem.sweep.teardown).
 
     python benchmarks/teardown_abort.py --runs 20          # counts per variant
     python benchmarks/teardown_abort.py --rank-body plain  # one rank's body (torchrun runs it)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import pytest
 
-from bpmem.estimate import estimate
 from bpmem.figures import Measured
-from bpmem.measure_cell import measure
-from bpmem.model import build, make_batch
+from bpmem.measurement.cell import measure
+from bpmem.measurement.step import make_optimizer, train_step
+from bpmem.models.mlp import build, make_batch
+from bpmem.predict.estimate import estimate
 from bpmem.spec import MLPSpec
-from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
 
 SPEC = MLPSpec(input_dim=1024, hidden_dim=1024, output_dim=10, depth=64)

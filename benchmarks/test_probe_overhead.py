@@ -35,12 +35,12 @@ from typing import Any
 import pytest
 import torch
 
-from bpmem.estimate import estimate
-from bpmem.measure_cell import measure_training_peak
-from bpmem.model import build, make_batch
+from bpmem.measurement.cell import measure_training_peak
+from bpmem.measurement.step import make_optimizer, train_step
+from bpmem.models.mlp import build, make_batch
+from bpmem.predict.estimate import estimate
 from bpmem.probes import CudaProbe, RssProbe, SavedTensorProbe
 from bpmem.spec import MLPSpec
-from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
 
 SPEC = MLPSpec(input_dim=1024, hidden_dim=1024, output_dim=10, depth=4, dtype="float32")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bpmem.report import report
+from bpmem.report.build import report
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 

@@ -13,7 +13,25 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from bpmem.analytic.ledger import Event, Term
+# -- the records a breakdown and a timeline are made of (the ledger writes Events) --
+
+@dataclass(frozen=True)
+class Term:
+    """One named part of a breakdown: its bytes, the formula that gave them, and why."""
+
+    name: str
+    bytes: int
+    formula: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of a timeline: after ``op`` in ``phase``, ``live_bytes`` are alive."""
+
+    op: str
+    phase: str
+    live_bytes: int
 
 
 def _figure(alias: str, meaning: str, predicted: bool = True, plugin: bool = False) -> Any:
@@ -96,7 +114,7 @@ class MeasuredRank(Figures):
     gathered_peak_bytes: int | None = None  # FSDP: the most its all-gathered parameters held at once
     step_time_median_s: float | None = None
     step_time_iqr_s: float | None = None
-    time_noisy: bool | None = None  # its time's spread is large against its median (bpmem.timing)
+    time_noisy: bool | None = None  # its time's spread is large against its median (bpmem.measurement.timing)
     threads: int | None = None  # the intra-op threads it stepped with (torchrun ranks: 1 unless set)
     equivalence_max_rel_err: float | None = None  # its gradients against one device's
 
@@ -127,7 +145,7 @@ class Measured(StepFigures):
     loss: float | None = None  # J of the measured step, computed before the update
     rss_peak_bytes: int | None = None  # with --rss: the process's resident set, sampled
     caveats: list[str] = field(default_factory=list)  # where a fake-tensor run may differ from a real one
-    # with trace=True: the training step's memory snapshot (bpmem.memory_trace), never in to_dict
+    # with trace=True: the training step's memory snapshot (bpmem.measurement.memory_trace), never in to_dict
     trace: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_dict(self, drop_none: bool = True) -> dict[str, Any]:
@@ -145,7 +163,7 @@ class Estimate(StepFigures):
     peak_op: str = ""
     inference_timeline: list[Event] = field(default_factory=list)
     peak_is_exact: bool = True
-    peak_from_dry_run: bool = False  # the peak of the step on fake tensors (bpmem.dry_run), not the replay's
+    peak_from_dry_run: bool = False  # the peak of the step on fake tensors (bpmem.predict.dry_run), not the replay's
 
     @property
     def training_to_inference_ratio(self) -> float:

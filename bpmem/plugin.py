@@ -13,7 +13,7 @@
   ``bpmem_strict``). A missing baseline file or test is a warning, an error with
   ``--bpmem-strict``.
 
-What is measured is ``bpmem.measure`` (``bpmem.api``) around the test body, with its two
+What is measured is ``bpmem.measure`` (``bpmem.measurement.api``) around the test body, with its two
 definitions: ``saved`` is the most that autograd held for a backward at any moment
 (parameters and buffers never count), ``peak`` the most that storages allocated in the body
 held at once (a view of an older tensor allocates nothing); on CUDA also the caching
@@ -50,14 +50,14 @@ class BpmemWarning(UserWarning):
 
 
 def measure_block(model: Any = None, optimizer: Any = None) -> contextlib.AbstractContextManager[Any]:
-    """``bpmem.measure`` (``bpmem.api``): the plugin and the fixture are this, nothing more."""
-    from bpmem.api import measure
+    """``bpmem.measure`` (``bpmem.measurement.api``): the plugin and the fixture are this, nothing more."""
+    from bpmem.measurement.api import measure
 
     return measure(model, optimizer)
 
 
 class BpmemFixture:
-    """The ``bpmem`` fixture: ``with bpmem.measure(model) as m: ...`` gives a ``bpmem.api.Measurement``
+    """The ``bpmem`` fixture: ``with bpmem.measure(model) as m: ...`` gives a ``bpmem.measurement.api.Measurement``
     (``m.saved_activation_bytes``, ``m.peak_bytes``, ``m.top_saved()``, ``m.top_live()``)."""
 
     def measure(self, model: Any = None, optimizer: Any = None) -> contextlib.AbstractContextManager[Any]:
@@ -98,7 +98,7 @@ _SETTINGS = pytest.StashKey[_Settings]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from bpmem.check import parse_rule
+    from bpmem.results.check import parse_rule
 
     config.addinivalue_line("markers", "limit_tensor_memory(peak=None, saved=None, cuda_allocated=None): fail "
                                        "the test when its body's tensor memory exceeds a limit ('12 MiB' or bytes)")

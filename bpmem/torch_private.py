@@ -150,17 +150,22 @@ class ModeStack:
         return self.at(n - 1) if n > 0 else None
 
     @contextlib.contextmanager
-    def lifted_above(self, mode: Any) -> Iterator[None]:
-        """Lift the modes above ``mode`` off the stack for the block, then put them back."""
-        above = []
-        while self.length() > 0 and self.top() is not mode:
-            above.append(self.top())
+    def set_aside_while(self, lift: Callable[[Any], bool]) -> Iterator[None]:
+        """Take modes off the top of the stack for the block while ``lift(top)`` holds, then
+        put them back in their order."""
+        lifted = []
+        while self.length() > 0 and lift(self.top()):
+            lifted.append(self.top())
             self.pop()
         try:
             yield
         finally:
-            for other in reversed(above):
+            for other in reversed(lifted):
                 self.push(other)
+
+    def lifted_above(self, mode: Any) -> contextlib.AbstractContextManager[None]:
+        """Lift the modes above ``mode`` off the stack for the block, then put them back."""
+        return self.set_aside_while(lambda top: top is not mode)
 
 
 DISPATCH_MODES = ModeStack(
@@ -343,7 +348,7 @@ def cuda_history(device: Any, snapshot: dict[str, Any]) -> Iterator[None]:
     """Record the CUDA caching allocator's history over the block; ``snapshot`` is filled
     with ``torch.cuda.memory._snapshot()`` as it ends, and recording stops. The one place
     that calls these private CUDA functions (``_record_memory_history`` is documented in
-    PyTorch's "Understanding CUDA Memory Usage"); ``bpmem.memory_trace`` writes the result."""
+    PyTorch's "Understanding CUDA Memory Usage"); ``bpmem.measurement.memory_trace`` writes the result."""
 
     with torch.cuda.device(device):
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)

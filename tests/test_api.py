@@ -17,10 +17,10 @@ from test_zoo import B, Block, H, K, Tied, _cnn, cnn_derivation
 from torch import nn
 
 import bpmem
-from bpmem.estimate import estimate
-from bpmem.model import build, make_batch
+from bpmem.measurement.step import make_optimizer, train_step
+from bpmem.models.mlp import build, make_batch
+from bpmem.predict.estimate import estimate
 from bpmem.spec import MLPSpec
-from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
 from tests.fixtures import zoo
 

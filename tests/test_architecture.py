@@ -20,30 +20,19 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-
-
 def _imports(tree: ast.AST, modules: set[str]) -> set[str]:
-    """bpmem modules imported anywhere in ``tree`` (in functions too), but not under
-    ``if TYPE_CHECKING:``, which never runs."""
+    """bpmem modules imported anywhere in ``tree``: in functions too, and under ``if
+    TYPE_CHECKING:``, since an annotation that names a module depends on it as much as a call."""
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name in modules)
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bpmem"):
+            if node.module == "bpmem" and [alias.name for alias in node.names] == ["__version__"]:
+                continue  # the version string: bpmem/__init__ defines it and imports nothing at import time
             for alias in node.names:  # `from bpmem.strategies import registry` imports a module
                 candidate = f"{node.module}.{alias.name}"
                 found.add(candidate if candidate in modules else node.module)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
     return found
 
 
@@ -54,33 +43,90 @@ def _graph() -> dict[str, set[str]]:
             for path in paths}
 
 
-def test_no_import_cycle_inside_bpmem() -> None:
-    graph = _graph()
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules in order, the first repeated), or None."""
     done: set[str] = set()
 
-    def walk(module: str, stack: list[str]) -> None:
+    def walk(module: str, stack: list[str]) -> list[str] | None:
         if module in stack:
-            cycle = stack[stack.index(module):] + [module]
-            raise AssertionError("import cycle: " + " -> ".join(cycle))
+            return stack[stack.index(module):] + [module]
         if module in done:
-            return
+            return None
         for target in sorted(graph.get(module, ())):
-            walk(target, [*stack, module])
+            if found := walk(target, [*stack, module]):
+                return found
         done.add(module)
+        return None
 
     for module in sorted(graph):
-        walk(module, [])
-    assert "bpmem.estimate" in graph and "bpmem.strategies.registry" in graph
+        if found := walk(module, []):
+            return found
+    return None
+
+
+def test_no_import_cycle_inside_bpmem() -> None:
+    graph = _graph()
+    assert "bpmem.predict.estimate" in graph and "bpmem.strategies.registry" in graph
+    assert _cycle(graph) is None, "import cycle: " + " -> ".join(_cycle(graph) or [])
 
 
 def test_the_cycle_walker_finds_a_cycle() -> None:
-    """The walker itself must be able to fail: two modules importing each other lazily."""
-    a = ast.parse("def f():\n    from bpmem.b import x\n")
-    b = ast.parse("from bpmem.a import y\n")
+    """The walker itself must be able to fail: two modules importing each other lazily, and
+    two whose cycle runs through ``if TYPE_CHECKING:``."""
     modules = {"bpmem.a", "bpmem.b"}
-    assert _imports(a, modules) == {"bpmem.b"} and _imports(b, modules) == {"bpmem.a"}
+    lazy = {"bpmem.a": _imports(ast.parse("def f():\n    from bpmem.b import x\n"), modules),
+            "bpmem.b": _imports(ast.parse("from bpmem.a import y\n"), modules)}
+    assert _cycle(lazy) == ["bpmem.a", "bpmem.b", "bpmem.a"]
     typing_only = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from bpmem.b import x\n")
-    assert _imports(typing_only, modules) == set()
+    through_types = {"bpmem.a": _imports(typing_only, modules), "bpmem.b": {"bpmem.a"}}
+    assert _cycle(through_types) == ["bpmem.a", "bpmem.b", "bpmem.a"]
+
+
+# The layers, from the entry points down to the shared vocabulary. A module may import its own
+# layer and any layer below it, never one above. The data flows config -> model -> strategy ->
+# probes -> figures -> rows -> CSV -> report; the imports point down this table.
+LAYERS: dict[str, int] = {
+    "entry": 8,  # bpmem (the public API), __main__, cli, plugin, worker
+    "sweep": 7, "report": 7,  # running a config; drawing results.csv
+    "results": 6,  # results.csv, its checks and merges
+    "predict": 5,  # estimate, dry runs, fit: the measurement's step on fake tensors
+    "strategies": 4,  # the strategies and their runtimes, which run the measurement's step
+    "measurement": 3,  # the step, one cell measured, timing
+    "probes": 2, "models": 2,  # what is counted; what is run
+    "analytic": 1,  # the arithmetic of one step
+    "vocabulary": 0,  # spec, figures, units, validation, torch_private: imported by all
+}
+VOCABULARY = ("spec", "figures", "units", "validation", "torch_private")
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in ("__main__", "cli", "plugin", "worker"):
+        return "entry"
+    return "vocabulary" if parts[1] in VOCABULARY else parts[1]
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{module} ({_layer(module)}) imports {target} ({_layer(target)})"
+            for module, targets in sorted(graph.items()) for target in sorted(targets)
+            if LAYERS[_layer(target)] > LAYERS[_layer(module)]]
+
+
+def test_every_module_is_in_a_layer_and_no_import_points_up() -> None:
+    graph = _graph()
+    assert {_layer(module) for module in graph} == set(LAYERS)  # every folder is a named layer
+    assert _upward(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = _graph()
+    planted = {**graph, "bpmem.probes.saved": graph["bpmem.probes.saved"] | {"bpmem.report.build"}}
+    assert _upward(planted) == ["bpmem.probes.saved (probes) imports bpmem.report.build (report)"]
+
+
+def test_at_most_ten_modules_at_the_top() -> None:
+    top = sorted(path.stem for path in PACKAGE.glob("*.py"))
+    assert len(top) <= 10, top
 
 
 def test_no_module_is_over_400_lines() -> None:

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpmem.backprop import (
+from bpmem.models.backprop import (
     ForwardCache,
     Gradients,
     backward,
@@ -17,7 +17,7 @@ from bpmem.backprop import (
     hessian_vector_product,
     params_of,
 )
-from bpmem.model import build, data_loss, make_batch, objective, regularizer
+from bpmem.models.mlp import build, data_loss, make_batch, objective, regularizer
 from bpmem.spec import ACTIVATIONS, LOSSES, MLPSpec
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}

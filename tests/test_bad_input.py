@@ -17,9 +17,9 @@ import toml_text
 
 from bpmem.cli import main
 from bpmem.cli.run_commands import _new_run_folder
-from bpmem.config import ConfigError, parse_config
 from bpmem.spec import SpecError, parse_budget
 from bpmem.strategies.registry import make_step
+from bpmem.sweep.config import ConfigError, parse_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "results.csv"

@@ -11,10 +11,10 @@ import toml_text
 import torch
 from torch import nn
 
-import bpmem.model
-from bpmem.check import BytesRule, PercentRule, RuleError, parse_rule
+import bpmem.models.mlp
 from bpmem.cli import main
-from bpmem.config import parse_config
+from bpmem.results.check import BytesRule, PercentRule, RuleError, parse_rule
+from bpmem.sweep.config import parse_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "results.csv"
@@ -98,7 +98,7 @@ def test_a_grown_activation_fails_the_self_check(tmp_path: Path, monkeypatch: py
     rules = ["--fail", "saved:0%", "--fail", "peak:0%", "--strict"]
     assert main(["check", "--baseline", str(base / "results.csv"), "--results", str(base / "results.csv"),
                  *rules]) == 0
-    monkeypatch.setitem(bpmem.model._ACTIVATION_MODULES, "relu", _GreedyReLU)
+    monkeypatch.setitem(bpmem.models.mlp._ACTIVATION_MODULES, "relu", _GreedyReLU)
     assert main(["run", "--config", str(config), "--out", str(grown), "--quiet", "--no-report"]) == 0
     capsys.readouterr()
     assert main(["check", "--baseline", str(base / "results.csv"), "--results", str(grown / "results.csv"),

@@ -19,11 +19,11 @@ from bpmem.analytic.planner import (
 )
 from bpmem.analytic.rules import chain_costs
 from bpmem.analytic.rules import loss_saved_bytes as loss_bytes
-from bpmem.estimate import estimate
-from bpmem.measure_cell import measure
-from bpmem.model import build, make_batch
+from bpmem.measurement.cell import measure
+from bpmem.measurement.step import forward_objective
+from bpmem.models.mlp import build, make_batch
+from bpmem.predict.estimate import estimate
 from bpmem.spec import ACTIVATIONS, LOSSES, MLPSpec, StepSpec
-from bpmem.step import forward_objective
 from bpmem.strategies import registry
 from bpmem.strategies.registry import make_step
 
@@ -207,7 +207,7 @@ def test_microbatch_retains_one_micro_batch_and_matches_the_full_batch(microbatc
     plain_j, plain_grads = _gradients(spec, make_step(batch_size=10))
     model = build(spec, seed=3)
     x, y = make_batch(spec, 10, seed=4)
-    from bpmem.step import make_optimizer, train_step
+    from bpmem.measurement.step import make_optimizer, train_step
 
     optimizer = make_optimizer(step, model)
     total = train_step(spec, model, torch.optim.SGD(model.parameters(), lr=0.0), x, y,

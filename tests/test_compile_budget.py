@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 
-from bpmem.dry_run import estimate_exactly
-from bpmem.measure_cell import measure, optimizer_state_tensors
-from bpmem.model import as_workload
+from bpmem.measurement.cell import measure, optimizer_state_tensors
+from bpmem.measurement.step import make_optimizer, train_step
+from bpmem.models.mlp import as_workload
+from bpmem.predict.dry_run import estimate_exactly
 from bpmem.probes import distinct_storage_bytes
 from bpmem.probes.allocator import AllocatorTraceProbe
 from bpmem.spec import MLPSpec
-from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
 
 CASES = [

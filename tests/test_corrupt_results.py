@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bpmem.cli import main
-from bpmem.results import load_rows
+from bpmem.results.table import load_rows
 
 pytestmark = pytest.mark.slow  # a property search: many files, many reports
 
@@ -81,15 +81,25 @@ def _exit_code(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int
     return code, captured.out + captured.err
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _check_both_ways(other: Path, data: bytes, rules: list[str], capsys: pytest.CaptureFixture[str]
+                     ) -> list[tuple[int, str]]:
+    """``data`` written to ``other``; then ``bpmem check`` of it against the fixture, and of the
+    fixture against it."""
+    other.write_bytes(data)
+    return [_exit_code(["check", "--baseline", str(baseline), "--results", str(results), *rules], capsys)
+            for baseline, results in ((FIXTURE, other), (other, FIXTURE))]
+
+
+# every example gets a fresh file under the one tmp_path, so the function-scoped fixture is safe
+EXAMPLE_SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
+                            suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@EXAMPLE_SETTINGS
 @given(data=corrupted())
 def test_check_on_a_corrupt_file_exits_0_1_or_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 data: bytes) -> None:
-    bad = tmp_path / "bad.csv"
-    bad.write_bytes(data)
-    for baseline, results in ((FIXTURE, bad), (bad, FIXTURE)):
-        code, out = _exit_code(["check", "--baseline", str(baseline), "--results", str(results),
-                                "--fail", "saved:0%", "--fail", "peak:1%"], capsys)
+    for code, out in _check_both_ways(tmp_path / "bad.csv", data, ["--fail", "saved:0%", "--fail", "peak:1%"], capsys):
         assert code in (0, 1, 2), out
         assert "Traceback" not in out
 
@@ -132,14 +142,12 @@ def respelled(draw: st.DrawFn) -> bytes:
     return _text(lines).encode()
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@EXAMPLE_SETTINGS
 @given(data=respelled())
 def test_check_reads_a_respelled_file_as_the_original(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       data: bytes) -> None:
-    respelt = tmp_path / "respelt.csv"
-    respelt.write_bytes(data)
+    rules = ["--strict", "--fail", "saved:0%", "--fail", "peak:0%"]
+    checks = _check_both_ways(respelt := tmp_path / "respelt.csv", data, rules, capsys)
     assert load_rows(respelt) == load_rows(FIXTURE)
-    for baseline, results in ((FIXTURE, respelt), (respelt, FIXTURE)):
-        code, out = _exit_code(["check", "--baseline", str(baseline), "--results", str(results), "--strict",
-                                "--fail", "saved:0%", "--fail", "peak:0%"], capsys)
+    for code, out in checks:
         assert code == 0 and "0 regression(s)" in out, out

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bpmem.measure_cell import measure
+from bpmem.measurement.cell import measure
+from bpmem.models.user_model import TensorShape, UserModel
 from bpmem.strategies.registry import make_step
-from bpmem.user_model import TensorShape, UserModel
 
 WIDTH, IN, OUT, B, RUNS = 64, 20, 5, 5, 5
 

@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 
 from bpmem.analytic.schedules import interleaved_order, interleaved_rounds
-from bpmem.config import Cell, SweepConfig
-from bpmem.environment import environment
-from bpmem.estimate import estimate_ranks
-from bpmem.launch import complete_rows
+from bpmem.predict.estimate import estimate_ranks
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.strategies import registry
 from bpmem.strategies.base import RANKS
 from bpmem.strategies.fsdp import fsdp_shard_rows
 from bpmem.strategies.registry import make_step
 from bpmem.strategies.tensor_parallel import tensor_parallel_styles
-from bpmem.sweep_split import run_distributed_cell
-from bpmem.teardown import done_marker
+from bpmem.sweep.config import Cell, SweepConfig
+from bpmem.sweep.environment import environment
+from bpmem.sweep.launch import complete_rows
+from bpmem.sweep.split import run_distributed_cell
+from bpmem.sweep.teardown import done_marker
 
 pytestmark = pytest.mark.slow  # torchrun jobs: one process per rank
 
@@ -126,7 +126,7 @@ def test_fsdp_and_tensor_parallel_split_the_parameters(rows: list[dict]) -> None
     replica, gradients included; FSDP retains what DDP does (the same B/2 rows), tensor
     parallel more (the whole batch) but less than one device at B (half features between
     each colwise/rowwise pair)."""
-    from bpmem.estimate import estimate
+    from bpmem.predict.estimate import estimate
 
     single = estimate(SPEC, make_step(batch_size=16)).saved_activation_bytes
     for rank in (0, 1):
@@ -165,7 +165,7 @@ def test_pipelines_keep_more_than_the_textbook_says(rows: list[dict]) -> None:
 
 
 def test_1f1b_on_two_ranks_keeps_at_most_60_percent_per_rank_at_depth_16(rows: list[dict]) -> None:
-    from bpmem.estimate import estimate
+    from bpmem.predict.estimate import estimate
 
     single = estimate(DEEP, make_step(batch_size=64)).saved_activation_bytes  # exact, tested elsewhere
     deep = [r for r in rows if r["cell_index"] == len(_cases()) - 1]
@@ -189,12 +189,12 @@ def _fault_cell(monkeypatch: pytest.MonkeyPatch, fault: str, tmp_path: Path, str
     started (torchrun and its ranks, tracked by pid as the launcher ends them) is left."""
     import psutil
 
-    import bpmem.launch
+    import bpmem.sweep.launch
 
     monkeypatch.setenv("BPMEM_FAULT", fault)
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
     started: list[psutil.Process] = []
-    real_kill = bpmem.launch.kill_job
+    real_kill = bpmem.sweep.launch.kill_job
 
     def tracked_kill(process: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -202,7 +202,7 @@ def _fault_cell(monkeypatch: pytest.MonkeyPatch, fault: str, tmp_path: Path, str
             started.extend([job, *job.children(recursive=True)])
         real_kill(process)
 
-    monkeypatch.setattr(bpmem.launch, "kill_job", tracked_kill)
+    monkeypatch.setattr(bpmem.sweep.launch, "kill_job", tracked_kill)
     config = SweepConfig(repeats=1, warmup=0, timeout_s=timeout_s)
     cell = Cell(SPEC, _two_ranks(strategy), "cpu")
     result = run_distributed_cell(cell, "test", environment("cpu"), config, tmp_path / "logs")
@@ -322,11 +322,11 @@ def test_fsdp_gathers_one_unit_at_a_time(rows: list[dict]) -> None:
 
 def test_fsdp_tensor_parallel_and_pipeline_peaks_are_predicted_by_a_dry_run_of_each_rank(rows: list[dict]) -> None:
     """Each rank's step run alone in this process, with a process group that does not
-    communicate (bpmem.rank_dry_run), peaks at exactly what that rank measured under torchrun:
+    communicate (bpmem.predict.rank_dry_run), peaks at exactly what that rank measured under torchrun:
     the all-gathers, reduce-scatters and redistributions allocate the same buffers in the
     same order, and a pipeline stage told its shapes up front receives into the same buffers
     as one that learned them from its neighbour."""
-    from bpmem.rank_dry_run import rank_peaks
+    from bpmem.predict.rank_dry_run import rank_peaks
 
     checked = 0
     for index, (spec, step) in enumerate(_cases()):

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpmem.estimate import estimate
-from bpmem.measure_cell import measure, measure_inference_peak, measure_training_peak
-from bpmem.model import build, make_batch
+from bpmem.measurement.cell import measure, measure_inference_peak, measure_training_peak
+from bpmem.measurement.step import make_optimizer, train_step
+from bpmem.models.mlp import build, make_batch
+from bpmem.predict.estimate import estimate
 from bpmem.spec import ACTIVATIONS, LOSSES, OPTIMIZERS, MLPSpec, StepSpec
-from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
 
 EXACT_FIGURES = ("params_bytes", "grads_bytes", "optimizer_bytes", "saved_activation_bytes", "peak_bytes",

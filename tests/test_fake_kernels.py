@@ -1,4 +1,4 @@
-"""Each entry of ``bpmem.fake_kernels`` against the real kernel: on small real tensors of each
+"""Each entry of ``bpmem.measurement.fake_kernels`` against the real kernel: on small real tensors of each
 device the entry names, the storage the kernel gives its result has exactly the size the entry
 says, and a fake run under ``DeviceStorageSizes`` has that size too.
 
@@ -13,7 +13,7 @@ import contextlib
 import pytest
 import torch
 
-from bpmem.fake_kernels import KEEPS_UNREDUCED_STORAGE, DeviceStorageSizes, real_storage_nbytes
+from bpmem.measurement.fake_kernels import KEEPS_UNREDUCED_STORAGE, DeviceStorageSizes, real_storage_nbytes
 from bpmem.torch_private import fake_tensor_mode
 
 # reduction codes of aten's loss ops (at::Reduction)

@@ -8,11 +8,11 @@ import json
 import pytest
 
 from bpmem.cli import main
-from bpmem.fit import largest_batch
-from bpmem.measure_cell import measure
+from bpmem.measurement.cell import measure
+from bpmem.models.user_model import TensorShape, UserModel
+from bpmem.predict.fit import largest_batch
 from bpmem.spec import MLPSpec
 from bpmem.strategies.registry import make_step
-from bpmem.user_model import TensorShape, UserModel
 
 SHAPES = UserModel("tests.fixtures.user_models:small_mlp", inputs=(TensorShape.parse("float32[B,20]", "--input"),),
                    target=TensorShape.parse("int64[B]<5", "--target"))
@@ -26,7 +26,7 @@ def _fit(argv: list[str], capsys) -> dict:
 def test_a_checkpointed_mlp_fits_at_the_batch_the_dry_run_reports_and_not_at_the_next() -> None:
     """checkpoint-sqrt's peak has no exact arithmetic: fit asks the dry run on fake tensors,
     and the measured step fits at the batch it reports and not at the next."""
-    from bpmem.fit import fit
+    from bpmem.predict.fit import fit
 
     spec, memory = MLPSpec(depth=3), 12 * 2**20
     [answer] = fit(spec, make_step("checkpoint-sqrt", optimizer="adam"), memory, [])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from bpmem.cli import main
-from bpmem.measure_cell import measure
-from bpmem.memory_trace import peak_of_trace, snapshot_from_allocations, write_snapshot
+from bpmem.measurement.cell import measure
+from bpmem.measurement.memory_trace import peak_of_trace, snapshot_from_allocations, write_snapshot
 from bpmem.spec import MLPSpec
 from bpmem.strategies.registry import make_step
 

@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from bpmem.analytic.schedules import interleaved_order
-from bpmem.config import Cell, SweepConfig
-from bpmem.environment import environment
-from bpmem.estimate import estimate, estimate_ranks
-from bpmem.placement import Machine
+from bpmem.predict.estimate import estimate, estimate_ranks
 from bpmem.spec import MLPSpec, SpecError, StepSpec
 from bpmem.strategies.base import NoStrategy
 from bpmem.strategies.model_parallel import stage_ranges
 from bpmem.strategies.model_parallel_runtime import stage_devices
+from bpmem.strategies.placement import Machine
 from bpmem.strategies.registry import make_step
-from bpmem.sweep_split import run_model_parallel_cell
+from bpmem.sweep.config import Cell, SweepConfig
+from bpmem.sweep.environment import environment
+from bpmem.sweep.split import run_model_parallel_cell
 
 MP = "model-parallel"
 CASES = [

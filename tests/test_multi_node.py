@@ -1,4 +1,4 @@
-"""The README's multi-node command, run: two torchrun agents (``--nnodes 2``, one rank each)
+"""The multi-node command of docs/splitting.md, run: two torchrun agents (``--nnodes 2``, one rank each)
 meet over torchrun's c10d rendezvous on 127.0.0.1, as two machines would over their network,
 and the worker's rows equal those of one agent with both ranks (``--standalone``).
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bpmem.launch import complete_rows
+from bpmem.sweep.launch import complete_rows
 
 pytestmark = pytest.mark.slow  # three torchrun jobs
 

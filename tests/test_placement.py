@@ -1,5 +1,5 @@
 """Where every cell runs, on machines with 0, 1 and 8 GPUs, described rather than owned:
-``bpmem.placement.place`` for every cell of the shipped configs, the sweep's skipped rows,
+``bpmem.strategies.placement.place`` for every cell of the shipped configs, the sweep's skipped rows,
 ``--jobs``' plan, and the torchrun worker on a machine that claims GPUs."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bpmem.config import ConfigError, SweepConfig, load_config, resolve_devices
-from bpmem.environment import environment
-from bpmem.placement import DEVICES, ONE_DEVICE, RANKS, Machine, job_plan, parse_device, place
-from bpmem.sweep import run_sweep
+from bpmem.strategies.placement import DEVICES, ONE_DEVICE, RANKS, Machine, job_plan, parse_device, place
+from bpmem.sweep.config import ConfigError, SweepConfig, load_config, resolve_devices
+from bpmem.sweep.environment import environment
+from bpmem.sweep.run import run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 NO_GPU = Machine(gpu_count=0, cuda_available=False)
@@ -152,16 +152,16 @@ def test_a_cuda_oom_releases_memory_and_skips_the_larger_batches(monkeypatch: py
     batch of the series is skipped without being tried, and the predictions stay."""
     import torch
 
-    import bpmem.measure_cell
-    from bpmem.config import Cell
+    import bpmem.measurement.cell
     from bpmem.strategies.registry import make_step
-    from bpmem.sweep import run_series
+    from bpmem.sweep.config import Cell
+    from bpmem.sweep.run import run_series
 
     tried, emptied = [], []
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
 
-    real = bpmem.measure_cell.measure
+    real = bpmem.measurement.cell.measure
 
     def out_of_memory(spec, step, device="cpu", **kwargs):
         if kwargs.get("fake"):  # the CUDA prediction's dry run, on fake tensors
@@ -169,7 +169,7 @@ def test_a_cuda_oom_releases_memory_and_skips_the_larger_batches(monkeypatch: py
         tried.append((step.batch_size, device))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(bpmem.measure_cell, "measure", out_of_memory)
+    monkeypatch.setattr(bpmem.measurement.cell, "measure", out_of_memory)
     from bpmem.spec import MLPSpec
 
     cells = [Cell(MLPSpec(depth=1), make_step(batch_size=batch), "cuda:0") for batch in (64, 128)]

@@ -181,13 +181,14 @@ def test_bad_usage_names_the_flag(run_dir: Path, argv: list[str], flag: str,
 
 @pytest.mark.slow
 def test_the_gpu_check_dry_run_passes_on_the_cpu(tmp_path: Path) -> None:
-    """``DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh``: the tiny config and split.toml
-    run, are checked against their predictions, and the summary holds both checks."""
+    """``DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh``: the tiny config and a split
+    config run, are checked against their predictions, and the summary holds both checks."""
     out = tmp_path / "gc"
-    # split.toml as shipped runs in test_shipped_configs.py; here the same strategies, smaller
+    # split.toml as shipped, every strategy, runs in test_shipped_configs.py; this test is of the
+    # script's steps and summary, so its split step runs the plain step and one torchrun cell
+    shipped = shrunk(tomllib.loads((REPO_ROOT / "benchmarks" / "configs" / "split.toml").read_text()))
     split = tmp_path / "split.toml"
-    split.write_text(toml_text.dumps(shrunk(tomllib.loads((REPO_ROOT / "benchmarks" / "configs" / "split.toml")
-                                                         .read_text()))))
+    split.write_text(toml_text.dumps(dict(shipped, strategies=["none", {"name": "ddp", "world_size": 2}])))
     env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(out), "PYTHON": sys.executable,
            "SPLIT_CONFIG": str(split)}
     done = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,

@@ -7,13 +7,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from bpmem.estimate import estimate
-from bpmem.measure_cell import measure, measure_training_peak, optimizer_state_tensors
-from bpmem.model import build, make_batch
+from bpmem.measurement.cell import measure, measure_training_peak, optimizer_state_tensors
+from bpmem.measurement.step import make_optimizer, train_step
+from bpmem.models.mlp import build, make_batch
+from bpmem.predict.estimate import estimate
 from bpmem.probes import CudaProbe, LiveTensorProbe, RssProbe, SavedTensorProbe, distinct_storage_bytes
 from bpmem.probes.common import storage_key
 from bpmem.spec import MLPSpec
-from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
 
 SMALL = MLPSpec(input_dim=12, hidden_dim=8, output_dim=5, depth=2)
@@ -131,7 +131,7 @@ def test_live_probe_does_not_change_how_autograd_accumulates() -> None:
     naive = _NaiveMode()
     with naive:
         opt.zero_grad(set_to_none=True)
-        from bpmem.step import forward_objective
+        from bpmem.measurement.step import forward_objective
 
         objective = forward_objective(SMALL, model, x, y)
         naive.ops.append("--backward--")
@@ -198,7 +198,7 @@ def test_cuda_measure_reports_allocator_peaks() -> None:
 def test_the_steps_own_allocator_peak_is_predicted_to_the_byte(optimizer: str) -> None:
     """max_memory_allocated less the workspace the allocator held before the step equals
     the dry run's peak on fake CUDA tensors in 512 B blocks (Adam's CPU step counters left out)."""
-    from bpmem.dry_run import predicted_cuda_allocated
+    from bpmem.predict.dry_run import predicted_cuda_allocated
 
     spec, step = MLPSpec(depth=2), make_step(batch_size=256, optimizer=optimizer)
     result = measure(spec, step, device="cuda")

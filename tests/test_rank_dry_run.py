@@ -1,4 +1,4 @@
-"""One rank's dry run, in a process group that does not communicate (bpmem.rank_dry_run): the
+"""One rank's dry run, in a process group that does not communicate (bpmem.predict.rank_dry_run): the
 pieces it adds to PyTorch's fake backend, checked in this process without torchrun. That the
 dry run's peaks equal torchrun's is checked in tests/test_distributed.py (slow)."""
 
@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from bpmem.rank_dry_run import p2p_works_hold_their_tensors, rank_peaks
+from bpmem.predict.rank_dry_run import p2p_works_hold_their_tensors, rank_peaks
 from bpmem.spec import MLPSpec
 from bpmem.strategies.registry import make_step
 from bpmem.torch_private import fake_process_group

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from bpmem.cli import main
-from bpmem.estimate import estimate
-from bpmem.graph import graph_svg
-from bpmem.report import report
+from bpmem.predict.estimate import estimate
+from bpmem.report.build import report
+from bpmem.report.graph import graph_svg
 from bpmem.spec import MLPSpec
 from bpmem.strategies.registry import make_step
 from bpmem.units import format_bytes

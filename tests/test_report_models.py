@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bpmem import report_models
-from bpmem.measure_cell import measure
+from bpmem.measurement.cell import measure
 from bpmem.models import gpt
-from bpmem.report import load
-from bpmem.report_models import (
+from bpmem.report import models as report_models
+from bpmem.report.build import load
+from bpmem.report.models import (
     _b,
     gpt_comparison,
     gpt_layer_shape,
@@ -25,8 +25,8 @@ from bpmem.report_models import (
     measured_layer_bytes,
     models_section,
 )
-from bpmem.report_text import _b as report_bytes
-from bpmem.report_text import write_markdown
+from bpmem.report.text import _b as report_bytes
+from bpmem.report.text import write_markdown
 from bpmem.spec import StepSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"

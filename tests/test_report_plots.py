@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-import bpmem.measure_cell
+import bpmem.measurement.cell
 from bpmem.cli import main
-from bpmem.plot_data import (
+from bpmem.report.build import load, load_timeline
+from bpmem.report.plot_data import (
     PHASE_WIDTHS,
     breakdown,
     pick_cell_where_strategies_differ,
     power_of_two_ticks,
     timeline_layout,
 )
-from bpmem.report import load, load_timeline
 
 SMALL = ('name = "small"\nbatch_sizes = [16, 64]\nmodes = ["train", "inference"]\n'
          'strategies = ["none", "checkpoint-sqrt", { name = "microbatch", microbatches = 2 }]\n'
@@ -113,7 +113,7 @@ def test_a_cell_that_waits_is_contended_and_its_overhead_is_not_reported(tmp_pat
     below its wall time, its row is time_contended, and the report's summary says
     "contended" instead of an overhead (the plain twin's pairs do not sleep, so a bare ratio
     would read as a large cost)."""
-    real_runner = bpmem.measure_cell._step_runner
+    real_runner = bpmem.measurement.cell._step_runner
 
     def step_runner(spec, step, device, seed):
         run = real_runner(spec, step, device, seed)
@@ -126,7 +126,7 @@ def test_a_cell_that_waits_is_contended_and_its_overhead_is_not_reported(tmp_pat
 
         return waiting_run
 
-    monkeypatch.setattr(bpmem.measure_cell, "_step_runner", step_runner)
+    monkeypatch.setattr(bpmem.measurement.cell, "_step_runner", step_runner)
     config = tmp_path / "contended.toml"
     config.write_text('name = "contended"\nbatch_sizes = [8]\nstrategies = ["none", "checkpoint-sqrt"]\nrepeats = 3\n'
                       'warmup = 1\n[model]\ndepth = 4\nhidden_dim = 32\ninput_dim = 16\n')

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_sweep import TINY
 
-import bpmem.sweep
+import bpmem.sweep.run
 from bpmem.cli import main, run
-from bpmem.results import ResultsFileError, ResultsWriteError, ResultsWriter, load_rows, read_results
+from bpmem.results.table import ResultsFileError, ResultsWriteError, ResultsWriter, load_rows, read_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,33 +95,24 @@ def test_the_writer_refuses_a_negative_count_before_writing_it(tmp_path: Path) -
     assert [(row["cell_id"], row["predicted_recompute_flops"]) for row in load_rows(path)] == [("a", "0"), ("c", "7")]
 
 
-SMALL = """
-name = "small"
-batch_sizes = [1, 2, 4]
-modes = ["train"]
-strategies = ["none"]
-repeats = 1
-warmup = 0
-[model]
-input_dim = 6
-hidden_dim = 5
-output_dim = 3
-depth = 1
-"""
+# test_sweep's tiny config, one strategy, one mode and one depth: three cells, one series each
+SMALL = (TINY.replace('modes = ["train", "inference"]', 'modes = ["train"]\nstrategies = ["none"]')
+         .replace("depth = [1, 2]", "depth = 1"))
+assert SMALL.count('strategies = ["none"]') == 1 and "depth = 1\n" in SMALL
 
 
 @pytest.mark.slow  # a (small) sweep
 def test_a_sweep_that_makes_a_bad_value_stops_there_with_exit_3(tmp_path: Path, monkeypatch, capsys) -> None:
     """The bug that once wrote predicted_recompute_flops = -406528, brought back: the sweep
     stops at that cell (exit 3, a bpmem bug) and the rows before it still read."""
-    real, made = bpmem.sweep.run_series, []
+    real, made = bpmem.sweep.run.run_series, []
 
     def corrupting(*args, **kwargs) -> Iterator[list[dict]]:
         for rows in real(*args, **kwargs):
             made.append(rows)
             yield [{**row, "predicted_recompute_flops": -406528} for row in rows] if len(made) == 2 else rows
 
-    monkeypatch.setattr(bpmem.sweep, "run_series", corrupting)
+    monkeypatch.setattr(bpmem.sweep.run, "run_series", corrupting)
     config, out = _file(tmp_path, SMALL, "small.toml"), tmp_path / "run"
     assert run(["run", "--config", str(config), "--out", str(out), "--quiet", "--no-report"]) == 3
     assert "predicted_recompute_flops is '-406528'" in capsys.readouterr().err

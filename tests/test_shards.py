@@ -10,8 +10,8 @@ import pytest
 import toml_text
 
 from bpmem.cli import main
-from bpmem.config import parse_config
-from bpmem.merge import Shard
+from bpmem.results.merge import Shard
+from bpmem.sweep.config import parse_config
 
 CONFIG = {"name": "grid", "batch_sizes": [1, 4], "modes": ["train", "inference"], "repeats": 1, "warmup": 0,
           "strategies": ["none", "checkpoint-sqrt"],

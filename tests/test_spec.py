@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bpmem.model import build, make_batch, regularizer, weight_matrices
+from bpmem.models.mlp import build, make_batch, regularizer, weight_matrices
 from bpmem.spec import MLPSpec, SpecError
 from bpmem.strategies.registry import make_step
 

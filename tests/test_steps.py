@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpmem.estimate import estimate
-from bpmem.measure_cell import measure, optimizer_state_tensors
-from bpmem.model import as_workload, build
+from bpmem.measurement.cell import measure, optimizer_state_tensors
+from bpmem.measurement.step import make_optimizer, train_step
+from bpmem.models.mlp import as_workload, build
+from bpmem.predict.estimate import estimate
 from bpmem.probes import distinct_storage_bytes
 from bpmem.probes.allocator import AllocatorTraceProbe
 from bpmem.spec import OPTIMIZERS, MLPSpec
-from bpmem.step import make_optimizer, train_step
 from bpmem.strategies.registry import make_step
 from tests.test_estimate import training_totals
 
@@ -147,7 +147,7 @@ AMP_CASES = [("bfloat16", "none"), ("float16", "none"), ("bfloat16", "checkpoint
 @pytest.mark.parametrize("amp,strategy", AMP_CASES)
 def test_mixed_precision_is_estimated_exactly_without_memory(amp: str, strategy: str) -> None:
     """The arithmetic does not model autocast yet, so the estimate runs the step on fake
-    tensors (bpmem.measure_cell.measure(fake=True)); float16 takes its GradScaler's step."""
+    tensors (bpmem.measurement.cell.measure(fake=True)); float16 takes its GradScaler's step."""
     spec = MLPSpec(depth=3, bias=True, activation="gelu")
     step = make_step(strategy, batch_size=16, optimizer="adam", amp=amp, optimizer_impl="foreach")
     fake, real = measure(spec, step, fake=True), measure(spec, step)
@@ -183,7 +183,7 @@ def test_the_cuda_prediction_rounds_every_storage_to_the_allocators_block() -> N
     block, as max_memory_allocated counts it; equal to a real run counted the same way.
     512 is PyTorch's, not bpmem's: the CUDA caching allocator rounds every block up to a
     multiple of kMinBlockSize = 512 (c10/cuda/CUDACachingAllocator.cpp)."""
-    from bpmem.dry_run import predicted_cuda_allocated
+    from bpmem.predict.dry_run import predicted_cuda_allocated
     from bpmem.probes.live import CUDA_BLOCK_BYTES, allocator_blocks
 
     block = 512  # kMinBlockSize

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-import bpmem.measure_cell
+import bpmem.measurement.cell
 from bpmem.cli import main
-from bpmem.config import DEFAULT_CONFIG_TOML, ConfigError, load_config, parse_config
 from bpmem.figures import PREDICTED_FIGURES
-from bpmem.results import BYTE_COLUMNS, ResultsWriter, columns, done_cells, read_results
+from bpmem.results.table import BYTE_COLUMNS, ResultsWriter, columns, done_cells, read_results
 from bpmem.strategies import registry
 from bpmem.strategies.base import ONE_DEVICE
+from bpmem.sweep.config import DEFAULT_CONFIG_TOML, ConfigError, load_config, parse_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,14 +136,14 @@ def test_default_out_makes_a_new_folder_each_time(tmp_path: Path, capsys, monkey
 
 @pytest.mark.slow
 def test_oom_marks_larger_batches_skipped_and_the_sweep_goes_on(tmp_path: Path, capsys, monkeypatch) -> None:
-    real = bpmem.measure_cell.measure
+    real = bpmem.measurement.cell.measure
 
     def measure_that_runs_out(spec, step, device="cpu", **kwargs):
         if step.batch_size >= 2 and spec.depth == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(spec, step, device=device, **kwargs)
 
-    monkeypatch.setattr(bpmem.measure_cell, "measure", measure_that_runs_out)
+    monkeypatch.setattr(bpmem.measurement.cell, "measure", measure_that_runs_out)
     out = tmp_path / "run"
     code, err = _run(["run", "--config", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
@@ -174,7 +174,7 @@ def test_an_error_becomes_a_row_with_its_message(tmp_path: Path, capsys, monkeyp
     def broken(spec, step, device="cpu", **kwargs):
         raise ValueError("the kernel was on strike")
 
-    monkeypatch.setattr(bpmem.measure_cell, "measure", broken)
+    monkeypatch.setattr(bpmem.measurement.cell, "measure", broken)
     out = tmp_path / "run"
     assert _run(["run", "--config", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet"], capsys)[0] == 0
     frame = read_results(out / "results.csv")
@@ -262,11 +262,17 @@ def test_resume_refuses_another_config(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.slow
 def test_the_default_sweep_as_shipped(tmp_path: Path, capsys) -> None:
-    """`bpmem run` with no config, on the CPU: every cell ok, every byte column an integer,
-    and every row's every predicted figure equal to the measured one, to the byte: the peaks
-    of the checkpointed and hvp rows too (a dry run's; the arithmetic's upper estimate is off
-    by -16% to +56% on 64 of the 140 rows), and the recomputed FLOPs of every train row."""
-    code, err = _run(["run", "--out", str(tmp_path / "default"), "--quiet"], capsys)
+    """The default sweep's grid as shipped, on the CPU: every cell ok, every byte column an
+    integer, and every row's every predicted figure equal to the measured one, to the byte:
+    the peaks of the checkpointed and hvp rows too (a dry run's; the arithmetic's upper
+    estimate is off by -16% to +56% on 64 of the 140 rows), and the recomputed FLOPs of every
+    train row. Timed once per cell: the bytes do not depend on the timing, which
+    test_timing.py holds (``bpmem run`` with no config, timing and all, is the README's
+    first command and the committed reports/example)."""
+    bytes_only = DEFAULT_CONFIG_TOML.replace("repeats = 2\nwarmup = 1\n", "repeats = 1\nwarmup = 0\ntiming_cap_s = 0\n")
+    assert bytes_only != DEFAULT_CONFIG_TOML
+    code, err = _run(["run", "--config", str(_write(tmp_path, bytes_only)), "--out", str(tmp_path / "default"),
+                      "--quiet"], capsys)
     assert code == 0, err
     frame = pd.read_csv(tmp_path / "default" / "results.csv")
     assert len(frame) == len(load_config(None).cells()) == 140
@@ -299,7 +305,7 @@ def test_an_interrupt_swallowed_by_a_finalizer_still_stops_the_sweep(tmp_path: P
     must still stop the sweep at the next row (the cause of a flaky interrupt test)."""
     import weakref
 
-    from bpmem.sweep import _Guard
+    from bpmem.sweep.run import _Guard
 
     class Anything:
         pass

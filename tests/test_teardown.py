@@ -10,7 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = """
 import os, signal, threading, time
-from bpmem.teardown import sigterm_held
+from bpmem.sweep.teardown import sigterm_held
 threading.Thread(target=time.sleep, args=(5,), daemon=True).start()  # as gloo's and OpenMP's
 with sigterm_held():
     os.kill(os.getpid(), signal.SIGTERM)

@@ -12,9 +12,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bpmem.report_text import summary_section
-from bpmem.timing import CONTENDED_BELOW, Clocks, StepTime, contended, plain_columns, time_samples
-from bpmem.timing_pairs import (
+from bpmem.measurement.timing import CONTENDED_BELOW, Clocks, StepTime, contended, plain_columns, time_samples
+from bpmem.measurement.timing_pairs import (
     MAX_PAIRS,
     MAX_TIMED_SECONDS,
     Paired,
@@ -24,6 +23,7 @@ from bpmem.timing_pairs import (
     paired_overhead,
     time_pairs,
 )
+from bpmem.report.text import summary_section
 from tests.toml_text import run_sweep
 
 
@@ -221,41 +221,41 @@ def _tiny() -> tuple[Any, Any]:
 def test_time_steps_pairs_a_strategy_with_its_plain_twin(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real steps of a tiny MLP (milliseconds): a strategy's step goes through time_pairs with
     the sweep's warm-up and repeats, and its row gets the paired columns; the plain step's does not."""
-    import bpmem.measure_cell
+    import bpmem.measurement.cell
 
     spec, step = _tiny()
     seen: list[Any] = []
-    real = bpmem.measure_cell.time_pairs
+    real = bpmem.measurement.cell.time_pairs
 
     def spy(plain: Any, strategy: Any, warmup: int, repeats: int, devices: Any = (),
             max_seconds: float = MAX_TIMED_SECONDS) -> Paired:
         seen.append((warmup, repeats, list(devices), max_seconds))
         return real(plain, strategy, warmup, repeats, devices, max_pairs=6)
 
-    monkeypatch.setattr(bpmem.measure_cell, "time_pairs", spy)
-    columns = bpmem.measure_cell.time_steps(spec, step, "cpu", warmup=0, repeats=1)
+    monkeypatch.setattr(bpmem.measurement.cell, "time_pairs", spy)
+    columns = bpmem.measurement.cell.time_steps(spec, step, "cpu", warmup=0, repeats=1)
     assert seen == [(0, 1, ["cpu"], MAX_TIMED_SECONDS)] and columns["time_pairs"] == 6
     assert columns["time_overhead_low"] <= columns["time_overhead"] <= columns["time_overhead_high"]
     assert columns["time_contended"] in (True, False) and columns["step_cpu_time_median_s"] >= 0
     from bpmem.strategies.base import NoStrategy
 
-    plain = bpmem.measure_cell.time_steps(spec, step.replace(strategy=NoStrategy()), "cpu", warmup=0, repeats=2)
+    plain = bpmem.measurement.cell.time_steps(spec, step.replace(strategy=NoStrategy()), "cpu", warmup=0, repeats=2)
     assert len(seen) == 1 and "time_overhead" not in plain  # the plain step is timed alone
     assert plain["time_contended"] in (True, False) and plain["step_time_median_s"] > 0
 
 
 def test_a_timing_cap_of_zero_times_exactly_the_sweeps_repeats() -> None:
     """``timing_cap_s = 0`` in a config: no pairs beyond ``repeats``, however wide the interval."""
-    import bpmem.measure_cell
+    import bpmem.measurement.cell
 
     spec, step = _tiny()
-    columns = bpmem.measure_cell.time_steps(spec, step, "cpu", warmup=0, repeats=2, max_seconds=0)
+    columns = bpmem.measurement.cell.time_steps(spec, step, "cpu", warmup=0, repeats=2, max_seconds=0)
     assert columns["time_pairs"] == 2
 
 
 @pytest.mark.parametrize("value", [-1, "soon", True, float("inf")])
 def test_a_bad_timing_cap_names_the_key(value: Any) -> None:
-    from bpmem.config import ConfigError, parse_config
+    from bpmem.sweep.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match=r"timing_cap_s: .* allowed: a number of seconds >= 0"):
         parse_config({"timing_cap_s": value})
@@ -265,14 +265,14 @@ def test_a_bad_timing_cap_names_the_key(value: Any) -> None:
 def test_a_plain_twin_out_of_memory_times_the_strategy_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import bpmem.measure_cell
+    import bpmem.measurement.cell
 
     def out_of_memory(*args: Any, **kwargs: Any) -> Paired:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(bpmem.measure_cell, "time_pairs", out_of_memory)
+    monkeypatch.setattr(bpmem.measurement.cell, "time_pairs", out_of_memory)
     spec, step = _tiny()
-    columns = bpmem.measure_cell.time_steps(spec, step, "cpu", warmup=0, repeats=3)
+    columns = bpmem.measurement.cell.time_steps(spec, step, "cpu", warmup=0, repeats=3)
     assert "time_overhead" not in columns and columns["step_time_median_s"] > 0  # timed alone, not an oom row
     assert judge(columns.get("time_overhead"), None, None, columns["time_contended"]).text() == "not paired"
 

@@ -305,7 +305,7 @@ def test_the_checker_flags_torch_internals_and_nothing_of_bpmems_own() -> None:
         "import_module('torch._inductor.compile_fx')\n")
     assert [entry.split(":")[0] for entry in flagged] == [str(line) for line in range(2, 12)]
     assert private_torch_uses(
-        "import torch\nimport bpmem.model\ntorch.__version__\ntorch.utils.checkpoint.checkpoint\n"
+        "import torch\nimport bpmem.models.mlp\ntorch.__version__\ntorch.utils.checkpoint.checkpoint\n"
         "self._probe._on_op(x)\nbpmem.model._ACTIVATION_MODULES\n_storage_id_or_none(t)\nself._base\n"
         "x = '''torch._C._docstring'''\nimport_module('torch.distributed.fsdp')\n") == []
 

@@ -16,7 +16,7 @@ from types import ModuleType
 import pytest
 
 import bpmem.cli
-import bpmem.measure_cell
+import bpmem.measurement.cell
 from bpmem.cli import main
 from bpmem.cli.options import field_message
 
@@ -239,14 +239,14 @@ def test_a_bpmem_bug_under_a_user_model_is_still_exit_3(user_module: Path, monke
                                                         capsys) -> None:
     """bpmem's measurement raises (a C function it calls refuses its arguments, so the
     innermost Python frame is bpmem's): a bug, whatever the model."""
-    monkeypatch.setattr(bpmem.measure_cell, "inference_step", {}.__getitem__)
+    monkeypatch.setattr(bpmem.measurement.cell, "inference_step", {}.__getitem__)
     code = bpmem.cli.run(["measure", *_flags("linear")])
     err = capsys.readouterr().err
     assert code == 3 and "internal error: TypeError" in err and "a bug in bpmem" in err, err
 
 
 def test_with_the_mlp_nothing_is_the_users(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setattr(bpmem.measure_cell, "inference_step", {}.__getitem__)
+    monkeypatch.setattr(bpmem.measurement.cell, "inference_step", {}.__getitem__)
     assert bpmem.cli.run(["measure", "--batch-size", "2"]) == 3
 
 
@@ -258,8 +258,8 @@ def test_only_bpmems_own_field_errors_become_a_flag() -> None:
     with pytest.raises(ValueError) as users:
         module.check()
     assert field_message(users.value) is None
+    from bpmem.models.user_model import UserModel
     from bpmem.strategies.registry import make_step
-    from bpmem.user_model import UserModel
 
     step = make_step(strategy="model-parallel", world_size=2)
     with pytest.raises(ValueError) as bpmems:

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from bpmem.cli import main
-from bpmem.estimate import estimate
 from bpmem.figures import PREDICTED_FIGURES
-from bpmem.measure_cell import DataDependentModel, measure
+from bpmem.measurement.cell import DataDependentModel, measure
+from bpmem.models.user_model import TensorShape, UserModel, UserModelError
+from bpmem.predict.estimate import estimate
 from bpmem.spec import MLPSpec
 from bpmem.strategies.registry import make_step
-from bpmem.user_model import TensorShape, UserModel, UserModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT = UserModel("bpmem.models.gpt:make_gpt", data="bpmem.models.gpt:make_batch", blocks_path="blocks")
@@ -188,7 +188,7 @@ def test_a_sweep_of_your_own_model_predicts_every_row(tmp_path: Path, capsys) ->
 
 def test_two_model_tables_are_two_grids(tmp_path: Path) -> None:
     """[[model]] twice: each model with its own factory and data, cells one grid after the other."""
-    from bpmem.config import load_config
+    from bpmem.sweep.config import load_config
 
     text = SWEEP.replace("[model]\n", "[[model]]\n") + (
         '\n[[model]]\nfactory = "bpmem.models.resnet:make_resnet"\ndata = "bpmem.models.resnet:make_batch"\n')
@@ -222,7 +222,7 @@ def test_a_split_strategy_on_your_own_model_is_refused_only_where_it_splits_the_
                                                                                           capsys) -> None:
     """tensor-parallel splits the MLP's Linear pairs: refused before any output; ddp splits any
     model (it runs, one row per rank: tests/test_user_model_split.py)."""
-    from bpmem.config import load_config
+    from bpmem.sweep.config import load_config
 
     config = tmp_path / "split.toml"
     config.write_text(SWEEP.replace('strategies = ["none", "checkpoint-sqrt"]', 'strategies = ["tensor-parallel"]'))
@@ -258,7 +258,7 @@ def test_a_transformer_encoder_with_dropout_is_estimated_exactly() -> None:
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="known gap: the fake run takes another kernel than the CPU does; "
-                                       "measure these models (README, Your own model)")
+                                       "measure these models (docs/own-models.md)")
 @pytest.mark.parametrize("name", list(KNOWN_DIVERGENT))
 def test_models_whose_estimate_is_known_to_differ(name: str) -> None:
     step = make_step(batch_size=8, optimizer="adam")

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from bpmem.cli import main
-from bpmem.config import ConfigError, parse_config
-from bpmem.estimate import estimate_ranks
-from bpmem.launch import cell_from_json, cell_json, launch
-from bpmem.measure_cell import measure
+from bpmem.measurement.cell import measure
+from bpmem.models.user_model import TensorShape, UserModel
+from bpmem.predict.estimate import estimate_ranks
 from bpmem.strategies.registry import make_step
 from bpmem.strategies.user_split import fsdp_units, owned_indices, skeleton
-from bpmem.user_model import TensorShape, UserModel
+from bpmem.sweep.config import ConfigError, parse_config
+from bpmem.sweep.launch import cell_from_json, cell_json, launch
 from tests.toml_text import run_sweep
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_your_own_models_fsdp_and_pipeline_peaks_are_predicted_by_a_dry_run_of_e
     runs read 7,476,344 B against 7,208,056 B with Adam. The worker reports the least peak of
     5 steps, the dry run's early figure; the late one (``release_late``) is the only other
     figure the race can give, so either passes here; on the Sequential they are the same."""
-    from bpmem.rank_dry_run import rank_peaks
+    from bpmem.predict.rank_dry_run import rank_peaks
 
     checked = 0
     for index, (model, step) in enumerate(CASES):
@@ -123,7 +123,7 @@ def test_your_own_models_fsdp_and_pipeline_peaks_are_predicted_by_a_dry_run_of_e
 @pytest.mark.slow
 def test_the_gpt_fsdp_race_is_one_all_gather_buffer_and_the_late_release_shows_it() -> None:
     """The two figures differ on the GPT with Adam: when the buffers go late, the peak rises."""
-    from bpmem.rank_dry_run import rank_peaks
+    from bpmem.predict.rank_dry_run import rank_peaks
 
     model, step = CASES[1]
     early, late = rank_peaks(model, step), rank_peaks(model, step, release_late=True)

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from bpmem.analytic.planner import Segment
-from bpmem.model import MLP, as_workload
+from bpmem.measurement.step import forward_objective, train_step
+from bpmem.models.mlp import MLP, as_workload
+from bpmem.models.workload import Workload
 from bpmem.probes import LiveTensorProbe, SavedTensorProbe
 from bpmem.spec import MLPSpec
-from bpmem.step import forward_objective, train_step
 from bpmem.strategies.checkpointing import SegmentStrategy
-from bpmem.workload import Workload
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def _loss_bytes(rows: int, classes: int, itemsize: int = F32) -> int:
     return rows * classes * itemsize + rows * I64 + itemsize
 
 
-def _saved(model: nn.Module, step) -> bpmem.api.Measurement:  # type: ignore[name-defined]
+def _saved(model: nn.Module, step) -> bpmem.measurement.api.Measurement:  # type: ignore[name-defined]
     with bpmem.measure(model) as m:
         step()
     return m

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bpmem.figures import PREDICTED_FIGURES
-from bpmem.measure_cell import measure
+from bpmem.measurement.cell import measure
+from bpmem.models.user_model import TensorShape, UserModel
 from bpmem.strategies.registry import make_step
-from bpmem.user_model import TensorShape, UserModel
 
 
 def _shapes(factory: str, inputs: str, target: str, loss: str = "cross_entropy") -> UserModel:
@@ -103,7 +103,7 @@ def test_every_strategy_that_applies_is_estimated_exactly(name: str, strategy: s
 @pytest.mark.parametrize("strategy", [pytest.param("checkpoint-layer", marks=pytest.mark.slow), "checkpoint-sqrt"])
 def test_checkpointing_blocks_inside_the_models_forward_keeps_its_gradients(strategy: str) -> None:
     """--blocks transformer.h style: the GPT's own forward runs, its blocks checkpointed."""
-    from bpmem.step import forward_objective
+    from bpmem.measurement.step import forward_objective
     from bpmem.strategies.checkpointing import SegmentStrategy
 
     runtime = make_step(strategy, batch_size=2).strategy.runtime(GPT, make_step(strategy, batch_size=2))

@@ -11,24 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class Term:
-    """One named part of a breakdown: its bytes, the formula that gave them, and why."""
-
-    name: str
-    bytes: int
-    formula: str
-    source: str
-
-
-@dataclass(frozen=True)
-class Event:
-    """One step of a timeline: after ``op`` in ``phase``, ``live_bytes`` are alive."""
-
-    op: str
-    phase: str
-    live_bytes: int
+from bpmem.figures import Event, Term  # noqa: F401 - re-exported: the ledger's records
 
 
 @dataclass(frozen=True)
@@ -60,7 +43,7 @@ class Ledger:
     peak_phase: str = ""
     phase: str = "outside"
     events: list[Event] = field(default_factory=list)
-    # with a list here, every allocation and free in order (a memory trace: bpmem.memory_trace)
+    # with a list here, every allocation and free in order (a memory trace: bpmem.measurement.memory_trace)
     allocations: list[Allocation] | None = None
 
     def alloc(self, key: Hashable, nbytes: int, category: str | None = None, record: bool = True,

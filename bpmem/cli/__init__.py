@@ -22,9 +22,9 @@ from bpmem.cli.model_commands import cmd_estimate, cmd_measure
 from bpmem.cli.options import FIGURES_HELP, RUN_HELP, Parser, add_model_flags, fail, fail_field, shard_type
 from bpmem.cli.run_commands import cmd_check, cmd_graph, cmd_report, cmd_run
 from bpmem.figures import ALIASES as FIGURE_ALIASES
+from bpmem.models.user_model import UserCodeError, UserModelError, user_code_error
 from bpmem.spec import InfeasibleBudget, SpecError
 from bpmem.strategies import registry
-from bpmem.user_model import UserCodeError, UserModelError, user_code_error
 
 __all__ = ["build_parser", "main", "run", "add_model_flags"]
 

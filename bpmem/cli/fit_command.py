@@ -51,7 +51,7 @@ def _why_not(model: object, step: StepSpec, device_kind: str, error: str) -> str
     which may be PyTorch's or the model's and name no flag: the first batch's estimate is run
     again so that its exception, traceback and all, goes to bpmem.cli.main, which tells the
     model's error from bpmem's check; a check's "field: why" becomes that field's flag."""
-    from bpmem.fit import predicted_peak
+    from bpmem.predict.fit import predicted_peak
 
     try:
         predicted_peak(model, dataclasses.replace(step, batch_size=1), device_kind)
@@ -63,10 +63,10 @@ def _why_not(model: object, step: StepSpec, device_kind: str, error: str) -> str
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from bpmem.environment import environment
-    from bpmem.fit import fit
+    from bpmem.predict.fit import fit
     from bpmem.strategies import registry
     from bpmem.strategies.base import ONE_DEVICE
+    from bpmem.sweep.environment import environment
 
     try:
         memory = parse_bytes(args.memory)

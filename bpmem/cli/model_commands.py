@@ -23,9 +23,9 @@ from bpmem.units import format_bytes
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from bpmem.dry_run import estimate_exactly
-    from bpmem.environment import environment
-    from bpmem.estimate import estimate
+    from bpmem.predict.dry_run import estimate_exactly
+    from bpmem.predict.estimate import estimate
+    from bpmem.sweep.environment import environment
 
     spec, step = specs_from_args(args)
     if args.arithmetic and not isinstance(spec, MLPSpec):  # never a silent dry run where arithmetic was asked
@@ -75,8 +75,8 @@ def _most_per_device(ranks: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> int:
-    from bpmem.environment import environment
-    from bpmem.estimate import estimate_ranks
+    from bpmem.predict.estimate import estimate_ranks
+    from bpmem.sweep.environment import environment
 
     try:
         ranks = [figures.to_dict() for figures in estimate_ranks(spec, step)]
@@ -106,13 +106,13 @@ def _estimate_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec) -> 
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from bpmem.environment import environment
-    from bpmem.measure_cell import is_out_of_memory, measure
+    from bpmem.measurement.cell import measure
+    from bpmem.sweep.environment import environment
 
     spec, step = specs_from_args(args)
     device = args.device
-    if device.startswith("cuda"):  # where it runs: bpmem.placement, as in a sweep
-        from bpmem.placement import ONE_DEVICE, Machine, devices_here, parse_device, place
+    if device.startswith("cuda"):  # where it runs: bpmem.strategies.placement, as in a sweep
+        from bpmem.strategies.placement import ONE_DEVICE, Machine, devices_here, parse_device, place
 
         try:
             parse_device(device)
@@ -132,14 +132,10 @@ def cmd_measure(args: argparse.Namespace) -> int:
         return _measure_split(args, spec, step, device)
     try:
         measured = measure(spec, step, device=device, rss=args.rss, trace=args.trace is not None)
-    except ValueError as error:  # a step measure cannot run says why, naming the field (--amp with --dtype)
-        if (message := field_message(error)) is None:
+    except Exception as error:
+        if (message := _refusal(spec, step, device, error)) is None:
             raise
         return fail(args.prog, message)
-    except Exception as error:  # an allocation that failed is the user's size, not a crash
-        if not is_out_of_memory(error):
-            raise
-        return fail(args.prog, _out_of_memory(spec, step, device, error))
     result = {k: v for k, v in measured.to_dict().items() if k != "timeline"}
     write_trace(args, measured.trace)
     if args.json:
@@ -150,11 +146,22 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refusal(spec: MLPSpec, step: StepSpec, device: str, error: Exception) -> str | None:
+    """The one-line message for an exception that is the user's input, not bpmem's bug, or None:
+    a step the strategy or the options cannot run names its field (``--amp`` with ``--dtype``,
+    a split that does not fit the model); an allocation that failed is the user's size."""
+    from bpmem.measurement.cell import is_out_of_memory
+
+    if isinstance(error, ValueError):
+        return field_message(error)
+    return _out_of_memory(spec, step, device, error) if is_out_of_memory(error) else None
+
+
 def _out_of_memory(spec: MLPSpec, step: StepSpec, device: str, error: BaseException) -> str:
     """One line: the step did not fit, what it needs by the estimate, and what to change."""
     import gc
 
-    from bpmem.estimate import estimate
+    from bpmem.predict.estimate import estimate
 
     gc.collect()
     if device.startswith("cuda"):
@@ -173,26 +180,21 @@ def _out_of_memory(spec: MLPSpec, step: StepSpec, device: str, error: BaseExcept
 
 def _measure_split(args: argparse.Namespace, spec: MLPSpec, step: StepSpec, device: str) -> int:
     """model-parallel runs here, one row per stage; the others need one process per rank."""
-    from bpmem.environment import environment
+    from bpmem.sweep.environment import environment
 
     if step.strategy.placement != DEVICES:
         return fail(args.prog, f"argument --strategy: {step.strategy.name} runs one process per rank; run it with "
                                 f"`torchrun --nproc-per-node {step.world_size} -m bpmem.worker --cell JSON --out "
                                 "rows.json`, or in a `bpmem run` config; allowed here: model-parallel and the "
                                 "single-device strategies")
-    from bpmem.measure_cell import is_out_of_memory
 
     try:
         stages = [stage.to_dict(drop_none=False)
                   for stage in step.strategy.measure_stages(spec, step, device, warmup=1, repeats=3)]
-    except ValueError as error:  # a strategy that cannot split this model says why, naming the field
-        if (message := field_message(error)) is None:
+    except Exception as error:
+        if (message := _refusal(spec, step, device, error)) is None:
             raise
         return fail(args.prog, message)
-    except Exception as error:  # an allocation that failed is the user's size, not a crash
-        if not is_out_of_memory(error):
-            raise
-        return fail(args.prog, _out_of_memory(spec, step, device, error))
     if args.json:
         print_json({**_most_per_device(stages), "ranks": stages, "config": echo_config(spec, step, device),
                     "environment": environment(device)})

@@ -84,7 +84,7 @@ def budget_type(text: str) -> float | int:
 
 
 def shard_type(text: str) -> Any:
-    from bpmem.merge import Shard
+    from bpmem.results.merge import Shard
 
     try:
         return Shard.parse(text)
@@ -103,7 +103,7 @@ def non_negative_float(text: str) -> float:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The model and step flags (README, "The commands"); defaults are the seed's network."""
+    """The model and step flags (docs/commands.md); defaults are the seed's network."""
     d, t = MLPSpec(), StepSpec()
     g = parser.add_argument_group("model (defaults: the seed's 784-256-10 network on MNIST-sized data)")
     g.add_argument("--input-dim", type=positive_int, default=d.input_dim, metavar="D", help="input features d")
@@ -118,7 +118,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="l(o, y); none (with --model): the model's output is the scalar loss")
     g.add_argument("--l2", type=non_negative_float, default=d.l2, metavar="LAMBDA",
                    help="lambda of s = lambda/2 * sum ||W||_F^2; 0 builds no regulariser at all")
-    g = parser.add_argument_group("your own model (instead of the MLP; README, \"Your own model\")")
+    g = parser.add_argument_group("your own model (instead of the MLP; docs/own-models.md)")
     g.add_argument("--model", default="mlp", metavar="MODULE:FACTORY",
                    help="FACTORY(**kwargs) returns an nn.Module, e.g. bpmem.models.gpt:make_gpt (default: mlp, "
                         "the seed's network, shaped by the flags above)")
@@ -177,7 +177,7 @@ def specs_from_args(args: argparse.Namespace) -> tuple[Any, StepSpec]:
 
 def user_model_from_args(args: argparse.Namespace) -> Any:
     """The ``UserModel`` the --model flags name, or None for the MLP; ``UserModelError`` names a flag."""
-    from bpmem.user_model import TensorShape, UserModel, UserModelError
+    from bpmem.models.user_model import TensorShape, UserModel, UserModelError
 
     values = vars(args)
     if values.get("model", "mlp") == "mlp":
@@ -244,7 +244,7 @@ def field_message(error: ValueError) -> str | None:
     """A bpmem check's "field: why; allowed: ..." as an error on that field's flag; None for
     any other ValueError (PyTorch's, the user's), whose text names no flag and must not be
     cut at its first ": " as if it did."""
-    from bpmem.user_model import raised_by_bpmem
+    from bpmem.models.user_model import raised_by_bpmem
 
     field, sep, rest = str(error).partition(": ")
     if not sep or field not in _FLAG_FIELDS or not raised_by_bpmem(error):
@@ -289,7 +289,7 @@ def write_trace(args: argparse.Namespace, snapshot: dict[str, Any] | None) -> No
     """Write ``--trace``'s file (if asked for) and say how to open it, on stderr."""
     if getattr(args, "trace", None) is None or not snapshot:
         return
-    from bpmem.memory_trace import write_snapshot
+    from bpmem.measurement.memory_trace import write_snapshot
 
     path = write_snapshot(args.trace, snapshot)
     print(f"{args.prog}: wrote {path}; open it with: python -m torch.cuda._memory_viz trace_plot {path} "

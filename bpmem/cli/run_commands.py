@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from bpmem.cli.options import fail, specs_from_args
 
 if TYPE_CHECKING:
-    from bpmem.check import Rule
+    from bpmem.results.check import Rule
 
 
 def _latest_run(root: Path, name: str) -> Path | None:
@@ -22,8 +22,8 @@ def _latest_run(root: Path, name: str) -> Path | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from bpmem.config import ConfigError, load_config, resolve_devices
-    from bpmem.sweep import run_sweep
+    from bpmem.sweep.config import ConfigError, load_config, resolve_devices
+    from bpmem.sweep.run import run_sweep
 
     try:
         config = load_config(args.config)
@@ -116,7 +116,7 @@ def _new_run_folder(asked: Path | None, default: Path, overwrite: bool) -> Path:
 
 
 def _report(directory: Path, quiet: bool) -> Path:
-    from bpmem.report import report
+    from bpmem.report.build import report
 
     path = report(directory)
     if not quiet:
@@ -125,8 +125,8 @@ def _report(directory: Path, quiet: bool) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bpmem.merge import merge_runs
-    from bpmem.results import ResultsFileError
+    from bpmem.results.merge import merge_runs
+    from bpmem.results.table import ResultsFileError
 
     for folder in args.directory:
         if not (folder / "results.csv").exists():
@@ -151,8 +151,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bpmem.check import CheckInputError, RuleError, compare, parse_rule, render
-    from bpmem.merge import results_path
+    from bpmem.results.check import CheckInputError, RuleError, compare, parse_rule, render
+    from bpmem.results.merge import results_path
 
     if args.predicted and (args.baseline or args.results):
         return fail(args.prog, "argument --predicted: not allowed with --baseline/--results (one checks a run "
@@ -186,8 +186,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_predicted(args: argparse.Namespace, rules: list[Rule]) -> int:
     """``bpmem check --predicted``: 1 when a figure is off its prediction by more than its rule."""
-    from bpmem.check import CheckInputError
-    from bpmem.predicted_check import compare_predicted, render_predicted
+    from bpmem.results.check import CheckInputError
+    from bpmem.results.predicted_check import compare_predicted, render_predicted
 
     try:
         comparison = compare_predicted(args.predicted, rules, strict=args.strict)
@@ -198,7 +198,7 @@ def _check_predicted(args: argparse.Namespace, rules: list[Rule]) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from bpmem.graph import write_graph
+    from bpmem.report.graph import write_graph
     from bpmem.spec import StepSpec
     from bpmem.strategies import registry
     from bpmem.strategies.base import ONE_DEVICE

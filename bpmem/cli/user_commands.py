@@ -18,9 +18,9 @@ from bpmem.strategies.base import SplitConfig
 
 def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, device: str, fake: bool) -> int:
     """Estimate (``fake``) or measure one step of a user model; print a table or --json."""
-    from bpmem.environment import environment
-    from bpmem.measure_cell import DataDependentModel, is_out_of_memory, measure
-    from bpmem.user_model import UserModelError
+    from bpmem.measurement.cell import DataDependentModel, is_out_of_memory, measure
+    from bpmem.models.user_model import UserModelError
+    from bpmem.sweep.environment import environment
 
     if isinstance(step.strategy, SplitConfig):
         return _split_step(args, workload, step, fake)
@@ -59,7 +59,7 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
 def _split_step(args: argparse.Namespace, workload: Any, step: StepSpec, fake: bool) -> int:
     """A split strategy on your own model: what it cannot split is said here, in one line
     (exit 2); what it can runs one process per rank, which is torchrun's or a sweep's job."""
-    from bpmem.user_model import UserModelError
+    from bpmem.models.user_model import UserModelError
 
     try:
         step.strategy.check(workload, step)

@@ -1,7 +1,16 @@
-"""Example models for ``--model``: small, written here, no downloads.
+"""Models: the seam every model passes through, the MLP, the user's own models, and the zoo.
+
+- ``workload``: what a strategy and a probe need from a model, whoever wrote it;
+- ``mlp``: the textbook MLP that ``--depth`` and ``--width`` describe;
+- ``user_model``: ``--model file.py:factory`` loaded, given data, and its errors told apart;
+- ``backprop``: the seed's forward and backward pass written out by hand, as a check;
+- the zoo below: example models for ``--model``, small, written here, no downloads.
 
 - ``bpmem.models.gpt:make_gpt`` with ``bpmem.models.gpt:make_batch``: a GPT-style decoder
   (tied token embedding, causal self-attention, MLP, LayerNorm); blocks at ``blocks``.
 - ``bpmem.models.resnet:make_resnet`` with ``bpmem.models.resnet:make_batch``: a small ResNet
   (Conv, BatchNorm, residual adds); an ``nn.Sequential``, so its children are its blocks.
 """
+
+# the zoo's modules: an exception raised in them is reported as a user model's would be
+ZOO_MODULES: tuple[str, ...] = ("gpt", "resnet")

@@ -1,7 +1,8 @@
 """Probes: four ways to watch one step's memory, behind one small protocol.
 
 Every probe is a context manager. Enter it around the work, then read ``result()``, a
-dict of integer byte figures named as in the README's table of figures. Each probe says what it cannot see.
+dict of integer byte figures named as in ``bpmem.figures`` (docs/results-csv.md lists them).
+Each probe says what it cannot see.
 
 - ``SavedTensorProbe``: what autograd keeps for backward (``saved_tensors_hooks``).
 - ``LiveTensorProbe``: every tensor storage an aten op creates, until it dies (a

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bpmem.tracking import storage_id
+from bpmem.probes.tracking import storage_id
 
 
 def storage_id_or_none(tensor: torch.Tensor) -> int | None:

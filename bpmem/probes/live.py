@@ -67,7 +67,7 @@ class _Tracked:
     op: str = ""
     aliases: int | None = None  # None: tracked by its storage object; else live alias count
     module: str = ""  # the module running when it was made (with ``module_of``)
-    role: str = ""  # what it turned out to be, set later by bpmem.api: "gradients", "optimizer"
+    role: str = ""  # what it turned out to be, set later by bpmem.measurement.api: "gradients", "optimizer"
 
 
 _PROBE_IDS = itertools.count()

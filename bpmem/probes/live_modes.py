@@ -56,12 +56,5 @@ def graph_hooks_set_aside() -> Iterator[None]:
     every ``grad_fn`` it reads) and compile other graphs than an unwatched step runs. The
     compiled function's outputs are hooked all the same, by the first op after it, whose
     graph walk reaches back through the compiled node."""
-    set_aside = []
-    while isinstance(FUNCTION_MODES.top(), GraphHookMode):
-        set_aside.append(FUNCTION_MODES.top())
-        FUNCTION_MODES.pop()
-    try:
+    with FUNCTION_MODES.set_aside_while(lambda top: isinstance(top, GraphHookMode)):
         yield
-    finally:
-        for mode in reversed(set_aside):
-            FUNCTION_MODES.push(mode)

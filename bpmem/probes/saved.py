@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from bpmem.probes.common import is_leaf_param, local_tensor, storage_key
+from bpmem.probes.tracking import SAVED
 from bpmem.torch_private import running_backward
-from bpmem.tracking import SAVED
 
 
 def _reentrant_backward_code() -> CodeType | None:
@@ -123,7 +123,7 @@ class SavedTensorProbe:
         return alive is not None and alive() is not None
 
     def on_pack(self, tensor: torch.Tensor, packed: Any) -> None:
-        """A pack event from ``bpmem.tracking.SAVED``, which every active probe hears."""
+        """A pack event from ``bpmem.probes.tracking.SAVED``, which every active probe hears."""
         key = storage_key(tensor)
         if key in self._excluded or (self._exclude_leaf_params and is_leaf_param(tensor)):
             return

@@ -2,7 +2,7 @@
 chain of blocks, and the micro-batch marker ``train_step`` loops on.
 
 The chain is the workload's ``blocks``. For the MLP, unit j of the ``nn.Sequential`` built by
-``bpmem.model.build`` is modules [2j, 2j+2): a Linear and its activation; the last unit is
+``bpmem.models.mlp.build`` is modules [2j, 2j+2): a Linear and its activation; the last unit is
 the output Linear alone, so there are depth + 1 units. Where the chain is the whole model (the
 MLP, a user's ``nn.Sequential``) the runtime runs it segment by segment. Where the blocks sit
 inside the model's own forward (a ``ModuleList`` named by ``--blocks``), the model runs its own
@@ -18,22 +18,14 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from bpmem.analytic.planner import Segment, describe
-from bpmem.model import units
-
-
-class Strategy(Protocol):
-    name: str
-
-    def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor: ...
-
-    def params(self) -> dict[str, Any]: ...
+from bpmem.models.mlp import units
 
 
 def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:

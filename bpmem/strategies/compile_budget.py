@@ -58,9 +58,9 @@ class CompileBudget(StrategyConfig):
     def _partitioner_plan_on_fake_cpu(self, spec: MLPSpec, step: StepSpec) -> tuple[int, int]:
         import warnings
 
-        from bpmem.model import as_workload
+        from bpmem.measurement.step import forward_objective
+        from bpmem.models.mlp import as_workload
         from bpmem.probes import SavedTensorProbe
-        from bpmem.step import forward_objective
         from bpmem.torch_private import fake_tensor_mode
 
         b, workload = step.batch_size, as_workload(spec)

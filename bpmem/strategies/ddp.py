@@ -25,8 +25,8 @@ from bpmem.strategies.base import SplitConfig, has_arithmetic, strategy
 
 if TYPE_CHECKING:
     from bpmem.figures import Estimate
+    from bpmem.models.workload import Workload
     from bpmem.spec import MLPSpec, StepSpec
-    from bpmem.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class DDP(DataParallelConfig):
     def setup_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel
 
-        from bpmem.model import as_workload
+        from bpmem.models.mlp import as_workload
         from bpmem.strategies.rank_runtime import RankSetup, batch_tensors, local_rows, objective_step
         from bpmem.torch_private import ddp_bucket_sizes
 

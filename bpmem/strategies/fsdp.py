@@ -39,8 +39,8 @@ from bpmem.strategies.base import has_arithmetic, strategy
 from bpmem.strategies.ddp import DataParallelConfig
 
 if TYPE_CHECKING:
+    from bpmem.models.workload import Workload
     from bpmem.spec import MLPSpec, StepSpec
-    from bpmem.workload import Workload
 
 
 def fsdp_shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -81,7 +81,7 @@ class FSDP(DataParallelConfig):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
 
-        from bpmem.model import as_workload
+        from bpmem.models.mlp import as_workload
         from bpmem.strategies.rank_runtime import RankSetup, batch_tensors, local_rows, mesh, objective_step
         from bpmem.strategies.user_split import fsdp_units
 

@@ -6,7 +6,7 @@ as evenly as the chain allows (the same split as the pipelines), on device k. Th
 hands the activation to the next device at each stage boundary with ``.to(device)``: a copy,
 whose backward node saves nothing, but which the receiving Linear saves for its weight
 gradient. X lives on the first device, y and the loss on the last; each weight's square sum
-for s is taken on its own device and moved to the last (``bpmem.model.regularizer``).
+for s is taken on its own device and moved to the last (``bpmem.models.mlp.regularizer``).
 
 What it buys: each device holds its stage's parameters, gradients, optimizer state and
 retained activations only. What it costs: only one device computes at a time, so each
@@ -83,7 +83,7 @@ class ModelParallel(SplitConfig):
     def measure_stages(self, spec: MLPSpec, step: StepSpec, device: str, warmup: int, repeats: int,
                        placement: Any = None) -> list[Any]:
         """One row of measured figures per stage (``model_parallel_runtime.measure_stages``),
-        each stage on its device of ``placement`` (``bpmem.placement``; decided here if None)."""
+        each stage on its device of ``placement`` (``bpmem.strategies.placement``; decided here if None)."""
         from bpmem.strategies.model_parallel_runtime import measure_stages
 
         return measure_stages(spec, step, device, warmup, repeats, placement)

@@ -13,15 +13,15 @@ from torch import nn
 
 from bpmem.analytic.schedules import stage_of_label, stage_ranges
 from bpmem.figures import MeasuredRank
-from bpmem.model import as_workload, units
-from bpmem.placement import DEVICES, Machine, Placement, place
+from bpmem.models.mlp import as_workload, units
+from bpmem.strategies.placement import DEVICES, Machine, Placement, place
 
 if TYPE_CHECKING:
     from bpmem.spec import MLPSpec, StepSpec
 
 
 def stage_devices(device: str, world_size: int, placement: Placement | None = None) -> tuple[torch.device, ...]:
-    """The device of each stage, as ``bpmem.placement.place`` puts them on this machine (or
+    """The device of each stage, as ``bpmem.strategies.placement.place`` puts them on this machine (or
     as ``placement`` already says); raises ValueError with its reason when the cell cannot
     run here (a CUDA cell asking for more GPUs than this process sees)."""
     placement = placement or place(device, world_size, DEVICES, Machine.here())
@@ -72,11 +72,11 @@ def measure_stages(spec: MLPSpec, step: StepSpec, device: str, warmup: int, repe
     its parameters; the activations its modules save; the peak of its device (on the first
     stage placed there; a device shared by several stages has one peak); the step time; and
     the largest relative gradient error against the whole model on one device."""
-    from bpmem.measure_cell import optimizer_state_tensors
+    from bpmem.measurement.cell import optimizer_state_tensors
+    from bpmem.measurement.step import forward_objective, make_optimizer, train_step
+    from bpmem.measurement.timing import time_calls, time_summary
     from bpmem.probes import LiveTensorProbe, SavedTensorProbe, distinct_storage_bytes
-    from bpmem.step import forward_objective, make_optimizer, train_step
     from bpmem.strategies.rank_runtime import max_relative_error, reference_gradients
-    from bpmem.timing import time_calls, time_summary
 
     step.strategy.check(spec, step)
     devices = stage_devices(device, step.world_size, placement)

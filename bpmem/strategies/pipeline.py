@@ -32,8 +32,8 @@ from bpmem.figures import RankFigures
 from bpmem.strategies.base import SplitConfig, has_arithmetic, parameter, strategy
 
 if TYPE_CHECKING:
+    from bpmem.models.workload import Workload
     from bpmem.spec import MLPSpec, StepSpec
-    from bpmem.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class PipelineConfig(SplitConfig):
     def setup_dry_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any) -> Any:
         """``setup_rank`` for a dry run in a process group that does not communicate: every
         stage is told its input and output shapes up front, as a real stage learns them from
-        its neighbours over the group on the first step (``bpmem.rank_dry_run``)."""
+        its neighbours over the group on the first step (``bpmem.predict.rank_dry_run``)."""
         return self.setup_rank(spec, step, rank, device, shapes_up_front=True)
 
     def setup_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any,
@@ -133,7 +133,7 @@ class PipelineConfig(SplitConfig):
         from torch import nn
         from torch.distributed.pipelining import PipelineStage
 
-        from bpmem.model import as_workload
+        from bpmem.models.mlp import as_workload
         from bpmem.strategies.rank_runtime import RankSetup
 
         workload = as_workload(spec)

@@ -41,9 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bpmem.model import add_regularizer, as_workload
+from bpmem.models.mlp import add_regularizer, as_workload
+from bpmem.models.workload import Workload
 from bpmem.spec import MLPSpec, StepSpec
-from bpmem.workload import Workload
 
 
 @dataclass
@@ -109,7 +109,7 @@ def mesh(device: torch.device, world_size: int) -> Any:
 
 def reference_gradients(spec: MLPSpec | Workload, step: StepSpec, device: torch.device) -> list[torch.Tensor]:
     """The single-device step's gradients on the same global batch, in build order."""
-    from bpmem.step import forward_objective
+    from bpmem.measurement.step import forward_objective
 
     workload = as_workload(spec)
     model = workload.build(device, seed=0)
@@ -140,7 +140,7 @@ def live_step(setup: RankSetup, optimizer: torch.optim.Optimizer, transient: lis
     backward, the optimizer step), from the state the steps before it left. FSDP's
     all-gathered parameters (``transient``) live in storages it resizes in place, step after
     step: the probe reads their size after every op."""
-    from bpmem.measure_cell import optimizer_state_tensors
+    from bpmem.measurement.cell import optimizer_state_tensors
     from bpmem.probes import LiveTensorProbe
 
     live = LiveTensorProbe({"params": setup.params, "grads": [p.grad for p in setup.params],

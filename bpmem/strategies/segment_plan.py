@@ -66,7 +66,7 @@ class SegmentPlanConfig(StrategyConfig):
         return plain.under_strategy(retained, peak, flops, params, terms)
 
     def runtime(self, spec: MLPSpec, step: StepSpec) -> Any:
-        from bpmem.model import as_workload
+        from bpmem.models.mlp import as_workload
         from bpmem.strategies.checkpointing import SegmentStrategy
 
         workload = as_workload(spec)

@@ -77,7 +77,7 @@ class TensorParallel(SplitConfig):
         from torch import nn
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-        from bpmem.model import as_workload
+        from bpmem.models.mlp import as_workload
         from bpmem.strategies.rank_runtime import RankSetup, mesh, objective_step
 
         workload = as_workload(spec)

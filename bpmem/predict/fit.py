@@ -1,0 +1,94 @@
+"""``bpmem fit``: the largest batch size whose predicted training peak fits a memory budget.
+
+The search asks the estimate, never the allocator: it doubles the batch until the peak no
+longer fits, then halves the gap, so a budget of 80 GiB costs a few dozen estimates and no
+memory. For the MLP the estimate is the analytic replay; for a ``--model`` it is the step run
+on fake tensors. The peak is assumed to grow with the batch, which holds for every model
+whose activations do.
+
+``--device-kind cuda`` counts every storage as the CUDA caching allocator's block, its size
+rounded up to 512 B (what ``torch.cuda.max_memory_allocated`` counts). It cannot see the
+CUDA context (hundreds of MiB per process), cuBLAS and cuDNN workspaces, NCCL buffers, or
+the allocator's fragmentation (reserved above allocated): leave room for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bpmem.spec import MLPSpec, StepSpec
+
+LARGEST_BATCH = 2**40  # the search stops here: a model whose peak never reaches the budget
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One strategy's answer: the largest batch that fits, its peak, and the next batch's."""
+
+    strategy: str
+    max_batch_size: int | None  # None: not even one row fits
+    peak_bytes: int | None  # at max_batch_size
+    next_peak_bytes: int | None  # at max_batch_size + 1 (or at 1 when nothing fits)
+    error: str = ""  # the strategy cannot apply to this model: why
+
+
+def largest_batch(peak_of: Callable[[int], int], memory: int) -> tuple[int | None, int | None, int]:
+    """(largest b with peak_of(b) <= memory, its peak, the peak at b + 1)."""
+    first = peak_of(1)
+    if first > memory:
+        return None, None, first
+    low, high = 1, 2
+    while high <= LARGEST_BATCH and peak_of(high) <= memory:
+        low, high = high, high * 2
+    while high - low > 1:  # peak_of(low) fits, peak_of(high) does not
+        middle = (low + high) // 2
+        low, high = (middle, high) if peak_of(middle) <= memory else (low, middle)
+    return low, peak_of(low), peak_of(low + 1)
+
+
+def predicted_peak(model: MLPSpec | Any, step: StepSpec, device_kind: str = "cpu") -> int:
+    """The estimate's training peak for one step: analytic for the MLP on the CPU, else the
+    step on fake tensors (with the CUDA allocator's blocks for ``device_kind="cuda"``)."""
+    if isinstance(model, MLPSpec) and device_kind == "cpu" and step.amp == "none":  # autocast: no arithmetic
+        from bpmem.predict.dry_run import estimate_exactly
+
+        return estimate_exactly(model, step).peak_bytes
+    from bpmem.measurement.cell import DataDependentModel, measure_training_peak
+    from bpmem.measurement.step import make_optimizer, train_step
+    from bpmem.models.mlp import as_workload
+    from bpmem.probes.live import CUDA_BLOCK_BYTES, allocator_blocks
+    from bpmem.torch_private import data_dependent_errors, fake_tensor_mode
+
+    workload = as_workload(model)
+    strategy = step.strategy.runtime(model, step)
+    try:  # measure()'s training peak alone: a warm-up step, then the steady-state step under the probe
+        with fake_tensor_mode(), allocator_blocks(CUDA_BLOCK_BYTES if device_kind == "cuda" else 1):
+            module = workload.build("cpu", seed=0)
+            x, y = workload.make_batch(step.batch_size, "cpu")
+            optimizer = make_optimizer(step, module)
+            train_step(workload, module, optimizer, x, y, strategy=strategy)
+            return measure_training_peak(workload, module, optimizer, x, y, strategy).peak_bytes
+    except data_dependent_errors() as error:
+        raise DataDependentModel(str(error).strip().splitlines()[0] if str(error).strip() else "") from None
+
+
+def fit(model: MLPSpec | Any, step: StepSpec, memory: int, strategies: list[StepSpec],
+        device_kind: str = "cpu") -> list[Fit]:
+    """For ``step`` and then each step in ``strategies``: the largest batch that fits ``memory``."""
+    answers = []
+    for candidate in [step, *strategies]:
+        @functools.cache
+        def peak_of(batch: int, candidate: StepSpec = candidate) -> int:
+            return predicted_peak(model, dataclasses.replace(candidate, batch_size=batch), device_kind)
+
+        try:
+            found, peak, next_peak = largest_batch(peak_of, memory)
+        except ValueError as error:  # a strategy that cannot run this model (or this batch)
+            answers.append(Fit(candidate.strategy.name, None, None, None, str(error).splitlines()[0]))
+            continue
+        answers.append(Fit(candidate.strategy.name, found, peak, next_peak))
+    return answers

@@ -12,7 +12,17 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bpmem.measurement.timing import CONTENDED_BELOW, Clocks, StepTime, contended, plain_columns, time_samples
+from bpmem.measurement.timing import (
+    CONTENDED_BELOW,
+    CONTENDED_OTHERS,
+    OTHERS_MIN_WALL_S,
+    Clocks,
+    StepTime,
+    contended,
+    other_processes_cpu_s,
+    plain_columns,
+    time_samples,
+)
 from bpmem.measurement.timing_pairs import (
     MAX_PAIRS,
     MAX_TIMED_SECONDS,
@@ -31,15 +41,16 @@ class FakeClocks:
     """A wall clock and a CPU clock that only fake steps move."""
 
     def __init__(self) -> None:
-        self.wall, self.cpu = 0.0, 0.0
+        self.wall, self.cpu, self.others = 0.0, 0.0, 0.0
         self.calls: list[str] = []
 
     def clocks(self) -> Clocks:
-        return Clocks(wall=lambda: self.wall, cpu=lambda: self.cpu)
+        return Clocks(wall=lambda: self.wall, cpu=lambda: self.cpu, others=lambda: self.others, spare=lambda: 0.0)
 
-    def step(self, name: str, walls: list[float], cpu_share: float = 1.0) -> Any:
+    def step(self, name: str, walls: list[float], cpu_share: float = 1.0, others_cores: float = 0.0) -> Any:
         """A fake step that logs its name and takes walls[i] seconds on its i-th call
-        (the last one ever after), with cpu_share of that in CPU time."""
+        (the last one ever after), with cpu_share of that in CPU time, while other processes
+        keep ``others_cores`` cores busy."""
         count = {"n": 0}
 
         def run() -> None:
@@ -48,6 +59,7 @@ class FakeClocks:
             self.calls.append(name)
             self.wall += wall
             self.cpu += cpu_share * wall
+            self.others += others_cores * wall
 
         return run
 
@@ -139,6 +151,69 @@ def test_a_contended_step_waited_for_cores() -> None:
     fast = [StepTime(0.008, 0.008)]
     assert not contended(slow + fast * 3)  # one slowed step in four: the median survives it
     assert contended(slow * 2 + fast * 5)  # more than a quarter
+
+
+def test_other_processes_busy_on_the_cores_make_a_cell_contended() -> None:
+    """Two thread pools on the same 2 cores: each step still shows CPU/wall near 1 (the waiting
+    threads spin), so only the other processes' CPU time tells. The machine's spare cores
+    (logical CPUs less the intra-op threads) are theirs to use."""
+    spinning = [StepTime(wall_s=0.06, cpu_s=0.06, others_s=0.06, spare_cores=0.0)] * 10  # a core's worth
+    assert not any(s.contended for s in spinning) and contended(spinning)
+    daemons = [StepTime(wall_s=0.06, cpu_s=0.06, others_s=0.002, spare_cores=0.0)] * 10  # 3% of a core
+    assert not contended(daemons)
+    on_a_big_machine = [StepTime(wall_s=0.06, cpu_s=0.06, others_s=0.06 * 13, spare_cores=14.0)] * 10
+    assert not contended(on_a_big_machine)  # 13 busy cores of the 14 this step leaves free
+    edge = OTHERS_MIN_WALL_S * CONTENDED_OTHERS
+    assert contended([StepTime(OTHERS_MIN_WALL_S, OTHERS_MIN_WALL_S, edge * 1.01)])
+    assert not contended([StepTime(OTHERS_MIN_WALL_S, OTHERS_MIN_WALL_S, edge * 0.99)])
+    # a tick of 10 ms over 4 ms of steps is no evidence either way: too short to judge
+    assert not contended([StepTime(0.001, 0.001, 0.0025)] * 4)
+
+
+def test_pairs_stop_at_the_repeats_once_the_cell_is_contended() -> None:
+    fake = FakeClocks()
+    paired = time_pairs(fake.step("plain", [0.1], others_cores=1.0), fake.step("strategy", [0.2], others_cores=1.0),
+                        warmup=0, repeats=3, clocks=fake.clocks())
+    assert paired.overhead().pairs == 3 and paired_columns(paired, judge_cpu=True)["time_contended"] is True
+    idle = FakeClocks()  # noisy but idle: more pairs, to narrow the interval
+    paired = time_pairs(idle.step("plain", [0.01, 0.013]), idle.step("strategy", [0.02, 0.017, 0.023]),
+                        warmup=0, repeats=3, clocks=idle.clocks())
+    assert paired.overhead().pairs > 3
+
+
+def test_the_other_processes_clock_sees_a_second_process_burn_cpu() -> None:
+    import subprocess
+    import sys
+    import time
+
+    before, start = other_processes_cpu_s(), time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 0.5\n"
+                    "while time.process_time() < end: pass"], check=True, timeout=60)
+    used, wall = other_processes_cpu_s() - before, time.perf_counter() - start
+    assert 0.4 <= used <= wall + 0.2  # the child's half second, in 10 ms ticks, and little else
+
+
+@pytest.mark.slow  # a real second torch job on the same cores, a few seconds
+def test_a_step_beside_a_second_torch_job_is_contended() -> None:
+    """What made the +10,000% overheads: another torch job with its own thread pool on the
+    same cores. Every step slowed, CPU/wall stayed near 1, and the old rule said idle."""
+    import subprocess
+    import sys
+
+    import torch
+
+    load = subprocess.Popen([sys.executable, "-c", "import torch\ntorch.set_num_threads(2)\n"
+                             "a = torch.randn(384, 384)\nprint('running', flush=True)\n"
+                             "while True: a = torch.tanh(a @ a)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert load.stdout is not None and load.stdout.readline() == "running\n"  # torch imported, loop on
+        x = torch.randn(384, 384)
+        samples = time_samples(lambda: [torch.tanh(x @ x) for _ in range(20)], warmup=1, repeats=10)
+        assert sum(s.wall_s for s in samples) >= OTHERS_MIN_WALL_S
+    finally:
+        load.kill()
+        load.wait()
+    assert contended(samples), [(s.wall_s, s.cpu_s, s.others_s, s.spare_cores) for s in samples]
 
 
 def test_time_samples_records_cpu_time_and_the_rule_only_where_judged() -> None:

@@ -11,14 +11,23 @@ So bpmem:
 - keeps the median and the interquartile range of the timed steps (``time_summary``), and
   calls a cell's own time noisy (``time_noisy``) when its IQR is over ``NOISY_SPREAD`` of its
   median;
-- records each timed step's process CPU time (``time.process_time``) beside its wall time,
-  and calls a CPU cell contended (``time_contended``) when more than ``CONTENDED_SHARE`` of
-  its timed steps got less CPU time than ``CONTENDED_BELOW`` of their wall time. A CPU step
-  that runs gets at least one core's worth of CPU time while it runs: a mostly
-  single-threaded small step with 2 intra-op threads shows CPU/wall of about 1, a parallel
-  one up to the thread count; one that shows 8 ms of CPU in 440 ms of wall spent most of its
-  time waiting for a core another process held. On CUDA the rule is not applied (empty
-  column): the CPU legitimately waits on the GPU there;
+- records each timed step's process CPU time (``time.process_time``) and the CPU time every
+  other process on the machine used meanwhile (``other_processes_cpu_s``) beside its wall
+  time, and calls a CPU cell contended (``time_contended``) when either shows another
+  process held the cores:
+  - more than ``CONTENDED_SHARE`` of its timed steps got less CPU time than
+    ``CONTENDED_BELOW`` of their wall time. A CPU step that runs gets at least one core's
+    worth of CPU time: a mostly single-threaded small step with 2 intra-op threads shows
+    CPU/wall of about 1, a parallel one up to the thread count; one that shows 8 ms of CPU
+    in 440 ms of wall spent most of its time waiting for a core;
+  - or, over its timed steps (when they add up to ``OTHERS_MIN_WALL_S`` or more), the other
+    processes kept more cores busy on average than the cores this one leaves free (the
+    machine's logical CPUs less its intra-op threads) plus ``CONTENDED_OTHERS``. That catches
+    what the first rule cannot: two thread pools on the same cores whose threads spin while
+    they wait, so each step still shows CPU/wall near 1 while it runs several times slower
+    (a second torch job on a 2-core machine does this).
+
+  On CUDA neither rule is applied (empty column): the CPU legitimately waits on the GPU;
 - times a strategy's step paired with the plain step of the same model, batch, optimizer and
   mode in the same process (``bpmem.measurement.timing_pairs``): the overhead is the median of the
   per-pair ratios, with a distribution-free confidence interval, so a load that comes and
@@ -33,6 +42,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 SETTLED_WITHIN = 0.10  # two warm-up steps within 10% of each other: the time has settled
 MAX_EXTRA_WARMUP = 10  # at most this many warm-up steps beyond the ones asked for
 NOISY_SPREAD = 0.25  # an IQR above a quarter of the median: the cell's own time is noisy
@@ -43,6 +54,31 @@ CONTENDED_BELOW = 0.5
 # A cell is contended when more than a quarter of its timed steps were: a median survives a
 # few slowed steps, not a load that held the cores for much of the cell.
 CONTENDED_SHARE = 0.25
+# Other processes busy on more than a quarter of a core beyond the cores this one leaves free:
+# an idle machine's daemons stay far below it (a few hundredths of a core); a second job on
+# the same cores sits near a whole core or more.
+CONTENDED_OTHERS = 0.25
+# The machine's busy time is counted in ticks (10 ms per CPU on Linux), so the other processes'
+# share is judged only over timed steps of at least half a second together: a tick or two of
+# miscount per CPU is then a few hundredths of a core, well inside CONTENDED_OTHERS.
+OTHERS_MIN_WALL_S = 0.5
+
+
+def other_processes_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (every logical CPU, from /proc/stat on
+    Linux) less this process's own: what every other process has used. Read in 10 ms ticks,
+    so only a sum over many steps is meaningful."""
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    guests = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # counted in user and nice
+    return sum(times) - idle - guests - time.process_time()
+
+
+def spare_cores() -> float:
+    """Logical CPUs this process's intra-op threads leave to others."""
+    import torch
+
+    return max(0.0, float((psutil.cpu_count() or 1) - torch.get_num_threads()))
 
 
 @dataclass(frozen=True)
@@ -51,6 +87,8 @@ class Clocks:
 
     wall: Callable[[], float] = time.perf_counter
     cpu: Callable[[], float] = time.process_time  # this process's CPU time, every thread's
+    others: Callable[[], float] = other_processes_cpu_s  # every other process's CPU time
+    spare: Callable[[], float] = spare_cores  # cores the others may use without contention
 
 
 CLOCKS = Clocks()
@@ -58,10 +96,13 @@ CLOCKS = Clocks()
 
 @dataclass(frozen=True)
 class StepTime:
-    """One timed step: its wall time and the process CPU time it used, in seconds."""
+    """One timed step: its wall time, the process CPU time it used, and the CPU time other
+    processes used meanwhile, in seconds; ``spare_cores``, the cores it left to them."""
 
     wall_s: float
     cpu_s: float
+    others_s: float = 0.0
+    spare_cores: float = 0.0
 
     @property
     def contended(self) -> bool:
@@ -90,16 +131,19 @@ def timer(run: Callable[[], Any], devices: Iterable[Any] = (), clocks: Clocks = 
 
         cuda = [d for d in dict.fromkeys(torch.device(d) for d in devices) if d.type == "cuda"]
 
+    spare = clocks.spare()  # read once: the thread count does not change within a cell
+
     def synchronize() -> None:
         for device in cuda:
             torch.cuda.synchronize(device)
 
     def timed() -> StepTime:
         synchronize()
-        wall, cpu = clocks.wall(), clocks.cpu()
+        wall, cpu, others = clocks.wall(), clocks.cpu(), clocks.others()
         run()
         synchronize()
-        return StepTime(clocks.wall() - wall, clocks.cpu() - cpu)
+        return StepTime(clocks.wall() - wall, clocks.cpu() - cpu, clocks.others() - others, spare)
+
 
     return timed
 
@@ -148,9 +192,14 @@ def time_summary(times: list[float]) -> dict[str, Any]:
 
 
 def contended(samples: Iterable[StepTime]) -> bool:
-    """Whether more than ``CONTENDED_SHARE`` of the timed steps waited for cores."""
+    """Whether more than ``CONTENDED_SHARE`` of the timed steps waited for cores, or other
+    processes kept more than the spare cores and ``CONTENDED_OTHERS`` busy over them all."""
     samples = list(samples)
-    return sum(s.contended for s in samples) > CONTENDED_SHARE * len(samples)
+    if sum(s.contended for s in samples) > CONTENDED_SHARE * len(samples):
+        return True
+    wall = sum(s.wall_s for s in samples)
+    spare = min((s.spare_cores for s in samples), default=0.0)
+    return wall >= OTHERS_MIN_WALL_S and sum(s.others_s for s in samples) / wall > spare + CONTENDED_OTHERS
 
 
 def cpu_columns(own: Sequence[StepTime], judged: Iterable[StepTime] | None) -> dict[str, Any]:

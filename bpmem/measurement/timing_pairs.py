@@ -14,7 +14,8 @@ k is the largest rank that keeps this at least ``CONFIDENCE``. At 95% it needs n
 
 Stopping: at least ``repeats`` pairs (the sweep's), then more until the interval is narrow
 (half-width at most ``TARGET_HALF_WIDTH`` of the ratio), or ``MAX_PAIRS`` pairs, or
-``MAX_TIMED_SECONDS`` of timed steps, whichever comes first.
+``MAX_TIMED_SECONDS`` of timed steps, or the cell is contended (a CPU cell: no number of
+pairs makes a loaded machine's ratio the idle one's), whichever comes first.
 
 Judgement (``judge``): the report states an overhead only when the interval excludes zero and
 the cell is not contended (``bpmem.measurement.timing``); otherwise "within noise" or "contended", never a
@@ -30,7 +31,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bpmem.measurement.timing import CLOCKS, Clocks, StepTime, cpu_columns, time_summary, timer, warm_up
+from bpmem.measurement.timing import (
+    CLOCKS,
+    Clocks,
+    StepTime,
+    contended,
+    cpu_columns,
+    time_summary,
+    timer,
+    warm_up,
+)
 
 CONFIDENCE = 0.95  # of the overhead's interval
 # Stop adding pairs once the interval's half-width is at most 5% of the ratio: the report
@@ -104,6 +114,7 @@ def time_pairs(plain: Callable[[], Any], strategy: Callable[[], Any], warmup: in
     ``repeats`` pairs (one at least), then until the overhead's interval is narrow, or
     ``max_pairs`` pairs, or ``max_seconds`` of timed steps."""
     devices = list(devices)
+    on_cuda = any(str(device).startswith("cuda") for device in devices)  # the CPU waits on the GPU there
     timers = [timer(plain, devices, clocks), timer(strategy, devices, clocks)]
     warm_up(timers, warmup)
     plain_times: list[StepTime] = []
@@ -116,6 +127,7 @@ def time_pairs(plain: Callable[[], Any], strategy: Callable[[], Any], warmup: in
         if len(plain_times) < max(1, repeats):
             continue  # the sweep's repeats are the minimum, however long they take
         if (len(plain_times) >= max_pairs or spent >= max_seconds
+                or (not on_cuda and contended([*plain_times, *strategy_times]))  # more pairs cannot help
                 or paired_overhead([p.wall_s for p in plain_times], [s.wall_s for s in strategy_times]).narrow):
             return Paired(tuple(plain_times), tuple(strategy_times))
 

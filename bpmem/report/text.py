@@ -128,8 +128,9 @@ def summary_section(frame: Any) -> str:
             "plain, ...), and takes the median of the per-pair ratios, minus one, with its 95% interval from order "
             "statistics. A cell states it only when that interval excludes zero and its steps did not wait for "
             "cores; the table gives the median over those cells. The others are counted: within noise (the "
-            "interval includes zero, or too few pairs for one), contended (more than a quarter of its timed steps "
-            "got under half their wall time in CPU time: another process held the cores), not paired (split "
+            "interval includes zero, or too few pairs for one), contended (another process held the cores: more "
+            "than a quarter of its timed steps got under half their wall time in CPU time, or other processes "
+            "kept more than a quarter of a core busy beyond the cores this one left free), not paired (split "
             "strategies, files written before pairing).\n\n"
             + _table(["strategy", "cells", "memory saved (x)", "time overhead"], rows))
 

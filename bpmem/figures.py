@@ -51,7 +51,8 @@ class Figures:
                  "that is still alive then, checkpoint frames included", plugin=True)
     peak_bytes: int | None = _figure("peak", "the most live bytes at once during one steady-state step",
                                      plugin=True)
-    inference_peak_bytes: int | None = _figure("inference_peak", "the peak of one forward under inference_mode")
+    inference_peak_bytes: int | None = _figure("inference_peak",
+                                               "the peak of one eval-mode forward under inference_mode")
     saved_hook_bytes: int | None = _figure(
         "saved_hook", "what autograd's saved-tensor hooks see; equals saved but for checkpointing, whose "
                       "frames and kept outputs the hooks cannot see", predicted=False)

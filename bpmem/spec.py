@@ -257,7 +257,7 @@ class StepSpec:
     """How the network is exercised: one step on a batch of ``batch_size`` rows.
 
     ``mode`` is ``train`` (zero_grad, forward, backward, optimizer.step), ``inference``
-    (a forward under ``torch.inference_mode()``) or ``hvp`` (forward, a backward with
+    (a forward in ``model.eval()`` under ``torch.inference_mode()``) or ``hvp`` (forward, a backward with
     ``create_graph=True``, then a second backward for the Hessian-vector product H v).
     ``strategy`` is a strategy's typed config (``bpmem.strategies.registry`` builds one from a
     name and flat parameters). ``weight_decay`` is applied by the optimizer (coupled to the

@@ -294,3 +294,22 @@ def test_a_sweep_row_of_a_model_that_raises_a_key_error(user_module: Path, tmp_p
     rows = _sweep(tmp_path, "key_error", capsys)
     assert [row["status"] for row in rows] == ["error"]
     assert "KeyError" in rows[0]["error"] and f"{user_module.name}:{_line('forward')}" in rows[0]["error"]
+
+
+def test_the_console_script_finds_a_model_file_in_the_folder_it_runs_in(tmp_path: Path) -> None:
+    """``cd myproject && bpmem measure --model mymodels:make``: the console script's import
+    path holds only its bin folder, so the current directory must be added, as ``python -m``
+    adds it. The forward raises KeyError('x'): exit 2, one line, the user's file and line."""
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.lin = nn.Linear(4, 2)\n\n    def forward(self, x):\n"
+        "        return self.lin(x) * {'y': 1}['x']\n\n\ndef make():\n    return Net()\n\n\n"
+        "def batch(batch_size, device):\n    return torch.randn(batch_size, 4), torch.randint(0, 2, (batch_size,))\n")
+    script = Path(sys.executable).parent / "bpmem"
+    if not script.exists():
+        pytest.skip("bpmem is not installed as a console script here (PYTHONPATH=. runs)")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run([str(script), "measure", "--model", "mymodels:make", "--data", "mymodels:batch",
+                           "--batch-size", "4"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "KeyError: 'x'" in done.stderr and "mymodels.py:11 in Net.forward" in done.stderr, done.stderr

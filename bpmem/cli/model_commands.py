@@ -57,7 +57,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
           for t in est.terms),
         ("= saved activations (retained)", est.saved_activation_bytes, "what --json reports"),
         (f"peak ({step.mode} step)", est.peak_bytes, where),
-        ("inference peak", est.inference_peak_bytes, "forward under inference_mode"),
+        ("inference peak", est.inference_peak_bytes, "eval-mode forward under inference_mode"),
     ])
     if est.recompute_flops:
         print(f"  recomputed in backward: {est.recompute_flops:,} matmul FLOPs")

@@ -144,7 +144,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                    help="torch.optim implementation: for-loop (one parameter at a time), foreach (one "
                         "kernel per op over all parameters), fused (one kernel); default: PyTorch's choice "
                         "for the device (for-loop on CPU, foreach on CUDA)")
-    g.add_argument("--mode", choices=MODES, default=t.mode, help="train: full step; inference: forward only")
+    g.add_argument("--mode", choices=MODES, default=t.mode,
+                   help="train: the full step; inference: one forward as served, in model.eval() under "
+                   "torch.inference_mode() (Dropout off, BatchNorm on running statistics; the train-mode "
+                   "forward is not offered); hvp: a Hessian-vector product")
     g.add_argument("--strategy", choices=registry.STRATEGIES, default=registry.PLAIN,
                    help="memory strategy: " + "; ".join(f"{name}: {cls.summary}"
                                                         for name, cls in registry.REGISTRY.items()))

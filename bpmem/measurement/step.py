@@ -2,7 +2,10 @@
 
 A training step, the one whose ``peak_bytes`` results.csv records, is:
 ``zero_grad(set_to_none=True)``, forward to J = L + s, ``J.backward()``, ``optimizer.step()``.
-An inference step is one forward under ``torch.inference_mode()``.
+An inference step is one forward as people serve a model: ``model.eval()`` (Dropout off,
+BatchNorm on its running statistics, PyTorch's eval-only fast paths such as
+``TransformerEncoder``'s nested tensors), under ``torch.inference_mode()``; each module's own
+training flag is put back afterwards.
 
 The step takes two optional callbacks so probes can label what happens without the step
 knowing about probes: ``phase(name)`` wraps each stage (the LiveTensorProbe labels new
@@ -155,8 +158,24 @@ def hvp_step(spec: ModelSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor
         torch.autograd.grad(dot, params)
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, then every module's own training flag back (a model
+    may mix modes: a frozen BatchNorm in eval inside a training model)."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 def inference_step(model: nn.Module, x: torch.Tensor, phase: Labeller = _unlabelled,
                    workload: Workload | None = None, precision: Precision | None = None) -> torch.Tensor:
-    """One forward with autograd off: nothing is saved, each activation dies at the next layer."""
-    with phase("forward"), torch.inference_mode(), (precision or Precision()).region(_device_of(x)):
+    """One forward as a served model runs: in eval mode, with autograd off. Nothing is saved,
+    each activation dies at the next layer, Dropout makes no mask and BatchNorm no batch
+    statistics (nor does it move its running ones)."""
+    with (evaluating(model), phase("forward"), torch.inference_mode(),
+          (precision or Precision()).region(_device_of(x))):
         return workload.forward(model, x) if workload is not None else model(x)

@@ -2,7 +2,8 @@
 
 - ``workload``: what a strategy and a probe need from a model, whoever wrote it;
 - ``mlp``: the textbook MLP that ``--depth`` and ``--width`` describe;
-- ``user_model``: ``--model file.py:factory`` loaded, given data, and its errors told apart;
+- ``user_model``: ``--model module:factory`` loaded and given data; ``user_code``: whose code
+  raised, the user's or bpmem's;
 - ``backprop``: the seed's forward and backward pass written out by hand, as a check;
 - the zoo below: example models for ``--model``, small, written here, no downloads.
 

@@ -14,18 +14,21 @@ Every failure to load is a ``UserModelError`` naming the flag: one line, exit 2.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
+import os
 import re
 import sys
-import sysconfig
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from bpmem.models import ZOO_MODULES
+from bpmem.models.user_code import (  # noqa: F401 - re-exported: callers ask user_model
+    raised_by_bpmem,
+    user_code_error,
+    what_raised,
+    where_raised,
+)
 
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "none")
 _DTYPES: tuple[str, ...] = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool")
@@ -47,9 +50,20 @@ class UserCodeError(UserModelError):
         # the frame that called the user's code is the traceback's first: skip it, so an
         # error in the call itself (a wrong keyword) has no place in the user's files
         frames = list(traceback.walk_tb(error.__traceback__))[1:]
-        where = _place(frames, [True] * len(frames))
+        where = where_raised(frames, [True] * len(frames))
         self.located = bool(where)
-        super().__init__(flag, f"{name} raised {_what(error)}" + (f" at {where}" if where else f"; {allowed}"))
+        super().__init__(flag, f"{name} raised {what_raised(error)}" + (f" at {where}" if where else f"; {allowed}"))
+
+
+def _importable_from_here() -> None:
+    """The current directory on the import path, as ``python -m`` has it, so that ``--model
+    mymodels:make`` finds ``mymodels.py`` where the user runs ``bpmem`` (the console script's
+    own path holds only its bin folder). Appended, so that a user's file never shadows an
+    installed package of the same name; the sweep's cell processes and torchrun's ranks
+    start in the same directory and do the same."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
 
 
 def load_callable(text: str, flag: str) -> Any:
@@ -57,10 +71,12 @@ def load_callable(text: str, flag: str) -> Any:
     module_name, sep, attribute = str(text).partition(":")
     if not sep or not module_name or not attribute:
         raise UserModelError(flag, f"{text!r} is not MODULE:NAME; allowed: e.g. bpmem.models.gpt:make_gpt")
+    _importable_from_here()
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 - an import can fail in any way; say which
-        raise UserModelError(flag, f"cannot import {module_name!r}: {type(error).__name__}: {error}") from None
+        raise UserModelError(flag, f"cannot import {module_name!r}: {type(error).__name__}: {error}; allowed: a "
+                                   "module in the current directory or on PYTHONPATH") from None
     found = module
     for part in attribute.split("."):
         if not hasattr(found, part):
@@ -302,99 +318,3 @@ def as_fake_on(model: Any, device: Any) -> Any:
         for name, buffer in list(module.named_buffers(recurse=False)):
             setattr(module, name, like(buffer))
     return model
-
-
-# -- which code raised: the user's, or bpmem's (read off the traceback: no call site wraps) ----
-# From the outermost frame in, frames are bpmem's until bpmem calls the user's files or a
-# model (what nn.Module.__call__ runs, e.g. torch's BatchNorm1d in the user's Sequential); a
-# later bpmem frame (a probe's hook) takes them back. torch, the stdlib and other packages act
-# for their caller; bpmem's dispatch modes pass each op on, so an op failing under one is its
-# caller's. The zoo (bpmem.models.gpt and .resnet) runs as a user's model would.
-
-_PACKAGE = Path(__file__).resolve().parents[1]
-_ZOO = tuple(_PACKAGE / "models" / f"{name}.py" for name in ZOO_MODULES)
-_PASS_ON = frozenset({"__torch_dispatch__", "__torch_function__"})
-
-
-@functools.lru_cache(maxsize=1024)
-def _kind(filename: str) -> str:
-    """"bpmem", "torch", "stdlib", "package" (another installed package) or "user"."""
-    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
-        return "stdlib"
-    path = Path(filename).resolve()
-    if path in _ZOO:
-        return "user"
-    if path.is_relative_to(_PACKAGE):
-        return "bpmem"
-    torch = sys.modules.get("torch")
-    if torch is not None and path.is_relative_to(Path(torch.__file__).resolve().parent):
-        return "torch"
-    if {"site-packages", "dist-packages"} & set(path.parts):
-        return "package"
-    return "stdlib" if path.is_relative_to(Path(sysconfig.get_paths()["stdlib"]).resolve()) else "user"
-
-
-def _what(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
-
-
-def _shown(filename: str) -> str:
-    """A path as short as it can be and still found: relative to here, or to site-packages."""
-    path, parts = Path(filename), Path(filename).parts
-    marker = next((m for m in ("site-packages", "dist-packages") if m in parts), None)
-    if marker:
-        return str(Path(*parts[parts.index(marker) + 1:]))
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else filename
-
-
-def _place(frames: list[tuple[Any, int]], users: list[bool]) -> str:
-    """The innermost of the user's frames worth naming: one in the user's own files, else in
-    an installed package the model runs (transformers), else a module's forward in torch
-    (the user's BatchNorm1d); "" when there is none."""
-    mine = [(frame, line) for (frame, line), user in zip(frames, users, strict=True) if user]
-    for wanted in ("user", "package"):
-        found = [(f, n) for f, n in mine if _kind(f.f_code.co_filename) == wanted]
-        if found:
-            frame, line = found[-1]
-            return f"{_shown(frame.f_code.co_filename)}:{line} in {frame.f_code.co_qualname}"
-    for frame, line in reversed(mine):
-        module = frame.f_locals.get("self") if frame.f_code.co_name == "forward" else None
-        if module is not None and hasattr(module, "named_modules"):  # an nn.Module
-            return f"{_shown(frame.f_code.co_filename)}:{line} in {type(module).__name__}.forward"
-    return ""
-
-
-def raised_by_bpmem(error: BaseException) -> bool:
-    """Whether bpmem's own code (not torch's, the user's or a package's) raised ``error``."""
-    frames = list(traceback.walk_tb(error.__traceback__))
-    return bool(frames) and _kind(frames[-1][0].f_code.co_filename) == "bpmem"
-
-
-def user_code_error(error: BaseException, factory: str, loss: str) -> str | None:
-    """One line for an exception that the user's model, or torch's --loss on the model's
-    output and target, raised: what and where (for the CLI's error and a sweep row's). None
-    when bpmem raised it: a bug."""
-    frames = list(traceback.walk_tb(error.__traceback__))
-    owner, by_module, users, shapes = "bpmem", False, [], ""
-    for index, (frame, _) in enumerate(frames):
-        code, innermost = frame.f_code, index == len(frames) - 1
-        kind = _kind(code.co_filename)
-        if kind == "user" or (by_module and kind != "bpmem"):
-            owner = "model"
-        elif kind == "bpmem" and (innermost or code.co_name not in _PASS_ON):
-            # torch's loss on the user's output and target fails on their shapes, not bpmem's
-            in_loss = code.co_name == "data_loss" and code.co_filename == __file__ and not innermost
-            owner = "loss" if in_loss else "bpmem"
-            shapes = " and ".join(f"{name} of shape {tuple(value.shape)}" for name in ("output", "target")
-                               if hasattr(value := frame.f_locals.get(name), "shape"))
-        users.append(owner == "model")
-        by_module = kind == "torch" and code.co_name == "_call_impl"  # nn.Module.__call__ runs a forward
-    if owner == "loss":
-        return (f"--loss: {loss} raised {_what(error)} on the model's {shapes or 'output and target'}; allowed: an "
-                "output and target that it takes (cross_entropy: logits (..., C) and integer targets (...); mse: "
-                "equal shapes), or --loss none with a model that returns its loss")
-    where = _place(frames, users) if owner == "model" else ""
-    if owner == "bpmem":
-        return None
-    return f"--model: {factory} raised {_what(error)}" + (f" at {where}" if where else "")

@@ -361,9 +361,12 @@ def test_a_sweep_fills_the_paired_columns_and_the_report_renders(tmp_path: Path)
     plain, sqrt = frame.loc["none"], frame.loc["checkpoint-sqrt"]
     assert plain.step_cpu_time_median_s > 0 and plain.time_contended in (True, False)
     assert all(pd.isna(plain[c]) for c in ("time_overhead", "time_overhead_low", "time_overhead_high", "time_pairs"))
-    assert 6 <= sqrt.time_pairs <= MAX_PAIRS and sqrt.step_cpu_time_median_s > 0
-    assert sqrt.time_overhead_low <= sqrt.time_overhead <= sqrt.time_overhead_high
-    assert sqrt.time_contended in (True, False) and sqrt.repeats == 2
+    assert sqrt.time_contended in (True, False) and sqrt.repeats == 2 and sqrt.step_cpu_time_median_s > 0
+    if sqrt.time_contended:  # a loaded machine (a busy CI runner): the pairs stop at the sweep's repeats
+        assert sqrt.time_pairs == 2
+    else:  # enough pairs for an interval, which holds the median
+        assert 6 <= sqrt.time_pairs <= MAX_PAIRS
+        assert sqrt.time_overhead_low <= sqrt.time_overhead <= sqrt.time_overhead_high
     report = (out / "report.md").read_text()
     line = next(r for r in report.split("## Summary per strategy")[1].splitlines() if r.startswith("| checkpoint-sqrt"))
     verdict = judge(sqrt.time_overhead, sqrt.time_overhead_low, sqrt.time_overhead_high, sqrt.time_contended)

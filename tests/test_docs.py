@@ -40,14 +40,21 @@ def _anchors(page: Path) -> set[str]:
     return {_slug(line.lstrip("#")) for line in _prose(page.read_text()).splitlines() if line.startswith("#")}
 
 
+def relative_links(page: Path) -> list[tuple[str, Path, str]]:
+    """Each link of ``page`` into this checkout (not ``https:`` and the like, not in code):
+    the link as written, the file it names and its #anchor."""
+    links = []
+    for target in LINK.findall(re.sub(r"`[^`\n]*`", "", _prose(page.read_text()))):  # code spans too
+        if not re.match(r"[a-z]+:", target):
+            path_part, _, anchor = target.partition("#")
+            links.append((target, (page.parent / path_part).resolve() if path_part else page, anchor))
+    return links
+
+
 def broken_links(page: Path, root: Path = ROOT) -> list[str]:
     """The relative links of ``page`` whose file, or whose #anchor in that file, is missing."""
     broken = []
-    for target in LINK.findall(re.sub(r"`[^`\n]*`", "", _prose(page.read_text()))):  # code spans too
-        if re.match(r"[a-z]+:", target):  # https:, mailto:: not this repository's
-            continue
-        path_part, _, anchor = target.partition("#")
-        path = (page.parent / path_part).resolve() if path_part else page
+    for target, path, anchor in relative_links(page):
         if not path.exists():
             broken.append(f"{page.relative_to(root)}: {target} (no such file)")
         elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
@@ -98,7 +105,7 @@ def test_the_link_check_finds_a_broken_link(tmp_path: Path) -> None:
 
 
 def test_every_doc_page_is_reached_from_the_readme() -> None:
-    linked = {(ROOT / target.partition("#")[0]).resolve() for target in LINK.findall((ROOT / "README.md").read_text())}
+    linked = {path for _, path, _ in relative_links(ROOT / "README.md")}
     assert [page.name for page in DOCS if page.resolve() not in linked] == []
 
 
@@ -126,9 +133,7 @@ def test_the_readme_is_short_and_holds_what_a_newcomer_needs() -> None:
 def test_no_doc_links_outside_the_repository() -> None:
     """The docs carry the whole reference themselves: no link leaves the checkout."""
     outside = [f"{page.relative_to(ROOT)}: {target}" for page in PAGES
-               for target in LINK.findall(_prose(page.read_text()))
-               if not re.match(r"[a-z]+:", target)
-               and not (page.parent / target.partition("#")[0]).resolve().is_relative_to(ROOT)]
+               for target, path, _ in relative_links(page) if not path.is_relative_to(ROOT)]
     assert outside == []
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from bpmem.figures import Event, Term  # noqa: F401 - re-exported: the ledger's records
+from bpmem.figures import Event
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bpmem.analytic.ledger import Ledger, Term
+from bpmem.analytic.ledger import Ledger
 from bpmem.analytic.optimizer_step import replay_optimizer_step
 from bpmem.analytic.rules import (
     input_row_bytes,
@@ -24,7 +24,7 @@ from bpmem.analytic.rules import (
     parameter_tensors,
     saved_per_layer,
 )
-from bpmem.figures import Estimate
+from bpmem.figures import Estimate, Term
 from bpmem.spec import MLPSpec, StepSpec
 
 

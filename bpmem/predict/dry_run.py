@@ -15,8 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bpmem.analytic.ledger import Term
-from bpmem.figures import Estimate
+from bpmem.figures import Estimate, Term
 from bpmem.predict.estimate import estimate
 from bpmem.spec import MLPSpec, StepSpec
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bpmem.analytic.ledger import Term
 from bpmem.analytic.rules import chain_costs, loss_saved_bytes
+from bpmem.figures import Term
 from bpmem.strategies.base import StrategyConfig, parameter, strategy
 
 if TYPE_CHECKING:

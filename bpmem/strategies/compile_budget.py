@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bpmem.analytic.ledger import Term
 from bpmem.analytic.rules import plain_retained_bytes
+from bpmem.figures import Term
 from bpmem.strategies.base import BUDGET_HELP, Budget, StrategyConfig, parameter, strategy
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from bpmem.analytic.ledger import Term
 from bpmem.analytic.plain_step import plain_estimate
 from bpmem.analytic.rules import input_row_bytes, label_row_bytes
+from bpmem.figures import Term
 from bpmem.strategies.base import StrategyConfig, parameter, strategy
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from bpmem.analytic.ledger import Term
 from bpmem.analytic.planner import Segment, describe
 from bpmem.analytic.rules import chain_costs, loss_saved_bytes
+from bpmem.figures import Term
 from bpmem.strategies.base import StrategyConfig
 
 if TYPE_CHECKING:

@@ -53,6 +53,15 @@ class Figures:
                                      plugin=True)
     inference_peak_bytes: int | None = _figure("inference_peak",
                                                "the peak of one eval-mode forward under inference_mode")
+    # its prediction, predicted_allocator_peak_bytes, is no estimate's field: it takes real steps
+    # at small batches as well as the dry run (bpmem.predict.allocator)
+    allocator_peak_bytes: int | None = _figure(
+        "allocator_peak", "the allocator's own peak over the same step (train: the training step; inference: the "
+                          "forward): on the CPU its trace in 64 B blocks over the resident storages as blocks, on "
+                          "CUDA cuda_step_allocated_bytes", predicted=False)
+    scratch_bytes: int | None = _figure(
+        "scratch", "allocator_peak_bytes less the tensors' blocks live at that moment: what kernels allocate "
+                   "inside themselves and free before they return, and wrapped scalars", predicted=False)
     saved_hook_bytes: int | None = _figure(
         "saved_hook", "what autograd's saved-tensor hooks see; equals saved but for checkpointing, whose "
                       "frames and kept outputs the hooks cannot see", predicted=False)

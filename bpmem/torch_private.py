@@ -25,12 +25,10 @@ Private API -> what bpmem needs it for -> fence:
 - ``torch._C._{len,get,pop,push}..._torch_dispatch_stack`` / ``..._torch_function_stack``:
   a probe steps aside during backward and leaves the stack without disturbing a newer
   mode above it -> ``DISPATCH_MODES``, ``FUNCTION_MODES``
-- ``torch._C._current_graph_task_id()``: whether this thread is running autograd's
-  backward -> ``running_backward``
-- ``AccumulateGrad.variable`` (undocumented, though not underscored): a node that ends the
-  graph at a leaf -> ``is_accumulate_grad``
-- ``profile.profiler.kineto_results.events()`` (``_ProfilerResult``/``_KinetoEvent`` from
-  ``torch._C._autograd``): the CPU allocator's own trace -> ``allocator_events``
+- ``torch._C._current_graph_task_id()``: whether this thread runs a backward -> ``running_backward``
+- ``AccumulateGrad.variable`` (undocumented): a node that ends the graph at a leaf -> ``is_accumulate_grad``
+- ``profile.profiler.kineto_results.events()`` (``torch._C._autograd``'s ``_KinetoEvent``s): the CPU
+  allocator's trace and bpmem's ranges in it -> ``allocator_events``, ``profiled_ranges``
 - ``torch._C._stash_obj_in_tls`` / ``_remove_obj_from_tls``: the contextvars context that
   backward stashes, switched off to show that it causes the gloo teardown abort
   (``benchmarks/teardown_abort.py``) -> ``context_stash_disabled``
@@ -43,8 +41,7 @@ Private API -> what bpmem needs it for -> fence:
   objects that must be gone before the final barrier -> ``distributed_object_types``
 - ``DistributedDataParallel._get_ddp_logging_data()["bucket_sizes"]``: DDP's gradient
   buckets, which no probe can see -> ``ddp_bucket_sizes``
-- ``torch._functorch.config.activation_memory_budget``: the compile-budget strategy's
-  knob -> ``partitioner_memory_budget``
+- ``torch._functorch.config.activation_memory_budget``: compile-budget's knob -> ``partitioner_memory_budget``
 - ``torch._dynamo.backends.common.aot_autograd``,
   ``torch._functorch.partitioners.min_cut_rematerialization_partition``,
   ``torch._inductor.compile_fx.select_decomp_table``: ``aot_eager_decomp_partition``
@@ -67,7 +64,7 @@ import functools
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -80,6 +77,7 @@ __all__ = [
     "ModeStack",
     "TorchDispatchMode",
     "allocator_events",
+    "profiled_ranges",
     "boxed",
     "context_stash_disabled",
     "ddp_bucket_sizes",
@@ -196,10 +194,8 @@ def is_accumulate_grad(node: Any) -> bool:
 
 # --- profiler ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class AllocatorEvent:
+class AllocatorEvent(NamedTuple):
     """One allocation (``nbytes`` > 0) or free (``nbytes`` < 0) of the CPU allocator."""
-
     start_ns: int
     nbytes: int
 
@@ -209,6 +205,14 @@ def allocator_events(profile: torch.profiler.profile) -> list[AllocatorEvent]:
     own order (sort with a stable key: ties in ``start_ns`` keep that order)."""
     return [AllocatorEvent(event.start_ns(), event.nbytes())
             for event in profile.profiler.kineto_results.events() if event.name() == "[memory]"]
+
+
+def profiled_ranges(profile: torch.profiler.profile, prefix: str) -> list[tuple[str, int, int]]:
+    """(name, start_ns, end_ns) of each ``record_function`` range of a finished profile named
+    ``prefix``..., on ``allocator_events``' clock, by start."""
+    events = profile.profiler.kineto_results.events()
+    return sorted(((e.name(), e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+                   if e.name().startswith(prefix)), key=lambda r: r[1])
 
 
 # --- thread-local state ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bpmem.figures import Measured
+from bpmem.measurement.allocator_step import cpu_allocator_figures, resident_tensors
 from bpmem.measurement.fake_kernels import DeviceStorageSizes
 from bpmem.measurement.memory_trace import snapshot_from_allocations
 from bpmem.measurement.precision import Precision, precision_for, settle
@@ -38,7 +39,7 @@ from bpmem.probes import (
     distinct_storage_bytes,
 )
 from bpmem.spec import MLPSpec, NoStrategy, StepSpec, StrategyRuntime
-from bpmem.torch_private import cuda_history, data_dependent_errors, fake_tensor_mode
+from bpmem.torch_private import cuda_history, data_dependent_errors, fake_mode_active, fake_tensor_mode
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -67,7 +68,7 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 def measure_inference_peak(model: nn.Module, x: torch.Tensor, workload: Workload | None = None,
                            precision: Precision | None = None) -> LiveTensorProbe:
     """Peak of one inference forward; live at the start are the parameters and the batch."""
-    probe = LiveTensorProbe({"params": model.parameters(), "inputs": _tensors(x)})
+    probe = LiveTensorProbe({"params": model.parameters(), "buffers": model.buffers(), "inputs": _tensors(x)})
     with probe:
         inference_step(model, x, probe.phase, workload, precision)
     return probe
@@ -86,6 +87,7 @@ def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.opti
     params = list(model.parameters())
     probe = LiveTensorProbe({
         "params": params,
+        "buffers": list(model.buffers()),
         "grads": [p.grad for p in params],
         "optimizer": optimizer_state_tensors(optimizer),
         "inputs": _tensors(x, y),
@@ -173,6 +175,16 @@ class DataDependentModel(ValueError):
                          "data cannot follow; allowed: bpmem measure --model ..., which runs it for real")
 
 
+def _traces_allocator(device: str) -> bool:
+    """The CPU allocator's trace is taken of real CPU steps (fake tensors allocate nothing)."""
+    return torch.device(device).type == "cpu" and not fake_mode_active()
+
+
+@contextlib.contextmanager
+def _no_phase(name: str) -> Any:
+    yield
+
+
 def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed: int, rss: bool,
                     trace: bool = False) -> dict[str, Any]:
     workload = as_workload(spec)
@@ -182,6 +194,10 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     inference = measure_inference_peak(model, x, workload, precision_for(step.amp, device))
     result["inference_peak_bytes"] = inference.peak_bytes
     if step.mode == "inference":
+        if _traces_allocator(device):
+            result.update(cpu_allocator_figures(
+                lambda phase: inference_step(model, x, phase or _no_phase, workload, precision_for(step.amp, device)),
+                lambda: resident_tensors(model, None, _tensors(x))))
         result.update(params_bytes=distinct_storage_bytes(model.parameters()), grads_bytes=0,
                       optimizer_bytes=0, saved_activation_bytes=0, peak_bytes=inference.peak_bytes,
                       per_layer=[], timeline=inference.timeline, peak_phase="forward", recompute_flops=None,
@@ -236,6 +252,10 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     result["timeline"] = live.timeline
     if trace and not cuda:
         result["trace"] = snapshot_from_allocations(live.ledger.allocations or [])
+    if _traces_allocator(device) and not step.strategy.compiles:  # a dispatch mode would make dynamo run eagerly
+        result.update(cpu_allocator_figures(
+            lambda phase: train_step(spec, model, optimizer, x, y, phase=phase or _no_phase, strategy=strategy),
+            lambda: resident_tensors(model, optimizer, _tensors(x, y))))
     if cuda:
         snapshot: dict[str, Any] = {}
         # what the step's own tensors hold of the allocator as it starts (the last step's
@@ -252,6 +272,8 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
         result.update(allocator.result())
         result["cuda_workspace_bytes"] = allocator.start_allocated_bytes - resident
         result["cuda_step_allocated_bytes"] = allocator.cuda_max_allocated_bytes - result["cuda_workspace_bytes"]
+        result["allocator_peak_bytes"] = result["cuda_step_allocated_bytes"]
+        result["scratch_bytes"] = max(0, result["allocator_peak_bytes"] - result["peak_bytes"])
         if trace:
             result["trace"] = snapshot
     if rss:

@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from bpmem.torch_private import allocator_events
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block: kineto writes a line to it at every
+    profiler start and stop (``USDT: ... profiler_start``), which a user's terminal must not
+    fill with. Only the profiler's own start, stop and discarded warm-up run inside it."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+@contextlib.contextmanager
+def allocator_profile(quiet_inside: bool = False) -> Iterator[Any]:
+    """``torch.profiler.profile(profile_memory=True)`` on the CPU, started and stopped without
+    kineto's lines on stderr (with ``quiet_inside``, the whole block without stderr: a warm-up
+    run whose only purpose is to be profiled, where c10 warns of frees it cannot size)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    session = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced():
+        session.__enter__()
+    try:
+        with _stderr_silenced() if quiet_inside else contextlib.nullcontext():
+            yield session
+    finally:
+        with _stderr_silenced():
+            session.__exit__(None, None, None)
 
 
 class AllocatorTraceProbe:
@@ -28,24 +65,25 @@ class AllocatorTraceProbe:
     higher than ``LiveTensorProbe``.
     """
 
-    def __init__(self, baseline_bytes: int = 0) -> None:
+    def __init__(self, baseline_bytes: int = 0, granularity: int = 1) -> None:
+        # granularity 64: every block as the CPU allocator gives it (alloc_cpu aligns to 64 B)
+        self.granularity = granularity
         self.baseline_bytes = baseline_bytes
         self.peak_bytes = baseline_bytes
         self.end_bytes = baseline_bytes
         self._profile: Any = None
 
     def __enter__(self) -> AllocatorTraceProbe:
-        from torch.profiler import ProfilerActivity, profile
-
-        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profile.__enter__()
+        self._session = allocator_profile()
+        self._profile = self._session.__enter__()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._profile.__exit__(*exc_info)
+        self._session.__exit__(*exc_info)
         live = self.baseline_bytes
         for event in sorted(allocator_events(self._profile), key=lambda e: e.start_ns):
-            live += event.nbytes
+            size = -(-abs(event.nbytes) // self.granularity) * self.granularity
+            live += size if event.nbytes > 0 else -size
             self.peak_bytes = max(self.peak_bytes, live)
         self.end_bytes = live
         self._profile = None

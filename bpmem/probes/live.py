@@ -107,7 +107,7 @@ class LiveTensorProbe(EngineSums):
 
     def __init__(self, preexisting: Mapping[str, Iterable[torch.Tensor | None]] | None = None,
                  record_timeline: bool = True, device: torch.device | str | None = None,
-                 resizable: Mapping[str, Iterable[torch.Tensor]] | None = None) -> None:
+                 resizable: Mapping[str, Iterable[torch.Tensor]] | None = None, hook_graphs: bool = True) -> None:
         # with ``device``, only storages on that device count: one device's peak when a step
         # spans several (model-parallel)
         self._device = torch.device(device) if device is not None else None
@@ -131,11 +131,17 @@ class LiveTensorProbe(EngineSums):
         self.peak_tracked: dict[int, _Tracked] = {}  # what was live at the peak (track_ops=True)
         self.module_of: Any = None  # callable() -> the running module's name, for attribution
         self.on_peak: Any = None  # callable() at each new peak
+        # callable(op) -> a context manager around each op and its accounting (AllocatorViewProbe)
+        self.op_bracket: Any = None
         self._current_op = ""
         self.timeline: list[TimelineEvent] = []
         self.phase_end: dict[str, dict[str, int]] = {}  # the last time each phase ended
         self.phase_ends: list[tuple[str, dict[str, int]]] = []  # every time, in order
         self._mode: LiveMode | None = None
+        # a forward without autograd has no graph to hook, and a function mode on the stack
+        # turns PyTorch's eval fast paths off (TransformerEncoder asks has_torch_function)
+        self._hook_graphs = hook_graphs
+        self._graph_mode: GraphHookMode | None = None
         self._node_key = f"bpmem-live-{next(_PROBE_IDS)}"  # marks the autograd nodes this probe hooked
         EngineSums.__init__(self)
 
@@ -345,8 +351,9 @@ class LiveTensorProbe(EngineSums):
         self._resizable = [(c, st) for c, st in self._resizable if storage_address(st) not in self._tracked]
         self._note("start")
         self._mode = LiveMode(self)
-        self._graph_mode = GraphHookMode(self)
-        self._graph_mode.__enter__()
+        if self._hook_graphs:
+            self._graph_mode = GraphHookMode(self)
+            self._graph_mode.__enter__()
         self._mode.__enter__()
         return self
 
@@ -356,8 +363,10 @@ class LiveTensorProbe(EngineSums):
         # its own modes off the stacks and leaves the inner one's in place
         with DISPATCH_MODES.lifted_above(self._mode):
             self._mode.__exit__(*exc_info)
-        with FUNCTION_MODES.lifted_above(self._graph_mode):
-            self._graph_mode.__exit__(*exc_info)
+        if self._graph_mode is not None:
+            with FUNCTION_MODES.lifted_above(self._graph_mode):
+                self._graph_mode.__exit__(*exc_info)
+            self._graph_mode = None
         self._active = False
         self._resizable = []  # the storage objects would otherwise outlive the step
 

@@ -33,8 +33,11 @@ class LiveMode(ProbeMode, TorchDispatchMode):
         return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        self._probe._on_op(str(func.overloadpacket.__name__), out, (args, kwargs))
+        op = str(func.overloadpacket.__name__)
+        bracket = self._probe.op_bracket  # the allocator view marks each op's span in its trace
+        with bracket(op) if bracket is not None else contextlib.nullcontext():
+            out = func(*args, **(kwargs or {}))
+            self._probe._on_op(op, out, (args, kwargs))
         return out
 
 

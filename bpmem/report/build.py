@@ -41,7 +41,9 @@ def load(directory: Path):
              "threads": None, "time_noisy": False, "peak_by_category": "",
              # before pairing (bpmem.measurement.timing_pairs): no CPU time, no contention judged, no paired overhead
              "step_cpu_time_median_s": None, "time_contended": None, "time_overhead": None,
-             "time_overhead_low": None, "time_overhead_high": None, "time_pairs": None}
+             "time_overhead_low": None, "time_overhead_high": None, "time_pairs": None,
+             # before the allocator's view (bpmem.measurement.allocator_step): no allocator figures
+             "allocator_peak_bytes": None, "predicted_allocator_peak_bytes": None, "scratch_bytes": None}
     required = tuple(c for c in COLUMNS if c not in later)
     frame = read_results(directory / "results.csv", required, MEASURED_COLUMNS)
     for column, default in later.items():

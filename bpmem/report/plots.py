@@ -296,13 +296,16 @@ def plot_predicted_vs_measured(frame: Any, plots: Path) -> list[str]:
     plt = pyplot()
     ok = frame[frame.status == "ok"]
     fig, axis = plt.subplots(figsize=FIGURE_SIZE)
-    for index, figure in enumerate(("saved_activation", "peak", "inference_peak", "params", "optimizer")):
+    figures = ("saved_activation", "peak", "inference_peak", "params", "optimizer", "allocator_peak")
+    for index, figure in enumerate(figures):
+        if f"{figure}_bytes" not in ok or f"predicted_{figure}_bytes" not in ok:
+            continue
         measured, predicted = ok[f"{figure}_bytes"], ok[f"predicted_{figure}_bytes"]
         mask = measured.notna() & predicted.notna() & (measured > 0)
         if mask.any():
             error = (predicted[mask].astype(float) - measured[mask].astype(float)) / measured[mask].astype(float) * 100
             exact = int((error == 0).sum())
-            axis.scatter(measured[mask].astype(float), error, s=12, color=f"C{index}", marker="os^vD"[index],
+            axis.scatter(measured[mask].astype(float), error, s=12, color=f"C{index}", marker="os^vDP"[index],
                          label=f"{figure}_bytes: {exact} of {len(error)} exact, worst {error.abs().max():.3g}%")
     axis.axhline(0, color="k", linewidth=0.8)
     axis.set_xscale("log", base=2)

@@ -272,7 +272,8 @@ def plots_section(plots: dict[str, list[str]]) -> str:
         "split": "(d) Splitting against a smaller minibatch per device, and every strategy's memory per device "
                  "against time.",
         "timeline": "(e) Live memory through one training step, phases shaded and aligned across strategies.",
-        "predicted_vs_measured": "(f) The relative error of every prediction (0 = exact to the byte).",
+        "predicted_vs_measured": "(f) The relative error of every prediction (0 = exact to the byte), the "
+                                 "allocator's peak among them (its kernels' scratch calibrated by real steps).",
     }
     lines = ["## Plots"]
     for key, paths in plots.items():

@@ -22,6 +22,8 @@ from bpmem.figures import CUDA_FIGURES, PREDICTED_FIGURES
 
 STATUSES: tuple[str, ...] = ("ok", "oom", "error", "skipped")
 
+# the allocator's own figures came later: their columns go at the end, so older files stay readable
+ALLOCATOR_COLUMNS: tuple[str, ...] = ("allocator_peak_bytes", "predicted_allocator_peak_bytes", "scratch_bytes")
 # the figures that bpmem both measures and predicts, each beside its prediction's column
 BYTE_COLUMNS: tuple[str, ...] = (*PREDICTED_FIGURES, *(f"predicted_{name}" for name in PREDICTED_FIGURES))
 # on CUDA rows: the allocator's figures, and the predicted peak with every storage rounded up to
@@ -46,6 +48,9 @@ COLUMNS: tuple[str, ...] = (
     # overhead timed in pairs with the plain step, its interval and pair count (bpmem.measurement.timing_pairs)
     "step_cpu_time_median_s", "time_contended", "time_overhead", "time_overhead_low", "time_overhead_high",
     "time_pairs",
+    # added later again: the allocator's peak over the same step, its prediction, and its scratch
+    # (bpmem.measurement.allocator_step, bpmem.predict.allocator)
+    *ALLOCATOR_COLUMNS,
 )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from bpmem.figures import FIGURE_NAMES, PREDICTED_FIGURES
 from bpmem.measurement.cell import is_out_of_memory
+from bpmem.predict.allocator import applies as allocator_prediction_applies
+from bpmem.predict.allocator import predict_allocator_peak
 from bpmem.predict.dry_run import estimate_exactly, predicted_cuda_allocated
 from bpmem.results.table import model_columns
 from bpmem.spec import InfeasibleBudget, MLPSpec
@@ -68,6 +70,11 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
                predicted_recompute_flops=predicted.recompute_flops)
     if cell.device.startswith("cuda") and not step.strategy.compiles:
         row["predicted_cuda_allocated_bytes"] = predicted_cuda_allocated(spec, step, cell.device)
+    if allocator_prediction_applies(spec, step, cell.device):
+        try:  # the dry run plus each op's calibrated scratch (bpmem.predict.allocator)
+            row["predicted_allocator_peak_bytes"] = predict_allocator_peak(spec, step).allocator_peak_bytes
+        except ValueError:
+            pass  # the calibration's ops do not line up with the dry run's: no prediction, the cell runs
     if predicted.strategy_params:
         # the step's own parameters win: a plan's segment count must not hide the K asked for
         row["strategy_params"] = json.dumps({**predicted.strategy_params, **step.strategy_params()},

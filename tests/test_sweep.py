@@ -296,6 +296,11 @@ def assert_every_prediction_holds(frame: pd.DataFrame) -> None:
     off = train.loc[train.recompute_flops != train.predicted_recompute_flops,
                     ["cell_id", "recompute_flops", "predicted_recompute_flops"]]
     assert off.values.tolist() == [], f"recompute_flops: {len(off)} row(s) off their prediction"
+    # the allocator's peak, predicted from the dry run plus each op's calibrated scratch
+    traced = frame[frame["mode"].isin(["train", "inference"])]
+    off = traced.loc[traced.allocator_peak_bytes != traced.predicted_allocator_peak_bytes,
+                     ["cell_id", "allocator_peak_bytes", "predicted_allocator_peak_bytes"]]
+    assert off.values.tolist() == [], f"allocator_peak_bytes: {len(off)} row(s) off their prediction"
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -52,15 +52,17 @@ def resident_blocks(resident: dict[str, list[torch.Tensor | None]]) -> int:
     return sum(seen.values())
 
 
-def cpu_allocator_figures(run_step: Callable[[Any], Any], resident: Callable[[], dict[str, Any]]) -> dict[str, int]:
+def cpu_allocator_figures(run_step: Callable[[Any], Any], resident: Callable[[], dict[str, Any]],
+                          hook_graphs: bool = True) -> dict[str, int]:
     """``allocator_peak_bytes`` and ``scratch_bytes`` of the step ``run_step(phase)`` runs
-    (``resident()`` gives what is live before it, read afresh before each run)."""
+    (``resident()`` gives what is live before it, read afresh before each run; ``hook_graphs``
+    False for an inference forward, as in ``measure_inference_peak``)."""
     with allocator_profile(quiet_inside=True):
         run_step(None)  # the blocks the measured steps free are now ones a profiled run made
     trace = AllocatorTraceProbe(resident_blocks(resident()), granularity=CPU_BLOCK_BYTES)
     with trace:
         run_step(None)
-    view = allocator_view(run_step, resident)
+    view = allocator_view(run_step, resident, hook_graphs=hook_graphs)
     return {"allocator_peak_bytes": trace.peak_bytes,
             "scratch_bytes": max(0, trace.peak_bytes - (view.allocator_peak_bytes - view.scratch_bytes))}
 
@@ -85,6 +87,7 @@ def step_view(spec: Any, step: Any, device: str = "cpu", fake: bool = False, see
     import contextlib
 
     from bpmem.measurement.fake_kernels import DeviceStorageSizes
+    from bpmem.measurement.fast_paths import dense_encoders
     from bpmem.measurement.precision import precision_for, settle
     from bpmem.measurement.step import inference_step, make_optimizer, train_step
     from bpmem.models.mlp import as_workload
@@ -115,7 +118,9 @@ def step_view(spec: Any, step: Any, device: str = "cpu", fake: bool = False, see
             with allocator_profile(quiet_inside=True):
                 run(None)  # frees in the measured step are then of blocks a profiled run made
         del batch
-        return allocator_view(run, lambda: resident_tensors(model, optimizer, inputs), trace=not fake)
+        with dense_encoders(model):  # as measure_inference_peak's dry run
+            return allocator_view(run, lambda: resident_tensors(model, optimizer, inputs), trace=not fake,
+                                  hook_graphs=step.mode != "inference")  # as measure_inference_peak
 
 
 def _unlabelled(name: str) -> Any:

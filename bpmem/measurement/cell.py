@@ -23,6 +23,7 @@ from torch import nn
 from bpmem.figures import Measured
 from bpmem.measurement.allocator_step import cpu_allocator_figures, resident_tensors
 from bpmem.measurement.fake_kernels import DeviceStorageSizes
+from bpmem.measurement.fast_paths import NESTED_CAVEAT, dense_encoders
 from bpmem.measurement.memory_trace import snapshot_from_allocations
 from bpmem.measurement.precision import Precision, precision_for, settle
 from bpmem.measurement.step import hvp_step, inference_step, make_optimizer, train_step
@@ -67,8 +68,13 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
 
 def measure_inference_peak(model: nn.Module, x: torch.Tensor, workload: Workload | None = None,
                            precision: Precision | None = None) -> LiveTensorProbe:
-    """Peak of one inference forward; live at the start are the parameters and the batch."""
-    probe = LiveTensorProbe({"params": model.parameters(), "buffers": model.buffers(), "inputs": _tensors(x)})
+    """Peak of one inference forward; live at the start are the parameters and the batch.
+
+    No graph hooks: an inference forward builds no graph, and their function mode would make
+    PyTorch's eval fast paths (``bpmem.measurement.fast_paths``) see a ``__torch_function__``
+    and step aside, so the probe would watch another forward than the one people run."""
+    probe = LiveTensorProbe({"params": model.parameters(), "buffers": model.buffers(), "inputs": _tensors(x)},
+                            hook_graphs=False)
     with probe:
         inference_step(model, x, probe.phase, workload, precision)
     return probe
@@ -149,7 +155,8 @@ def measure(spec: MLPSpec | Workload, step: StepSpec, device: str = "cpu", seed:
             warnings.simplefilter("always")
             fields = _measure_fields(spec, step, device, seed, rss=False)
         pointers = any("data pointer of FakeTensor" in str(w.message) for w in caught)
-        return Measured(**fields, caveats=[POINTER_CAVEAT] if pointers else [])
+        caveats = ([POINTER_CAVEAT] if pointers else []) + fields.pop("caveats", [])
+        return Measured(**fields, caveats=caveats)
     except data_dependent_errors() as error:
         raise DataDependentModel(str(error).strip().splitlines()[0] if str(error).strip() else "") from None
     finally:
@@ -191,13 +198,16 @@ def _measure_fields(spec: MLPSpec | Workload, step: StepSpec, device: str, seed:
     model = workload.build(device, seed=seed)
     x, y = workload.make_batch(step.batch_size, device, seed=seed)
     result: dict[str, Any] = {}
-    inference = measure_inference_peak(model, x, workload, precision_for(step.amp, device))
+    with dense_encoders(model) as nested:  # a dry run cannot pack nested tensors: it runs them dense, and says so
+        inference = measure_inference_peak(model, x, workload, precision_for(step.amp, device))
+    if nested.ran_dense:
+        result["caveats"] = [NESTED_CAVEAT]
     result["inference_peak_bytes"] = inference.peak_bytes
     if step.mode == "inference":
         if _traces_allocator(device):
             result.update(cpu_allocator_figures(
                 lambda phase: inference_step(model, x, phase or _no_phase, workload, precision_for(step.amp, device)),
-                lambda: resident_tensors(model, None, _tensors(x))))
+                lambda: resident_tensors(model, None, _tensors(x)), hook_graphs=False))
         result.update(params_bytes=distinct_storage_bytes(model.parameters()), grads_bytes=0,
                       optimizer_bytes=0, saved_activation_bytes=0, peak_bytes=inference.peak_bytes,
                       per_layer=[], timeline=inference.timeline, peak_phase="forward", recompute_flops=None,

@@ -16,12 +16,18 @@ The calibration's own error is measured at a third batch (``CHECK_BATCH``): its 
 against a real step's trace there. Which ops were calibrated (a non-zero excess) is kept.
 
 Ops are matched between runs by their order and names (``difflib`` aligns them where a real
-step runs an op that a fake one does not, such as ``.item()``'s ``_local_scalar_dense``).
-Where the calibration's ops do not line up with the dry run's, there is no prediction.
+step runs an op that a fake one does not, such as ``.item()``'s ``_local_scalar_dense``). The
+dry run's metadata queries (``prim::device``, which fake tensors answer through the dispatcher
+and real ones do not) are not kernels and are left out of the match. A calibrated op that the
+dry run does not run has its excess charged to the nearest op the two runs share, the one
+before it where there is one: that is where a real step would be as it allocates. Where a
+real step takes PyTorch's eval fast path (fused attention layers, nested tensors), the dry run
+cannot follow it, and there is no prediction.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import difflib
 from dataclasses import dataclass
@@ -68,10 +74,29 @@ class AllocatorPrediction:
     peak_op: str  # the op at which the prediction peaks
 
 
+# the eval fast path of TransformerEncoder and MultiheadAttention: fused, on nested tensors
+FAST_PATH_OPS = frozenset({"_nested_tensor_from_mask", "_transformer_encoder_layer_fwd",
+                           "_native_multi_head_attention", "to_padded_tensor"})
+METADATA_OPS = frozenset({"device"})  # answered by fake tensors through the dispatcher; no kernel runs
+
+
 def _aligned(reference: list[str], other: list[str]) -> dict[int, int]:
-    """index in ``other`` -> index in ``reference`` for the ops the two runs share in order."""
-    matcher = difflib.SequenceMatcher(a=reference, b=other, autojunk=False)
-    return {block.b + k: block.a + k for block in matcher.get_matching_blocks() for k in range(block.size)}
+    """index in ``other`` -> index in ``reference`` for the kernels the two runs share in order."""
+    ref = [i for i, op in enumerate(reference) if op not in METADATA_OPS]
+    oth = [i for i, op in enumerate(other) if op not in METADATA_OPS]
+    ref_ops, oth_ops = [reference[i] for i in ref], [other[i] for i in oth]
+    if ref_ops == oth_ops:  # the usual case: the same kernels, in the same order
+        return dict(zip(oth, ref, strict=True))
+    matcher = difflib.SequenceMatcher(a=ref_ops, b=oth_ops, autojunk=False)
+    return {oth[block.b + k]: ref[block.a + k] for block in matcher.get_matching_blocks() for k in range(block.size)}
+
+
+def _nearest_shared(index: int, shared: list[int]) -> int | None:
+    """The shared calibration index nearest ``index``: the one before it, else the one after."""
+    position = bisect.bisect_right(shared, index)
+    if position > 0:
+        return shared[position - 1]
+    return shared[0] if shared else None
 
 
 def applies(spec: MLPSpec | Any, step: StepSpec, device: str) -> bool:
@@ -105,11 +130,13 @@ def calibrate(spec: MLPSpec | Any, step: StepSpec, check: bool = True) -> Calibr
 _CALIBRATIONS: dict[str, Calibration] = {}
 
 
-def calibration_for(spec: MLPSpec | Any, step: StepSpec) -> Calibration:
-    """``calibrate``, once per model and step at any batch (a sweep's cells share it)."""
+def calibration_for(spec: MLPSpec | Any, step: StepSpec, check: bool = False) -> Calibration:
+    """``calibrate``, once per model and step at any batch (a sweep's cells share it); with
+    ``check``, one that has measured its error (``fit`` reports it; a sweep needs none)."""
     key = repr((spec, dataclasses.replace(step, batch_size=1)))
-    if key not in _CALIBRATIONS:
-        _CALIBRATIONS[key] = calibrate(spec, step)
+    known = _CALIBRATIONS.get(key)
+    if known is None or (check and known.check_error is None):
+        _CALIBRATIONS[key] = calibrate(spec, step, check=check)
     return _CALIBRATIONS[key]
 
 
@@ -117,19 +144,28 @@ def predict_allocator_peak(spec: MLPSpec | Any, step: StepSpec,
                            calibration: Calibration | None = None) -> AllocatorPrediction:
     """The dry run at ``step.batch_size``, each op's tensors plus its calibrated excess.
 
-    Raises ValueError when the calibration's ops do not line up with the dry run's."""
+    Raises ValueError where a real step takes PyTorch's eval fast path (``FAST_PATH_OPS``),
+    which the dry run, on fake tensors, cannot."""
     from bpmem.measurement.allocator_step import step_view
 
     calibration = calibration or calibration_for(spec, step)
     dry = step_view(spec, step, fake=True)
+    fast = sorted(FAST_PATH_OPS.intersection(calibration.ops).difference(o.op for o in dry.ops))
+    if fast:
+        raise ValueError(f"model: in eval mode it takes PyTorch's fast path ({fast[0]}), which a dry run cannot "
+                         "follow (nested tensors' sizes come from the padding mask's values); allowed: bpmem measure "
+                         "--model, which traces the allocator itself")
     to_calibration = _aligned(list(calibration.ops), [o.op for o in dry.ops])
-    missing = [i for i, pair in enumerate(calibration.excess) if any(pair) and i not in to_calibration.values()]
-    if missing:
-        raise ValueError(f"model: the dry run does not run the calibrated op {calibration.ops[missing[0]]} "
-                         "where a real step does; allowed: bpmem measure, which traces the allocator itself")
+    extra = {index: calibration.excess_at(at, step.batch_size) for index, at in to_calibration.items()}
+    to_dry = {at: index for index, at in to_calibration.items()}
+    shared = sorted(to_dry)
+    for at, pair in enumerate(calibration.excess):  # a calibrated kernel the dry run does not run
+        nearest = _nearest_shared(at, shared) if any(pair) and at not in to_dry else None
+        if nearest is not None:
+            index = to_dry[nearest]
+            extra[index] = max(extra[index], calibration.excess_at(at, step.batch_size))
     peak, peak_op = dry.tensor_peak_blocks, ""
     for index, op in enumerate(dry.ops):
-        extra = calibration.excess_at(to_calibration[index], step.batch_size) if index in to_calibration else 0
-        if op.tensor_bytes + extra > peak:
-            peak, peak_op = op.tensor_bytes + extra, op.op
+        if op.tensor_bytes + extra.get(index, 0) > peak:
+            peak, peak_op = op.tensor_bytes + extra.get(index, 0), op.op
     return AllocatorPrediction(peak, dry.tensor_peak_blocks, calibration, peak_op)

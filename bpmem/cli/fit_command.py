@@ -11,7 +11,7 @@ from bpmem.units import format_bytes, parse_bytes
 
 USER_MODEL_STRATEGIES = ("checkpoint-sqrt", "checkpoint-selective", "microbatch")
 CANNOT_SEE = {
-    "cpu": ["allocator caching and fragmentation", "kernels' internal scratch memory (oneDNN)"],
+    "cpu": ["memory from outside PyTorch's allocator (glibc's arenas, the Python heap)"],
     "cuda": ["the CUDA context (hundreds of MiB per process)", "cuBLAS and cuDNN workspaces", "NCCL buffers",
              "the caching allocator's fragmentation (reserved above allocated)"],
 }
@@ -21,7 +21,12 @@ def add_fit_parser(sub: argparse._SubParsersAction, add_model_flags) -> None:  #
     fit = sub.add_parser("fit", help="the largest batch size whose predicted peak fits a memory budget",
                          description="Search the batch size with the estimate (never by allocating): the "
                                      "largest batch whose predicted training peak fits --memory, the peak there "
-                                     "and at the next batch, and for each strategy the largest batch it reaches.")
+                                     "and at the next batch, and for each strategy the largest batch it reaches. "
+                                     "On the CPU the peak held to the budget is the allocator's: the tensors as "
+                                     "its 64 B blocks plus each kernel's scratch, calibrated by real steps at "
+                                     "B=2, 4 and 8 (their measured error is printed); a model too large for "
+                                     "those steps, or on a path the dry run cannot follow, is searched by its "
+                                     "tensors' peak, and the answer says why.")
     add_model_flags(fit)
     fit.add_argument("--memory", required=True, metavar="SIZE", help="the budget, e.g. 80GiB or 1500000000")
     fit.add_argument("--device-kind", choices=("cpu", "cuda"), default="cpu",
@@ -40,6 +45,25 @@ def _strategies(model: object, step) -> list:  # noqa: ANN001 - StepSpec in, Ste
     if not isinstance(model, MLPSpec):
         names = [n for n in names if n in USER_MODEL_STRATEGIES]
     return [dataclasses.replace(step, strategy=registry.make_config(n)) for n in names if n != step.strategy.name]
+
+
+SCRATCH = "kernels' internal scratch memory (oneDNN's reorders, RNN gates)"
+
+
+def _print_figures(answers: list) -> None:  # noqa: ANN001 - list of bpmem.predict.fit.Fit
+    """Which peak each answer held to the budget: the allocator's, calibrated (with its measured
+    error), or the tensors' (and why not the allocator's)."""
+    calibrated = [a for a in answers if a.figure == "allocator_peak_bytes"]
+    if calibrated:
+        errors = ", ".join(f"{a.strategy} {a.calibration_error:+.2%}" for a in calibrated
+                           if a.calibration_error is not None)
+        ops = sorted({op for a in calibrated for op in a.calibrated_ops if not op.startswith("_record_function")})
+        print(f"  peaks: the CPU allocator's, predicted: the dry run's tensors as 64 B blocks plus each kernel's "
+              f"scratch, calibrated by real steps at two small batches (ops: {', '.join(ops) or 'none'}); "
+              f"error measured at a third batch: {errors}")
+    for answer in answers:
+        if answer.not_calibrated:
+            print(f"  {answer.strategy}: the tensors' peak was searched, not the allocator's: {answer.not_calibrated}")
 
 
 def _both(nbytes: int | None) -> str:
@@ -91,10 +115,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     first = answers[0]
     if first.error:
         return fail(args.prog, _why_not(model, step, args.device_kind, first.error))
+    cannot_see = CANNOT_SEE[args.device_kind] + ([SCRATCH] if first.figure == "peak_bytes" and
+                                                  args.device_kind == "cpu" else [])
     if args.json:
         print_json({"max_batch_size": first.max_batch_size, "peak_bytes": first.peak_bytes,
-                    "next_peak_bytes": first.next_peak_bytes, "memory_bytes": memory,
-                    "device_kind": args.device_kind, "cannot_see": CANNOT_SEE[args.device_kind],
+                    "next_peak_bytes": first.next_peak_bytes, "figure": first.figure,
+                    "allocator_peak_bytes": first.allocator_peak_bytes,
+                    "next_allocator_peak_bytes": first.next_allocator_peak_bytes,
+                    "calibrated_ops": list(first.calibrated_ops), "calibration_error": first.calibration_error,
+                    "not_calibrated": first.not_calibrated, "memory_bytes": memory,
+                    "device_kind": args.device_kind, "cannot_see": cannot_see,
                     "strategies": [dataclasses.asdict(a) for a in answers],
                     "config": echo_config(model, step), "environment": environment("cpu")})
         return 0
@@ -105,10 +135,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"  {answer.strategy:<22} {'—':>14}  {answer.error}")
             continue
         found = f"{answer.max_batch_size:,}" if answer.max_batch_size else "none fits"
-        print(f"  {answer.strategy:<22} {found:>14} {_both(answer.peak_bytes):>26} "
-              f"{_both(answer.next_peak_bytes):>26}")
-    print(f"  not counted: {', '.join(CANNOT_SEE[args.device_kind])}")
-    if not isinstance(model, MLPSpec) or args.device_kind == "cuda" or step.amp != "none":
+        allocator = answer.figure == "allocator_peak_bytes"
+        there, then = ((answer.allocator_peak_bytes, answer.next_allocator_peak_bytes) if allocator
+                       else (answer.peak_bytes, answer.next_peak_bytes))
+        print(f"  {answer.strategy:<22} {found:>14} {_both(there):>26} {_both(then):>26}"
+              f"{'' if allocator or args.device_kind != 'cpu' else '  (tensors)'}")
+    _print_figures(answers)
+    print(f"  not counted: {', '.join(cannot_see)}")
+    if any(a.figure == "allocator_peak_bytes" for a in answers):
+        print("  the search ran on fake tensors (no memory); only the calibration's steps, at small batches, were real")
+    elif not isinstance(model, MLPSpec) or args.device_kind == "cuda" or step.amp != "none":
         print("  peaks from the step run on fake tensors (no memory)")
     else:
         print("  peaks from the analytic replay, and where its peak is only an upper estimate (checkpointing), "

@@ -6,6 +6,14 @@ memory. For the MLP the estimate is the analytic replay; for a ``--model`` it is
 on fake tensors. The peak is assumed to grow with the batch, which holds for every model
 whose activations do.
 
+On the CPU, where ``bpmem.predict.allocator`` applies (one device's train step, not compiled),
+the search holds the **allocator's** predicted peak to the budget: the dry run's tensors as
+64 B blocks plus each op's kernel scratch, calibrated from real steps at small batches (whose
+measured error at a third batch is reported with the answer). The calibration runs real
+steps, so it is skipped, and the tensors' peak searched instead, where its check step would
+need more than half the memory available (``CALIBRATION_SHARE``), or where the model takes a
+path the dry run cannot follow; ``Fit.figure`` says which figure was searched.
+
 ``--device-kind cuda`` counts every storage as the CUDA caching allocator's block, its size
 rounded up to 512 B (what ``torch.cuda.max_memory_allocated`` counts). It cannot see the
 CUDA context (hundreds of MiB per process), cuBLAS and cuDNN workspaces, NCCL buffers, or
@@ -27,13 +35,22 @@ LARGEST_BATCH = 2**40  # the search stops here: a model whose peak never reaches
 
 @dataclass(frozen=True)
 class Fit:
-    """One strategy's answer: the largest batch that fits, its peak, and the next batch's."""
+    """One strategy's answer: the largest batch that fits, its peaks, and the next batch's."""
 
     strategy: str
     max_batch_size: int | None  # None: not even one row fits
-    peak_bytes: int | None  # at max_batch_size
+    peak_bytes: int | None  # the tensors' peak at max_batch_size
     next_peak_bytes: int | None  # at max_batch_size + 1 (or at 1 when nothing fits)
     error: str = ""  # the strategy cannot apply to this model: why
+    figure: str = "peak_bytes"  # the figure the search held to the budget: peak_bytes or allocator_peak_bytes
+    allocator_peak_bytes: int | None = None  # the CPU allocator's predicted peak at max_batch_size
+    next_allocator_peak_bytes: int | None = None  # ... and at the next batch
+    calibrated_ops: tuple[str, ...] = ()  # the ops whose scratch the calibration measured
+    calibration_error: float | None = None  # its (predicted - measured) / measured at its check batch
+    not_calibrated: str = ""  # on the CPU, why the allocator's figure was not searched
+
+
+CALIBRATION_SHARE = 0.5  # calibrate only where the check step's predicted peak takes at most this of free memory
 
 
 def largest_batch(peak_of: Callable[[int], int], memory: int) -> tuple[int | None, int | None, int]:
@@ -76,19 +93,61 @@ def predicted_peak(model: MLPSpec | Any, step: StepSpec, device_kind: str = "cpu
         raise DataDependentModel(str(error).strip().splitlines()[0] if str(error).strip() else "") from None
 
 
+def _calibration(model: MLPSpec | Any, step: StepSpec) -> tuple[Any, str]:
+    """(the calibration, "") for ``step``'s allocator search on the CPU, or (None, why not)."""
+    import psutil
+
+    from bpmem.predict.allocator import CHECK_BATCH, applies, calibration_for
+
+    if not applies(model, step, "cpu"):
+        return None, f"{step.strategy.name} steps have no allocator prediction (compiled or split)"
+    scale = max(1, int(getattr(step.strategy, "microbatches", 0) or 0))
+    check = predicted_peak(model, dataclasses.replace(step, batch_size=CHECK_BATCH * scale))
+    available = psutil.virtual_memory().available
+    if check > CALIBRATION_SHARE * available:
+        return None, (f"calibrating needs a real step of {check:,} B at B={CHECK_BATCH * scale}, more than "
+                      f"{CALIBRATION_SHARE:.0%} of the {available:,} B available")
+    try:
+        return calibration_for(model, step, check=True), ""
+    except ValueError as error:
+        return None, str(error).splitlines()[0]
+
+
+def _search(model: MLPSpec | Any, step: StepSpec, memory: int, device_kind: str) -> Fit:
+    """One strategy's search: the allocator's predicted peak where it is calibrated, else the tensors'."""
+    from bpmem.predict.allocator import predict_allocator_peak
+
+    @functools.cache
+    def peak_of(batch: int) -> int:
+        return predicted_peak(model, dataclasses.replace(step, batch_size=batch), device_kind)
+
+    calibration, why_not = _calibration(model, step) if device_kind == "cpu" else (None, "")
+    if calibration is not None:
+        @functools.cache
+        def allocator_of(batch: int) -> int:
+            at = dataclasses.replace(step, batch_size=batch)
+            return predict_allocator_peak(model, at, calibration).allocator_peak_bytes
+
+        try:
+            found, allocator, next_allocator = largest_batch(allocator_of, memory)
+        except ValueError as error:  # the dry run cannot follow a path the real step takes
+            calibration, why_not = None, str(error).splitlines()[0]
+    if calibration is None:
+        found, peak, next_peak = largest_batch(peak_of, memory)
+        return Fit(step.strategy.name, found, peak, next_peak, not_calibrated=why_not)
+    peak, next_peak = (peak_of(found), peak_of(found + 1)) if found else (None, peak_of(1))
+    return Fit(step.strategy.name, found, peak, next_peak, figure="allocator_peak_bytes",
+               allocator_peak_bytes=allocator, next_allocator_peak_bytes=next_allocator,
+               calibrated_ops=calibration.calibrated_ops, calibration_error=calibration.check_error)
+
+
 def fit(model: MLPSpec | Any, step: StepSpec, memory: int, strategies: list[StepSpec],
         device_kind: str = "cpu") -> list[Fit]:
     """For ``step`` and then each step in ``strategies``: the largest batch that fits ``memory``."""
     answers = []
     for candidate in [step, *strategies]:
-        @functools.cache
-        def peak_of(batch: int, candidate: StepSpec = candidate) -> int:
-            return predicted_peak(model, dataclasses.replace(candidate, batch_size=batch), device_kind)
-
         try:
-            found, peak, next_peak = largest_batch(peak_of, memory)
+            answers.append(_search(model, candidate, memory, device_kind))
         except ValueError as error:  # a strategy that cannot run this model (or this batch)
             answers.append(Fit(candidate.strategy.name, None, None, None, str(error).splitlines()[0]))
-            continue
-        answers.append(Fit(candidate.strategy.name, found, peak, next_peak))
     return answers

@@ -118,3 +118,20 @@ def test_a_fake_step_has_no_allocator_figure() -> None:
     fake = measure(UNET, make_step(batch_size=2), fake=True)
     assert fake.allocator_peak_bytes is None and fake.scratch_bytes is None
     assert torch.is_grad_enabled()
+
+
+def test_estimate_gives_the_allocator_peak_that_measure_then_measures(capsys) -> None:
+    import json
+
+    from bpmem.cli import main
+
+    flags = ["--model", UNET.factory, "--data", UNET.data, "--optimizer", "adam", "--batch-size", "6", "--json"]
+    assert main(["estimate", *flags]) == 0
+    estimate = json.loads(capsys.readouterr().out)
+    assert main(["measure", *flags]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert estimate["predicted_allocator_peak_bytes"] == measured["allocator_peak_bytes"] > measured["peak_bytes"]
+    assert "convolution" in estimate["calibrated_ops"] and estimate["calibration_error"] == 0
+    assert main(["estimate", "--mode", "hvp", "--allocator", "--json"]) == 0
+    hvp = json.loads(capsys.readouterr().out)
+    assert "predicted_allocator_peak_bytes" not in hvp and "no allocator prediction" in hvp["allocator_not_predicted"]

@@ -65,7 +65,7 @@ def test_a_step_too_large_to_calibrate_is_searched_by_its_tensors_and_says_why(m
     class Scarce:
         available = 1000
 
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: Scarce())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Scarce())  # read when fit calibrates
     [answer] = fit(MLPSpec(depth=2), make_step(), 8 * 2**20, [])
     assert answer.figure == "peak_bytes" and answer.allocator_peak_bytes is None
     assert "calibrating needs a real step" in answer.not_calibrated and answer.max_batch_size > 0

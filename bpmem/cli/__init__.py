@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--arithmetic", action="store_true",
                      help="the MLP's arithmetic alone, never importing torch: instant, but the peak of a "
                           "checkpointed, selective or hvp step is then an upper estimate")
+    est.add_argument("--allocator", action="store_true",
+                     help="for the MLP, also predict the CPU allocator's peak (predicted_allocator_peak_bytes: "
+                          "the tensors as 64 B blocks plus each kernel's scratch, calibrated by real steps at "
+                          "B=2, 4 and 8); your own model's estimate always gives it")
     est.set_defaults(func=cmd_estimate)
     mea = sub.add_parser("measure", help="run real steps and read the figures off the probes",
                          description="Run a warm-up step, then one step per probe: SavedTensorProbe "

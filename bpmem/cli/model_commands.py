@@ -23,6 +23,7 @@ from bpmem.units import format_bytes
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    from bpmem.predict.calibrated import allocator_estimate
     from bpmem.predict.dry_run import estimate_exactly
     from bpmem.predict.estimate import estimate
     from bpmem.sweep.environment import environment
@@ -31,6 +32,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.arithmetic and not isinstance(spec, MLPSpec):  # never a silent dry run where arithmetic was asked
         return fail(args.prog, "argument --arithmetic: the arithmetic models the MLP only; allowed: --arithmetic "
                                 "without --model, or --model without --arithmetic (its step on fake tensors)")
+    if args.arithmetic and args.allocator:
+        return fail(args.prog, "argument --allocator: the allocator's peak comes from a dry run and real steps, "
+                                "which --arithmetic never runs; allowed: one of --arithmetic and --allocator")
     if args.arithmetic and step.amp != "none":
         return fail(args.prog, f"argument --arithmetic: the arithmetic replays full precision only, not --amp "
                                 f"{step.amp}; allowed: --amp none, or --amp without --arithmetic (a dry run on fake "
@@ -44,8 +48,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if isinstance(step.strategy, SplitConfig):
         return _estimate_split(args, spec, step)
     est = estimate(spec, step) if args.arithmetic else estimate_exactly(spec, step)
+    allocator = allocator_estimate(spec, step) if args.allocator else {
+        "allocator_not_predicted": "pass --allocator (it runs a dry run and real calibration steps at small batches)"}
     if args.json:
-        out = {**est.to_dict(), "config": echo_config(spec, step), "environment": environment("cpu")}
+        out = {**est.to_dict(), **allocator, "config": echo_config(spec, step), "environment": environment("cpu")}
         print_json(out)
         return 0
     where = (f"dry run on fake tensors: in {est.peak_phase}" if est.peak_from_dry_run
@@ -59,6 +65,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         (f"peak ({step.mode} step)", est.peak_bytes, where),
         ("inference peak", est.inference_peak_bytes, "eval-mode forward under inference_mode"),
     ])
+    from bpmem.cli.user_commands import print_allocator_estimate
+
+    print_allocator_estimate(allocator)
     if est.recompute_flops:
         print(f"  recomputed in backward: {est.recompute_flops:,} matmul FLOPs")
     if step.mode != "inference":

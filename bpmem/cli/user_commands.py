@@ -14,6 +14,7 @@ from bpmem.cli.options import describe, echo_config, fail, field_message, print_
 from bpmem.figures import FIGURE_NAMES
 from bpmem.spec import StepSpec
 from bpmem.strategies.base import SplitConfig
+from bpmem.units import format_bytes
 
 
 def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, device: str, fake: bool) -> int:
@@ -42,6 +43,12 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
                                 "smaller --batch-size, or bpmem estimate --model ... to size it first")
     figures = {k: v for k, v in measured.to_dict().items() if k != "timeline"}
     write_trace(args, measured.trace)
+    allocator = {}
+    if fake and device == "cpu":
+        from bpmem.predict.calibrated import allocator_estimate
+
+        allocator = allocator_estimate(workload, step)
+        figures.update(allocator)
     if args.json:
         how = "estimate: fake tensors, no data" if fake else f"measure on {device}"
         print_json({**figures, "how": how, "config": echo_config(workload, step, device),
@@ -50,10 +57,26 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
     verb = "estimate (fake tensors: no data, no memory)" if fake else f"measure on {device}"
     print_table(f"bpmem {verb}: {describe(workload, step)}",
                 [(k.removesuffix("_bytes"), figures[k], "") for k in FIGURE_NAMES if k in figures])
+    if allocator:
+        print_allocator_estimate(allocator)
     _print_top_modules(measured.per_layer)
     for caveat in measured.caveats:
         print(f"  caveat: {caveat}")
     return 0
+
+
+def print_allocator_estimate(allocator: dict[str, Any]) -> None:
+    """The estimate's line for the CPU allocator's predicted peak, or why there is none."""
+    predicted = allocator.get("predicted_allocator_peak_bytes")
+    if predicted is None:
+        print(f"  allocator peak: not predicted: {allocator['allocator_not_predicted']}")
+        return
+    ops = ", ".join(allocator["calibrated_ops"]) or "none"
+    batches = " and ".join(map(str, allocator["calibration_batches"]))
+    print(f"  allocator peak (CPU, predicted): {format_bytes(predicted)} ({predicted:,} B): the tensors as 64 B "
+          f"blocks plus each kernel's scratch, calibrated by real steps at B={batches} "
+          f"(ops with scratch: {ops}); error at B={allocator['calibration_check_batch']}: "
+          f"{allocator['calibration_error']:+.2%}")
 
 
 def _split_step(args: argparse.Namespace, workload: Any, step: StepSpec, fake: bool) -> int:

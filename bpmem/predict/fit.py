@@ -11,7 +11,7 @@ the search holds the **allocator's** predicted peak to the budget: the dry run's
 64 B blocks plus each op's kernel scratch, calibrated from real steps at small batches (whose
 measured error at a third batch is reported with the answer). The calibration runs real
 steps, so it is skipped, and the tensors' peak searched instead, where its check step would
-need more than half the memory available (``CALIBRATION_SHARE``), or where the model takes a
+need more than half the memory available (``bpmem.predict.calibrated``), or where the model takes a
 path the dry run cannot follow; ``Fit.figure`` says which figure was searched.
 
 ``--device-kind cuda`` counts every storage as the CUDA caching allocator's block, its size
@@ -48,9 +48,6 @@ class Fit:
     calibrated_ops: tuple[str, ...] = ()  # the ops whose scratch the calibration measured
     calibration_error: float | None = None  # its (predicted - measured) / measured at its check batch
     not_calibrated: str = ""  # on the CPU, why the allocator's figure was not searched
-
-
-CALIBRATION_SHARE = 0.5  # calibrate only where the check step's predicted peak takes at most this of free memory
 
 
 def largest_batch(peak_of: Callable[[int], int], memory: int) -> tuple[int | None, int | None, int]:
@@ -93,35 +90,16 @@ def predicted_peak(model: MLPSpec | Any, step: StepSpec, device_kind: str = "cpu
         raise DataDependentModel(str(error).strip().splitlines()[0] if str(error).strip() else "") from None
 
 
-def _calibration(model: MLPSpec | Any, step: StepSpec) -> tuple[Any, str]:
-    """(the calibration, "") for ``step``'s allocator search on the CPU, or (None, why not)."""
-    import psutil
-
-    from bpmem.predict.allocator import CHECK_BATCH, applies, calibration_for
-
-    if not applies(model, step, "cpu"):
-        return None, f"{step.strategy.name} steps have no allocator prediction (compiled or split)"
-    scale = max(1, int(getattr(step.strategy, "microbatches", 0) or 0))
-    check = predicted_peak(model, dataclasses.replace(step, batch_size=CHECK_BATCH * scale))
-    available = psutil.virtual_memory().available
-    if check > CALIBRATION_SHARE * available:
-        return None, (f"calibrating needs a real step of {check:,} B at B={CHECK_BATCH * scale}, more than "
-                      f"{CALIBRATION_SHARE:.0%} of the {available:,} B available")
-    try:
-        return calibration_for(model, step, check=True), ""
-    except ValueError as error:
-        return None, str(error).splitlines()[0]
-
-
 def _search(model: MLPSpec | Any, step: StepSpec, memory: int, device_kind: str) -> Fit:
     """One strategy's search: the allocator's predicted peak where it is calibrated, else the tensors'."""
     from bpmem.predict.allocator import predict_allocator_peak
+    from bpmem.predict.calibrated import guarded_calibration
 
     @functools.cache
     def peak_of(batch: int) -> int:
         return predicted_peak(model, dataclasses.replace(step, batch_size=batch), device_kind)
 
-    calibration, why_not = _calibration(model, step) if device_kind == "cpu" else (None, "")
+    calibration, why_not = guarded_calibration(model, step) if device_kind == "cpu" else (None, "")
     if calibration is not None:
         @functools.cache
         def allocator_of(batch: int) -> int:

@@ -114,6 +114,16 @@ def test_the_predicted_allocator_peak_is_within_one_percent(workload: UserModel,
     assert predicted.calibration.check_error is not None and abs(predicted.calibration.check_error) <= 0.01
 
 
+@pytest.mark.parametrize("workload", [UNET, GRU, NORM_DROPOUT, MIXED_NORMS, EINSUM],
+                         ids=["unet", "gru", "norm-dropout", "mixed-norms", "einsum"])
+def test_the_tensor_peaks_stay_exact_beside_the_allocators(workload: UserModel) -> None:
+    """The allocator's figures sit beside the tensors' ones, which the dry run still gives to the byte."""
+    step = make_step(batch_size=6, optimizer="adam")
+    real, fake = measure(workload, step), measure(workload, step, fake=True)
+    assert (fake.peak_bytes, fake.inference_peak_bytes, fake.saved_activation_bytes) == \
+        (real.peak_bytes, real.inference_peak_bytes, real.saved_activation_bytes)
+
+
 def test_a_fake_step_has_no_allocator_figure() -> None:
     fake = measure(UNET, make_step(batch_size=2), fake=True)
     assert fake.allocator_peak_bytes is None and fake.scratch_bytes is None

@@ -93,7 +93,7 @@ LAYERS: dict[str, int] = {
     "strategies": 4,  # the strategies and their runtimes, which run the measurement's step
     "measurement": 3,  # the step, one cell measured, timing
     "probes": 2, "models": 2,  # what is counted; what is run
-    "analytic": 1,  # the arithmetic of one step
+    "analytic": 1, "cuda_allocator": 1,  # the arithmetic of one step; PyTorch's CUDA allocator, modelled
     "vocabulary": 0,  # spec, figures, units, validation, torch_private: imported by all
 }
 VOCABULARY = ("spec", "figures", "units", "validation", "torch_private")

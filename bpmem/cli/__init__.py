@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bpmem.cli.allocator_command import add_allocator_parser
 from bpmem.cli.fit_command import add_fit_parser
 from bpmem.cli.model_commands import cmd_estimate, cmd_measure
 from bpmem.cli.options import FIGURES_HELP, RUN_HELP, Parser, add_model_flags, fail, fail_field, shard_type
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     che.add_argument("--all", action="store_true", help="print unchanged cells too (--predicted prints every line)")
     che.set_defaults(func=cmd_check)
     add_fit_parser(sub, add_model_flags)
+    add_allocator_parser(sub)
     gra = sub.add_parser("graph", help="the computational graph as SVG, saved tensors with their bytes",
                          description="Draw the seed network's computational graph (with --bias, exercise 2's) for "
                                      "--mode and --strategy: forward edges, each tensor autograd keeps for backward "

@@ -39,7 +39,8 @@ def _independent_trace_peak(workload: UserModel, batch_size: int) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
         train_step(workload, model, optimizer, x, y)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()), x, y,
+                for t in [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()),
+                          *(x if isinstance(x, tuple) else (x,)), y,
                           *(v for s in optimizer.state.values() for v in s.values())]}
     live = peak = sum(blocks(n) for n in storages.values())
     del storages
@@ -51,7 +52,8 @@ def _independent_trace_peak(workload: UserModel, batch_size: int) -> int:
     return peak
 
 
-@pytest.mark.parametrize("workload", [UNET, GRU], ids=["unet", "gru"])
+@pytest.mark.parametrize("workload", [UNET, GRU, PADDED_ENCODER, EINSUM], ids=["unet", "gru", "padded-encoder",
+                                                                          "einsum"])
 def test_the_allocator_peak_is_an_independent_trace_of_the_same_step(workload: UserModel) -> None:
     measured = measure(workload, make_step(batch_size=4, optimizer="adam"))
     assert measured.allocator_peak_bytes == _independent_trace_peak(workload, 4)

@@ -15,6 +15,8 @@ from bpmem.probes.allocator_view import blocks
 from bpmem.strategies.registry import make_step
 from bpmem.torch_private import allocator_events
 
+pytestmark = pytest.mark.slow  # real steps under the allocator's trace, a second or two each
+
 FIXTURES = "tests.fixtures.user_models"
 UNET = UserModel(f"{FIXTURES}:small_unet", data=f"{FIXTURES}:images")
 GRU = UserModel(f"{FIXTURES}:gru_tagger", data=f"{FIXTURES}:sequences")

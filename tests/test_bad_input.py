@@ -87,6 +87,7 @@ def test_toml_budgets_follow_the_same_rule() -> None:
 
 # -- out of memory in measure ------------------------------------------------------------------
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_a_measure_that_cannot_allocate_is_out_of_memory_not_a_crash() -> None:
     """A real failed allocation: a 100000 x 100000 weight (40 GB) under a 6 GB address space."""
     def limit() -> None:
@@ -207,6 +208,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path: Path) -
     assert [f.name for f in folders] == ["tiny-20261129-120000", "tiny-20261129-120000-2", "tiny-20261129-120000-3"]
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_progress_counts_cells_not_rows_with_jobs_and_split_cells(tmp_path: Path, capsys) -> None:
     """model-parallel gives a row per stage; the counter must end at the number of cells."""
     config = tmp_path / "c.toml"

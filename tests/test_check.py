@@ -85,6 +85,7 @@ class _GreedyReLU(nn.Module):
         return torch.relu(x).exp().log()
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_a_grown_activation_fails_the_self_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The CI self-check in miniature: a baseline from the CI config's cells, then the same
     sweep with a ReLU that keeps more, checked with the rules .ci/test uses."""

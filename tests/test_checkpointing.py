@@ -89,6 +89,7 @@ def test_checkpointed_loss_and_gradients_equal_the_plain_step_bitwise(strategy: 
         assert torch.equal(got, want)  # recomputation on CPU float32 is deterministic
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_compile_budget_meets_results_within_tolerance_and_recomputes() -> None:
     """torch.compile decomposes ops, so equality is to 1e-5 relative, not bitwise."""
     spec = MLPSpec(input_dim=32, hidden_dim=32, output_dim=10, depth=6)
@@ -109,6 +110,7 @@ def test_compile_budget_meets_results_within_tolerance_and_recomputes() -> None:
 
 @pytest.mark.parametrize("budget", [pytest.param(1.0, marks=pytest.mark.slow), 0.5,
                                     pytest.param(0.2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_compile_budget_is_predicted_exactly_by_the_partitioner_on_meta(budget: float) -> None:
     spec = MLPSpec(input_dim=48, hidden_dim=32, output_dim=5, depth=6, activation="gelu", bias=True)
     step = make_step(batch_size=16, strategy="compile-budget", budget=budget)
@@ -146,6 +148,7 @@ def test_budget_dp_is_optimal_against_brute_force() -> None:
             assert [s.start for s in plan][0] == 0 and plan[-1].end == costs.n
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_budget_plan_meets_ten_budgets_as_measured_and_beats_uniform_segments() -> None:
     spec, b = MLPSpec(input_dim=48, hidden_dim=32, output_dim=10, depth=9, activation="gelu"), 8
     costs = chain_costs(spec, b)
@@ -163,6 +166,7 @@ def test_budget_plan_meets_ten_budgets_as_measured_and_beats_uniform_segments() 
             assert measured.recompute_flops <= min(fitting)
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_sqrt_checkpointing_keeps_five_times_less_on_a_deep_chain() -> None:
     """A depth-64 chain (width 64 here, to stay quick): sqrt(65) -> 9 segments."""
     spec, b = MLPSpec(input_dim=64, hidden_dim=64, output_dim=10, depth=64), 16

@@ -39,6 +39,8 @@ def _options(command: str) -> dict[str, argparse.Action]:
 
 def _needs(command: str) -> list[str]:
     """What a command needs to get past argparse: its required options."""
+    if command == "allocator":
+        return ["replay", str(SNAPSHOT)]
     return ["--memory", "1MiB"] if command == "fit" else []
 
 
@@ -55,7 +57,13 @@ def _other_value(action: argparse.Action) -> str | None:
 
 # -- combinations each command refuses (the real limit named) ------------------------------------
 
+SNAPSHOT = Path(__file__).resolve().parents[1] / "reports" / "gpu-example" / "trace" / "step.pickle"
 HAND: dict[str, list[tuple[list[str], str, list[str]]]] = {
+    "allocator": [
+        (["--alloc-conf", "max_split_size_mb:4"], "--alloc-conf", ["too small", "allowed: above 20"]),
+        (["--alloc-conf", "expandable_segments:1"], "--alloc-conf", ["allowed: True, False"]),
+        (["--device-memory", "much"], "--device-memory", ["not a size", "allowed:", "80GiB"]),
+    ],
     "estimate": [
         (["--arithmetic", *USER], "--arithmetic", ["MLP only", "allowed:", "fake tensors"]),
         (["--arithmetic", "--amp", "bfloat16"], "--arithmetic", ["full precision", "allowed: --amp none"]),

@@ -43,6 +43,7 @@ def _allocator_peak(spec: MLPSpec, step: object) -> int:
     return trace.peak_bytes
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 @pytest.mark.parametrize("spec,step", CASES)
 def test_the_live_probe_sees_inside_the_compiled_graphs_to_the_allocators_byte(spec: MLPSpec, step: object) -> None:
     """Before, dynamo ran the model eagerly under the probe's mode, so the probe read the
@@ -54,6 +55,7 @@ def test_the_live_probe_sees_inside_the_compiled_graphs_to_the_allocators_byte(s
     assert measured.peak_phase == "backward" and measured.timeline
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 @pytest.mark.parametrize("spec,step", CASES)
 def test_the_peak_is_predicted_by_the_compiled_step_on_fake_tensors(spec: MLPSpec, step: object) -> None:
     with warnings.catch_warnings():

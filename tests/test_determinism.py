@@ -125,6 +125,7 @@ def test_a_mix_of_reentrant_checkpoints_and_plain_blocks_measures_the_same_every
     assert by_name["outside"] == 3 * B * WIDTH * s
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_the_estimate_without_data_equals_the_measurement_under_reentrant_checkpointing() -> None:
     step = make_step(batch_size=B)
     for factory in ("reentrant_blocks", "reentrant_mix"):

@@ -54,6 +54,7 @@ def assert_estimate_matches_measure(spec: MLPSpec, step: StepSpec) -> None:
         assert measured.peak_phase == predicted.peak_phase
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
 def test_estimate_equals_probes_exactly(config: tuple[MLPSpec, StepSpec]) -> None:

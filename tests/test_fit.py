@@ -24,6 +24,7 @@ def _fit(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_a_checkpointed_mlp_fits_at_the_batch_the_dry_run_reports_and_not_at_the_next() -> None:
     """checkpoint-sqrt's peak has no exact arithmetic: fit asks the dry run on fake tensors,
     and the measured step fits at the batch it reports and not at the next."""
@@ -40,6 +41,7 @@ def test_a_checkpointed_mlp_fits_at_the_batch_the_dry_run_reports_and_not_at_the
     assert (fits.peak_bytes, overflows.peak_bytes) == (answer.peak_bytes, answer.next_peak_bytes)
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_a_unet_fits_under_the_allocators_trace_not_only_by_its_tensors() -> None:
     """oneDNN's convolutions take scratch inside their kernels: searched by its tensors, the
     U-Net's answer would overflow the allocator. The allocator's measured peak fits at the

@@ -35,6 +35,7 @@ def _sent_tensor_outlives_the_send(hold: bool) -> tuple[bool, bool]:
         return while_waiting, gone() is not None
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_a_send_keeps_its_tensor_until_its_work_is_dropped_as_gloo_does() -> None:
     """The fake backend lets a sent tensor go at once; the schedule keeps the work (and under
     gloo, the tensor) until it has waited on it, at the end of the step for the interleaved one."""

@@ -32,6 +32,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, pd.Da
     return folder, path.read_text(), pd.read_csv(folder / "results.csv")
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_every_plot_exists_as_png_and_svg_and_is_linked_relatively(rendered) -> None:
     folder, text, _ = rendered
     for name in ("memory_vs_batch", "breakdown", "checkpoint_pareto", "split_memory", "pareto_all", "timeline",
@@ -97,6 +98,7 @@ def test_a_file_written_before_pairing_states_no_overhead(rendered) -> None:
     assert "not timed in pairs" in text.split("**5. Too big for one GPU.**")[1]
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_report_command_and_missing_csv(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "results.csv" in capsys.readouterr().err

@@ -72,6 +72,7 @@ def _shard_run(tmp_path: Path, name: str, shard: str) -> tuple[Path, Path]:
     return config, out
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_a_cell_in_two_folders_is_an_error_not_a_duplicate(tmp_path: Path, capsys) -> None:
     _, one = _shard_run(tmp_path, "one", "1/2")
     capsys.readouterr()

@@ -63,6 +63,7 @@ def test_default_sweep_covers_the_issue_grid() -> None:
     assert "depth = [1, 8]" in DEFAULT_CONFIG_TOML
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_tiny_sweep_writes_integer_bytes_and_exact_predictions(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     code, err = _run(["run", "--config", str(_write(tmp_path, TINY)), "--out", str(out), "--quiet"], capsys)
@@ -252,6 +253,7 @@ def test_jobs_two_on_cpu_gives_the_same_cells(tmp_path: Path, capsys) -> None:
     assert (frame.saved_activation_bytes == frame.predicted_saved_activation_bytes).all()
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_resume_refuses_another_config(tmp_path: Path, capsys) -> None:
     out = str(tmp_path / "run")
     assert _run(["run", "--config", str(_write(tmp_path, TINY)), "--out", out, "--quiet"], capsys)[0] == 0

@@ -194,6 +194,7 @@ def test_batch_norm_on_one_row_micro_batches_says_so(user_module: Path, command:
     assert "argument --Expected" not in err
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_fit_of_a_batch_norm_model_says_why(user_module: Path, capsys) -> None:
     """fit keeps only the error's text; the CLI finds the exception again and says whose it is."""
     code, err = _run(capsys, ["fit", "--memory", "1MiB", *_flags("batch_norm")])
@@ -218,6 +219,7 @@ def test_bpmem_debug_shows_the_users_traceback(user_module: Path, monkeypatch: p
         main(["estimate", *_flags("key_error")])
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_bpmem_debug_shows_the_factorys_traceback_in_a_real_process(user_module: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(user_module.parent)]),
            "BPMEM_DEBUG": "1"}
@@ -296,6 +298,7 @@ def test_a_sweep_row_of_a_model_that_raises_a_key_error(user_module: Path, tmp_p
     assert "KeyError" in rows[0]["error"] and f"{user_module.name}:{_line('forward')}" in rows[0]["error"]
 
 
+@pytest.mark.slow  # over a second on 2 cores: the full suite runs it
 def test_the_console_script_finds_a_model_file_in_the_folder_it_runs_in(tmp_path: Path) -> None:
     """``cd myproject && bpmem measure --model mymodels:make``: the console script's import
     path holds only its bin folder, so the current directory must be added, as ``python -m``

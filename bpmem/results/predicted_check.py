@@ -4,8 +4,11 @@ Every ``ok`` row of a results.csv holds a measured column (``saved_activation_by
 the prediction beside it (``predicted_saved_activation_bytes``). A rule from
 ``bpmem.results.check.parse_rule`` (``saved:0%``, ``peak:1MiB``) bounds how far they may differ, in
 either direction: ``saved:0%`` means equal to the byte. The CUDA allocator's peaks
-(``cuda_allocated``, ``cuda_reserved``) have no prediction of their own and are compared
-with ``predicted_peak_bytes``; the table gives their ratio to it.
+have predictions of their own: ``cuda_allocated`` against ``predicted_cuda_allocated_bytes``
+(the dry run's storages as 512 B blocks) and ``cuda_reserved`` against
+``predicted_cuda_reserved_bytes`` (the dry run's allocations through the caching allocator
+model); a file from before that column compares ``cuda_reserved`` with
+``predicted_peak_bytes``, for the ratio.
 
 Rows whose status is not ``ok`` are listed, not compared (with ``strict``, an ``error`` row
 fails). As with ``bpmem check``, a gate that passes by mistake is worse than none: a missing
@@ -28,12 +31,15 @@ SHOWN_COLUMNS: tuple[str, ...] = ("peak_bytes", "cuda_max_allocated_bytes", "cud
 # whole peak and the step's own share of it (less the workspace) beside the 512 B-block peak
 PREDICTED_OF: dict[str, str] = {"cuda_max_allocated_bytes": "predicted_cuda_allocated_bytes",
                                 "cuda_step_allocated_bytes": "predicted_cuda_allocated_bytes",
-                                "cuda_max_reserved_bytes": "predicted_peak_bytes"}
+                                "cuda_max_reserved_bytes": "predicted_cuda_reserved_bytes"}
 SHORT_NAMES: dict[str, str] = {column: name for name, column in ALIASES.items()}
 
 
-def predicted_column(column: str) -> str:
-    """The column that holds the prediction of the measured ``column``."""
+def predicted_column(column: str, present: set[str] | None = None) -> str:
+    """The column that holds the prediction of the measured ``column`` (in a file whose header
+    is ``present``: one without the reserved prediction compares reserved with the peak)."""
+    if column == "cuda_max_reserved_bytes" and present is not None and "predicted_cuda_reserved_bytes" not in present:
+        return "predicted_peak_bytes"
     return PREDICTED_OF.get(column, f"predicted_{column}")
 
 
@@ -98,6 +104,22 @@ def _load(places: list[Path], columns: tuple[str, ...]) -> list[dict[str, str]]:
     return rows
 
 
+def _header(places: list[Path]) -> set[str]:
+    """Every column any of the files names (unreadable ones are left to ``_load`` to report)."""
+    import csv
+
+    from bpmem.results.merge import results_path
+
+    names: set[str] = set()
+    for place in places:
+        try:
+            with open(results_path(place), newline="") as handle:
+                names.update(next(csv.reader(handle), []))
+        except OSError:
+            continue
+    return names
+
+
 def compare_predicted(places: Path | list[Path], rules: list[Rule], strict: bool = False) -> PredictedComparison:
     """Apply every rule to every ok row of ``places`` (results.csv files or run folders).
     Raises CheckInputError for a missing file or column, or when no rule compared a value."""
@@ -106,10 +128,11 @@ def compare_predicted(places: Path | list[Path], rules: list[Rule], strict: bool
         if rule.column.startswith("predicted_"):
             raise CheckInputError(f"rule on {rule.column}: a prediction is what a rule compares with; allowed: "
                                   f"a measured column ({', '.join(ALIASES)} or a *_bytes column)")
-    needed = tuple(dict.fromkeys(c for rule in rules for c in (rule.column, predicted_column(rule.column))))
+    header = _header(places)
+    needed = tuple(dict.fromkeys(c for rule in rules for c in (rule.column, predicted_column(rule.column, header))))
     rows = _load(places, needed)
     judged, present = {rule.column for rule in rules}, {column for row in rows for column in row}
-    shown = [c for c in SHOWN_COLUMNS if c not in judged and {c, predicted_column(c)} <= present]
+    shown = [c for c in SHOWN_COLUMNS if c not in judged and {c, predicted_column(c, present)} <= present]
     checks: list[tuple[str, Rule | None]] = [(rule.column, rule) for rule in rules] + [(c, None) for c in shown]
     outcome = PredictedComparison(strict=strict)
     for row in rows:
@@ -122,7 +145,7 @@ def compare_predicted(places: Path | list[Path], rules: list[Rule], strict: bool
                 outcome.errors.append(text)
             continue
         for column, rule in checks:
-            measured, predicted = row.get(column, ""), row.get(predicted_column(column), "")
+            measured, predicted = row.get(column, ""), row.get(predicted_column(column, present), "")
             if measured == "" or predicted == "":
                 if rule is not None:
                     outcome.missing_values[column] = outcome.missing_values.get(column, 0) + 1
@@ -130,7 +153,7 @@ def compare_predicted(places: Path | list[Path], rules: list[Rule], strict: bool
             outcome.lines.append(Line(cell, rank, column, int(predicted), int(measured), rule))
     if not any(line.rule is not None for line in outcome.lines):
         ok = sum(row["status"] == "ok" for row in rows)
-        pairs = "; ".join(f"{rule.column} and {predicted_column(rule.column)}" for rule in rules)
+        pairs = "; ".join(f"{rule.column} and {predicted_column(rule.column, present)}" for rule in rules)
         raise CheckInputError(f"nothing compared: {', '.join(str(p) for p in places)} has {len(rows)} row(s), {ok} "
                               f"ok, and no ok row has both figures of a rule ({pairs}); allowed: a results.csv of "
                               "`bpmem run` with ok rows, and rules on figures that were measured and predicted")

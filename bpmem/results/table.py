@@ -28,7 +28,9 @@ ALLOCATOR_COLUMNS: tuple[str, ...] = ("allocator_peak_bytes", "predicted_allocat
 BYTE_COLUMNS: tuple[str, ...] = (*PREDICTED_FIGURES, *(f"predicted_{name}" for name in PREDICTED_FIGURES))
 # on CUDA rows: the allocator's figures, and the predicted peak with every storage rounded up to
 # the allocator's 512 B blocks (bpmem.predict.dry_run.predicted_cuda_allocated), max_memory_allocated's twin
-CUDA_COLUMNS: tuple[str, ...] = (*CUDA_FIGURES, "predicted_cuda_allocated_bytes")
+CUDA_COLUMNS: tuple[str, ...] = (*CUDA_FIGURES, "predicted_cuda_allocated_bytes",
+                                 # added later: the caching allocator model's reserved peak (predict.cuda_reserved)
+                                 "predicted_cuda_reserved_bytes")
 
 COLUMNS: tuple[str, ...] = (
     "run_id", "cell_id", "timestamp", "bpmem_version", "torch_version", "python_version", "git_commit",

@@ -15,6 +15,7 @@ from bpmem.figures import FIGURE_NAMES, PREDICTED_FIGURES
 from bpmem.measurement.cell import is_out_of_memory
 from bpmem.predict.allocator import applies as allocator_prediction_applies
 from bpmem.predict.allocator import predict_allocator_peak
+from bpmem.predict.cuda_reserved import predict_cuda_allocator
 from bpmem.predict.dry_run import estimate_exactly, predicted_cuda_allocated
 from bpmem.results.table import model_columns
 from bpmem.spec import InfeasibleBudget, MLPSpec
@@ -70,6 +71,8 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
                predicted_recompute_flops=predicted.recompute_flops)
     if cell.device.startswith("cuda") and not step.strategy.compiles:
         row["predicted_cuda_allocated_bytes"] = predicted_cuda_allocated(spec, step, cell.device)
+        if step.mode == "train" and step.world_size == 1:  # the caching allocator model over the dry run's allocations
+            row["predicted_cuda_reserved_bytes"] = predict_cuda_allocator(spec, step, cell.device).reserved_bytes
     if allocator_prediction_applies(spec, step, cell.device):
         try:  # the dry run plus each op's calibrated scratch (bpmem.predict.allocator)
             row["predicted_allocator_peak_bytes"] = predict_allocator_peak(spec, step).allocator_peak_bytes

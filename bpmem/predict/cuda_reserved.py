@@ -1,0 +1,105 @@
+"""``predicted_cuda_reserved_bytes``: what the CUDA caching allocator reserves for a cell, before it runs.
+
+The dry run (fake tensors, with the device's storage sizes) gives the cell's allocations in
+the order a fresh process makes them: the cuBLAS workspace (``CUBLAS_WORKSPACE_BYTES``, one
+block at the first matmul), the parameters and buffers as the model is built, the batch,
+then the warm-up step (gradients and optimizer state appear in it) and the steps after. Each
+allocation and free goes through the model of the caching allocator
+(``bpmem.cuda_allocator``); the figure is the most it reserved, which is what
+``max_memory_reserved`` reads for the row (reserved memory only grows while nothing calls
+``empty_cache``). Its twin, ``cuda_step_allocated``, is the most allocated in whole blocks
+during the last step, less the workspace.
+
+Where CUDA is not here, the dry run takes the CPU's kernels, as ``predicted_cuda_allocated``
+does; what differs between them is in ``bpmem.predict.dry_run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from bpmem.spec import MLPSpec, StepSpec
+
+CUBLAS_WORKSPACE_BYTES = 64 << 20  # measured on the H200 with CUDA 13: cuda_workspace_bytes 67,108,864
+STEADY_STEPS = 2  # steps after the warm-up: the cache stops growing after the first of them
+
+
+@dataclass(frozen=True)
+class CudaAllocatorPrediction:
+    """The caching allocator's figures for one cell, from the dry run's allocations."""
+
+    reserved_bytes: int  # max reserved over the process, workspace included
+    allocated_bytes: int  # max allocated during the last step, in whole blocks, workspace included
+    segments: int  # at the end
+    events: int  # allocations and frees replayed
+
+
+def allocation_stream(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda") -> list[tuple[str, int, int]]:
+    """``("alloc" | "free", key, bytes)`` in a fresh process's order, for ``STEADY_STEPS`` steps
+    after the warm-up (inference: forwards)."""
+    from bpmem.measurement.fake_kernels import DeviceStorageSizes
+    from bpmem.measurement.precision import precision_for
+    from bpmem.measurement.step import inference_step, make_optimizer, train_step
+    from bpmem.models.mlp import as_workload
+    from bpmem.predict.dry_run import dry_run_device
+    from bpmem.probes import LiveTensorProbe
+    from bpmem.torch_private import fake_tensor_mode
+
+    where = dry_run_device(device, step)
+    workload = as_workload(spec)
+    stream: list[tuple[str, int, int]] = [("alloc", -1, CUBLAS_WORKSPACE_BYTES)]
+    with fake_tensor_mode(), DeviceStorageSizes():
+        model = workload.build(where, seed=0)
+        x, y = workload.make_batch(step.batch_size, where, seed=0)
+        batch = [t for item in (x, y) for t in (item if isinstance(item, tuple) else (item,)) if t is not None]
+        optimizer = make_optimizer(step, model) if step.mode != "inference" else None
+        strategy = step.strategy.runtime(spec, step) if step.mode != "inference" else None
+        precision = precision_for(step.amp, where)
+        resident = {"params": list(model.parameters()), "buffers": list(model.buffers()), "inputs": batch}
+        # the probe's ledger opens with the resident storages, in this order, as the model and batch made them
+        probe = LiveTensorProbe(resident, record_timeline=False, hook_graphs=step.mode != "inference")
+        probe.ledger.allocations = []
+        del resident
+        marks = []  # where each step's allocations begin
+        with probe:  # one probe over every step, so that what a step frees after it returns is seen too
+            for _ in range(1 + STEADY_STEPS):
+                marks.append(len(probe.ledger.allocations))
+                if optimizer is None:
+                    inference_step(model, x, workload=workload, precision=precision)
+                else:
+                    train_step(workload, model, optimizer, x, y, strategy=strategy)
+        for index, entry in enumerate(probe.ledger.allocations):
+            if index in marks:
+                stream.append(("step", 0, 0))
+            stream.append((entry.action, entry.key, entry.nbytes))
+    return stream
+
+
+def predict_cuda_allocator(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda",
+                           alloc_conf: str = "") -> CudaAllocatorPrediction:
+    """The dry run's allocations through the caching allocator model."""
+    from bpmem.cuda_allocator.config import AllocatorConfig
+    from bpmem.cuda_allocator.model import CachingAllocator
+
+    allocator = CachingAllocator(AllocatorConfig.parse(alloc_conf))
+    where: dict[int, int] = {}
+    last_step_peak, steps = 0, 0
+    events = 0
+    for action, key, nbytes in allocation_stream(spec, step, device):
+        if action == "step":
+            steps += 1
+            allocator.stats.max_allocated = allocator.stats.allocated  # peaks from here on are this step's
+            continue
+        events += 1
+        if action == "alloc":
+            where[key] = allocator.malloc(max(nbytes, 1))
+        elif key in where:
+            allocator.free(where.pop(key))
+    last_step_peak = allocator.stats.max_allocated
+    return CudaAllocatorPrediction(allocator.stats.max_reserved, last_step_peak, allocator.stats.segments, events)
+
+
+def predicted_cuda_reserved(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda") -> int:
+    return predict_cuda_allocator(spec, dataclasses.replace(step), device).reserved_bytes

@@ -2,6 +2,8 @@
 # The GPU check of bpmem, on a lent machine (one H100/H200, torch with CUDA already installed,
 # no internet: nothing is installed here), in under 8 minutes, with bpmem's own commands only:
 #
+#   0. the corpus (benchmarks/record_corpus.py): each small cell in a process of its own, its
+#      CUDA allocator history recorded from the start, and its CPU-path predictions beside it;
 #   1. the environment: nvidia-smi, Python, torch, CUDA;
 #   2. `bpmem run` of benchmarks/configs/gpu_seed.toml (the seed network, every single-device
 #      strategy), benchmarks/configs/gpu_steps.toml (bfloat16 autocast with the foreach Adam
@@ -142,6 +144,15 @@ for i in range(torch.cuda.device_count()):
     # seed 21 s, steps 27 s, split about 150 s (9 torchrun cells of ~17 s: importing a CUDA
     # build of torch in each rank), trace 19 s, own models 60 s, compile 16 s, gpu.toml 110 s
     # and the reports 33 s: about 440 s of the 470 s budget.
+    # 0. the corpus first: one process per cell, each recording the caching allocator's whole
+    # history (benchmarks/record_corpus.py), and the same cells predicted with CUDA hidden; the
+    # snapshots are CPU CI's ground truth for the allocator model and the CUDA dry run. At most
+    # 200 s; the steps after it take what is left, each under its own cap.
+    local corpus=()
+    [[ "$quick" == "1" ]] && corpus=(--only mlp-f32-B64)
+    run_step "record corpus" 200 250 "$py" benchmarks/record_corpus.py "$out_dir/corpus" "${corpus[@]}" \
+        || failures=$((failures + 1))
+
     local names=()
     if [[ "$quick" == "1" ]]; then
         local config=benchmarks/configs/gpu_dry_run.toml

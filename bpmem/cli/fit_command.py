@@ -12,8 +12,8 @@ from bpmem.units import format_bytes, parse_bytes
 USER_MODEL_STRATEGIES = ("checkpoint-sqrt", "checkpoint-selective", "microbatch")
 CANNOT_SEE = {
     "cpu": ["memory from outside PyTorch's allocator (glibc's arenas, the Python heap)"],
-    "cuda": ["the CUDA context (hundreds of MiB per process)", "cuBLAS and cuDNN workspaces", "NCCL buffers",
-             "the caching allocator's fragmentation (reserved above allocated)"],
+    "cuda": ["cuDNN's convolution workspaces and algorithm choice", "NCCL buffers",
+             "the CUDA context beyond the --cuda-context allowance"],
 }
 
 
@@ -30,7 +30,12 @@ def add_fit_parser(sub: argparse._SubParsersAction, add_model_flags) -> None:  #
     add_model_flags(fit)
     fit.add_argument("--memory", required=True, metavar="SIZE", help="the budget, e.g. 80GiB or 1500000000")
     fit.add_argument("--device-kind", choices=("cpu", "cuda"), default="cpu",
-                     help="cuda: count each storage as the CUDA allocator's 512 B-rounded block")
+                     help="cuda: hold the CUDA caching allocator's predicted reserved peak (plus --cuda-context) "
+                          "to the budget, from a dry run through a model of the allocator; no GPU needed")
+    fit.add_argument("--cuda-context", metavar="SIZE", default="748MiB",
+                     help="with --device-kind cuda: memory the process holds outside PyTorch's allocator (the "
+                          "CUDA context, library handles); default 748MiB, read off an H200's out-of-memory "
+                          "message (torch 2.11, CUDA 13)")
     fit.add_argument("--json", action="store_true", help="max_batch_size and the per-strategy figures as JSON")
     fit.set_defaults(func=cmd_fit)
 
@@ -111,7 +116,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if step.amp != "none" and isinstance(model, MLPSpec) and model.dtype != "float32":  # as measure() refuses it
         return fail(args.prog, f"argument --dtype: {model.dtype} parameters under --amp {step.amp}; autocast keeps "
                                 "float32 parameters and casts them itself; allowed: float32 with --amp")
-    answers = fit(model, step, memory, _strategies(model, step), args.device_kind)
+    try:
+        context = parse_bytes(args.cuda_context)
+    except ValueError:
+        return fail(args.prog, f"argument --cuda-context: {args.cuda_context!r} is not a size; allowed: bytes or "
+                                "a size with a unit, e.g. 748MiB")
+    answers = fit(model, step, memory, _strategies(model, step), args.device_kind, context)
     first = answers[0]
     if first.error:
         return fail(args.prog, _why_not(model, step, args.device_kind, first.error))
@@ -123,7 +133,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     "allocator_peak_bytes": first.allocator_peak_bytes,
                     "next_allocator_peak_bytes": first.next_allocator_peak_bytes,
                     "calibrated_ops": list(first.calibrated_ops), "calibration_error": first.calibration_error,
-                    "not_calibrated": first.not_calibrated, "memory_bytes": memory,
+                    "not_calibrated": first.not_calibrated, "cuda_reserved_bytes": first.cuda_reserved_bytes,
+                    "next_cuda_reserved_bytes": first.next_cuda_reserved_bytes,
+                    "cuda_context_bytes": context if args.device_kind == "cuda" else None, "memory_bytes": memory,
                     "device_kind": args.device_kind, "cannot_see": cannot_see,
                     "strategies": [dataclasses.asdict(a) for a in answers],
                     "config": echo_config(model, step), "environment": environment("cpu")})
@@ -135,12 +147,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
             print(f"  {answer.strategy:<22} {'—':>14}  {answer.error}")
             continue
         found = f"{answer.max_batch_size:,}" if answer.max_batch_size else "none fits"
-        allocator = answer.figure == "allocator_peak_bytes"
-        there, then = ((answer.allocator_peak_bytes, answer.next_allocator_peak_bytes) if allocator
-                       else (answer.peak_bytes, answer.next_peak_bytes))
+        allocator = answer.figure in ("allocator_peak_bytes", "cuda_reserved_bytes")
+        there, then = ((answer.allocator_peak_bytes, answer.next_allocator_peak_bytes)
+                       if answer.figure == "allocator_peak_bytes" else
+                       (answer.cuda_reserved_bytes, answer.next_cuda_reserved_bytes)
+                       if answer.figure == "cuda_reserved_bytes" else (answer.peak_bytes, answer.next_peak_bytes))
         print(f"  {answer.strategy:<22} {found:>14} {_both(there):>26} {_both(then):>26}"
               f"{'' if allocator or args.device_kind != 'cpu' else '  (tensors)'}")
     _print_figures(answers)
+    if args.device_kind == "cuda":
+        print(f"  peaks: the CUDA caching allocator's predicted reserved memory (a dry run's allocations through "
+              f"bpmem/cuda_allocator), held to the budget with {format_bytes(context)} for the CUDA context "
+              "(--cuda-context); predicted for CUDA without a GPU here, with the CPU's kernels")
     print(f"  not counted: {', '.join(cannot_see)}")
     if any(a.figure == "allocator_peak_bytes" for a in answers):
         print("  the search ran on fake tensors (no memory); only the calibration's steps, at small batches, were real")

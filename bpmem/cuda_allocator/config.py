@@ -1,6 +1,6 @@
 """The CUDA caching allocator's constants, its rounding, and ``PYTORCH_CUDA_ALLOC_CONF``.
 
-The constants are ``c10/cuda/CUDACachingAllocator.cpp``'s (the same from torch 2.6 to 2.13):
+The constants are ``c10/cuda/CUDACachingAllocator.cpp``'s, as read from PyTorch's main branch in 2026:
 every request is rounded up to 512 B; requests up to 1 MiB come from the small pool, whose
 segments are 2 MiB; a larger request below 10 MiB takes a 20 MiB segment; one of 10 MiB or
 more takes a segment of its own size rounded up to 2 MiB.

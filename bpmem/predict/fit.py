@@ -14,10 +14,12 @@ steps, so it is skipped, and the tensors' peak searched instead, where its check
 need more than half the memory available (``bpmem.predict.calibrated``), or where the model takes a
 path the dry run cannot follow; ``Fit.figure`` says which figure was searched.
 
-``--device-kind cuda`` counts every storage as the CUDA caching allocator's block, its size
-rounded up to 512 B (what ``torch.cuda.max_memory_allocated`` counts). It cannot see the
-CUDA context (hundreds of MiB per process), cuBLAS and cuDNN workspaces, NCCL buffers, or
-the allocator's fragmentation (reserved above allocated): leave room for them.
+``--device-kind cuda`` searches the CUDA caching allocator's predicted **reserved** peak (what
+runs out: an OOM is a ``cudaMalloc`` that fails), from the dry run's allocations through the
+model of the allocator, plus an allowance for the CUDA context (``CUDA_CONTEXT_BYTES``). The
+peaks beside it count every storage as the CUDA caching allocator's block, its size
+rounded up to 512 B (what ``torch.cuda.max_memory_allocated`` counts). It cannot see cuDNN's
+workspaces or NCCL buffers: leave room for them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bpmem.spec import MLPSpec, StepSpec
+from bpmem.spec import ONE_DEVICE, MLPSpec, StepSpec
 
 LARGEST_BATCH = 2**40  # the search stops here: a model whose peak never reaches the budget
 
@@ -48,6 +50,14 @@ class Fit:
     calibrated_ops: tuple[str, ...] = ()  # the ops whose scratch the calibration measured
     calibration_error: float | None = None  # its (predicted - measured) / measured at its check batch
     not_calibrated: str = ""  # on the CPU, why the allocator's figure was not searched
+    cuda_reserved_bytes: int | None = None  # device_kind cuda: the caching allocator's predicted reserved peak
+    next_cuda_reserved_bytes: int | None = None  # ... at the next batch (neither includes the context allowance)
+
+
+# non-PyTorch memory of a CUDA process (the context, the libraries' handles), read off an H200's
+# out-of-memory message (torch 2.11, CUDA 13): "this process has 138.85 GiB memory in use" less
+# 137.12 GiB allocated and 1.00 GiB reserved but unallocated; each figure rounded to 0.01 GiB
+CUDA_CONTEXT_BYTES = 748 << 20
 
 
 def largest_batch(peak_of: Callable[[int], int], memory: int) -> tuple[int | None, int | None, int]:
@@ -119,12 +129,37 @@ def _search(model: MLPSpec | Any, step: StepSpec, memory: int, device_kind: str)
                calibrated_ops=calibration.calibrated_ops, calibration_error=calibration.check_error)
 
 
+def _search_cuda(model: MLPSpec | Any, step: StepSpec, memory: int, context: int) -> Fit:
+    """One strategy's search on CUDA: the caching allocator's predicted reserved peak (the
+    dry run's allocations through ``bpmem.cuda_allocator``) plus the context allowance."""
+    from bpmem.predict.cuda_reserved import predict_cuda_allocator
+
+    @functools.cache
+    def held_at(batch: int) -> int:
+        at = dataclasses.replace(step, batch_size=batch)
+        return predict_cuda_allocator(model, at, "cuda").reserved_bytes + context
+
+    @functools.cache
+    def blocks_at(batch: int) -> int:
+        return predicted_peak(model, dataclasses.replace(step, batch_size=batch), "cuda")
+
+    found, held, next_held = largest_batch(held_at, memory)
+    peak, next_peak = (blocks_at(found), blocks_at(found + 1)) if found else (None, blocks_at(1))
+    return Fit(step.strategy.name, found, peak, next_peak, figure="cuda_reserved_bytes",
+               cuda_reserved_bytes=None if held is None else held - context,
+               next_cuda_reserved_bytes=next_held - context)
+
+
 def fit(model: MLPSpec | Any, step: StepSpec, memory: int, strategies: list[StepSpec],
-        device_kind: str = "cpu") -> list[Fit]:
-    """For ``step`` and then each step in ``strategies``: the largest batch that fits ``memory``."""
+        device_kind: str = "cpu", cuda_context: int = CUDA_CONTEXT_BYTES) -> list[Fit]:
+    """For ``step`` and then each step in ``strategies``: the largest batch that fits ``memory``
+    (on CUDA: whose predicted reserved peak and ``cuda_context`` fit it)."""
     answers = []
     for candidate in [step, *strategies]:
         try:
+            if device_kind == "cuda" and candidate.strategy.placement == ONE_DEVICE and not candidate.strategy.compiles:
+                answers.append(_search_cuda(model, candidate, memory, cuda_context))
+                continue
             answers.append(_search(model, candidate, memory, device_kind))
         except ValueError as error:  # a strategy that cannot run this model (or this batch)
             answers.append(Fit(candidate.strategy.name, None, None, None, str(error).splitlines()[0]))

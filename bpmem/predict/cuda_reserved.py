@@ -11,7 +11,8 @@ allocation and free goes through the model of the caching allocator
 during the last step, less the workspace.
 
 Where CUDA is not here, the dry run takes the CPU's kernels, as ``predicted_cuda_allocated``
-does; what differs between them is in ``bpmem.predict.dry_run``.
+does, with one difference put right here: torch.optim's step counters, which CUDA keeps in
+host memory unless the optimizer is fused, are left out of the stream.
 """
 
 from __future__ import annotations
@@ -70,11 +71,38 @@ def allocation_stream(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda")
                     inference_step(model, x, workload=workload, precision=precision)
                 else:
                     train_step(workload, model, optimizer, x, y, strategy=strategy)
+        on_the_host = _host_counters(optimizer, step) if where == "cpu" and device.startswith("cuda") else set()
+        live_at_end = _live_at_end(probe.ledger.allocations)
         for index, entry in enumerate(probe.ledger.allocations):
             if index in marks:
                 stream.append(("step", 0, 0))
+            if entry.key in on_the_host and live_at_end.get(entry.key) == index:
+                continue  # a step counter that CUDA keeps in host memory, outside the caching allocator
             stream.append((entry.action, entry.key, entry.nbytes))
     return stream
+
+
+def _host_counters(optimizer: Any, step: StepSpec) -> set[int]:
+    """The storages of the optimizer's step counters where CUDA keeps them on the host: torch.optim
+    makes ``state["step"]`` a CPU tensor unless the implementation is fused (or capturable), so
+    a dry run on the CPU must not give them to the CUDA allocator (512 B each)."""
+    from bpmem.torch_private import storage_address
+
+    if optimizer is None or step.resolved_impl("cuda") == "fused":
+        return set()
+    return {storage_address(value.untyped_storage()) for state in optimizer.state.values()
+            for name, value in state.items() if name == "step" and hasattr(value, "untyped_storage")}
+
+
+def _live_at_end(allocations: list[Any]) -> dict[int, int]:
+    """key -> the index of the allocation of each storage still live after the last step."""
+    live: dict[int, int] = {}
+    for index, entry in enumerate(allocations):
+        if entry.action == "alloc":
+            live[entry.key] = index
+        else:
+            live.pop(entry.key, None)
+    return live
 
 
 def predict_cuda_allocator(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda",

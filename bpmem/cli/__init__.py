@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for the MLP, also predict the CPU allocator's peak (predicted_allocator_peak_bytes: "
                           "the tensors as 64 B blocks plus each kernel's scratch, calibrated by real steps at "
                           "B=2, 4 and 8); your own model's estimate always gives it")
+    est.add_argument("--device-kind", choices=("cpu", "cuda"), default="cpu",
+                     help="cuda: also predict what a CUDA step allocates and reserves "
+                          "(predicted_cuda_allocated_bytes, predicted_cuda_reserved_bytes: a dry run through a "
+                          "model of PyTorch's caching allocator), on a machine without a GPU too")
     est.set_defaults(func=cmd_estimate)
     mea = sub.add_parser("measure", help="run real steps and read the figures off the probes",
                          description="Run a warm-up step, then one step per probe: SavedTensorProbe "

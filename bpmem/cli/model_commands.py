@@ -50,8 +50,17 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     est = estimate(spec, step) if args.arithmetic else estimate_exactly(spec, step)
     allocator = allocator_estimate(spec, step) if args.allocator else {
         "allocator_not_predicted": "pass --allocator (it runs a dry run and real calibration steps at small batches)"}
+    cuda = {}
+    if args.device_kind == "cuda" and step.mode != "hvp":
+        if args.arithmetic:
+            return fail(args.prog, "argument --device-kind: the CUDA view comes from a dry run, which --arithmetic "
+                                    "never runs; allowed: --device-kind cuda without --arithmetic")
+        from bpmem.cli.user_commands import cuda_estimate
+
+        cuda = cuda_estimate(spec, step)
     if args.json:
-        out = {**est.to_dict(), **allocator, "config": echo_config(spec, step), "environment": environment("cpu")}
+        out = {**est.to_dict(), **allocator, **cuda, "config": echo_config(spec, step),
+               "environment": environment("cpu")}
         print_json(out)
         return 0
     where = (f"dry run on fake tensors: in {est.peak_phase}" if est.peak_from_dry_run
@@ -65,9 +74,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         (f"peak ({step.mode} step)", est.peak_bytes, where),
         ("inference peak", est.inference_peak_bytes, "eval-mode forward under inference_mode"),
     ])
-    from bpmem.cli.user_commands import print_allocator_estimate
+    from bpmem.cli.user_commands import print_allocator_estimate, print_cuda_estimate
 
     print_allocator_estimate(allocator)
+    if cuda:
+        print_cuda_estimate(cuda)
     if est.recompute_flops:
         print(f"  recomputed in backward: {est.recompute_flops:,} matmul FLOPs")
     if step.mode != "inference":

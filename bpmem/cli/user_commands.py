@@ -43,12 +43,15 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
                                 "smaller --batch-size, or bpmem estimate --model ... to size it first")
     figures = {k: v for k, v in measured.to_dict().items() if k != "timeline"}
     write_trace(args, measured.trace)
-    allocator = {}
+    allocator, cuda = {}, {}
     if fake and device == "cpu":
         from bpmem.predict.calibrated import allocator_estimate
 
         allocator = allocator_estimate(workload, step)
         figures.update(allocator)
+    if fake and getattr(args, "device_kind", "cpu") == "cuda" and step.mode != "hvp":
+        cuda = cuda_estimate(workload, step)
+        figures.update(cuda)
     if args.json:
         how = "estimate: fake tensors, no data" if fake else f"measure on {device}"
         print_json({**figures, "how": how, "config": echo_config(workload, step, device),
@@ -59,6 +62,8 @@ def run_user_step(args: argparse.Namespace, workload: Any, step: StepSpec, devic
                 [(k.removesuffix("_bytes"), figures[k], "") for k in FIGURE_NAMES if k in figures])
     if allocator:
         print_allocator_estimate(allocator)
+    if cuda:
+        print_cuda_estimate(cuda)
     _print_top_modules(measured.per_layer)
     for caveat in measured.caveats:
         print(f"  caveat: {caveat}")
@@ -77,6 +82,34 @@ def print_allocator_estimate(allocator: dict[str, Any]) -> None:
           f"blocks plus each kernel's scratch, calibrated by real steps at B={batches} "
           f"(ops with scratch: {ops}); error at B={allocator['calibration_check_batch']}: "
           f"{allocator['calibration_error']:+.2%}")
+
+
+def cuda_estimate(workload: Any, step: StepSpec) -> dict[str, Any]:
+    """``estimate --device-kind cuda``'s keys: the step's CUDA blocks and the allocator's figures."""
+    import torch
+
+    from bpmem.predict.cuda_reserved import CUBLAS_WORKSPACE_BYTES, predict_cuda_allocator
+    from bpmem.predict.dry_run import predicted_cuda_allocated
+
+    model = predict_cuda_allocator(workload, step, "cuda")
+    here = "on this machine's CUDA" if torch.cuda.is_available() else \
+        f"for CUDA without a GPU here (profile: torch {torch.__version__}'s CPU kernels, CUDA's allocator modelled)"
+    allocated = model.step_allocated_bytes if step.mode == "train" and step.world_size == 1 else \
+        predicted_cuda_allocated(workload, step, "cuda")
+    return {"predicted_cuda_allocated_bytes": allocated,
+            "predicted_cuda_reserved_bytes": model.reserved_bytes,
+            "predicted_cuda_process_allocated_bytes": model.allocated_bytes,
+            "cuda_workspace_bytes_assumed": CUBLAS_WORKSPACE_BYTES, "cuda_view": f"predicted {here}"}
+
+
+def print_cuda_estimate(cuda: dict[str, Any]) -> None:
+    """The estimate's CUDA lines."""
+    print(f"  CUDA: {format_bytes(cuda['predicted_cuda_allocated_bytes'])} "
+          f"({cuda['predicted_cuda_allocated_bytes']:,} B) allocated by the step in 512 B blocks; "
+          f"{format_bytes(cuda['predicted_cuda_reserved_bytes'])} ({cuda['predicted_cuda_reserved_bytes']:,} B) "
+          f"reserved by the caching allocator, its {format_bytes(cuda['cuda_workspace_bytes_assumed'])} cuBLAS "
+          "workspace included")
+    print(f"  {cuda['cuda_view']}")
 
 
 def _split_step(args: argparse.Namespace, workload: Any, step: StepSpec, fake: bool) -> int:

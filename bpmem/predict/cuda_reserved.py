@@ -7,8 +7,9 @@ then the warm-up step (gradients and optimizer state appear in it) and the steps
 allocation and free goes through the model of the caching allocator
 (``bpmem.cuda_allocator``); the figure is the most it reserved, which is what
 ``max_memory_reserved`` reads for the row (reserved memory only grows while nothing calls
-``empty_cache``). Its twin, ``cuda_step_allocated``, is the most allocated in whole blocks
-during the last step, less the workspace.
+``empty_cache``). Beside it, ``step_allocated_bytes`` is the most allocated in whole blocks
+during the last step, less the workspace: ``cuda_step_allocated_bytes``'s twin, which a sweep
+writes as ``predicted_cuda_allocated_bytes`` for its CUDA train rows.
 
 Where CUDA is not here, the dry run takes the CPU's kernels, as ``predicted_cuda_allocated``
 does, with one difference put right here: torch.optim's step counters, which CUDA keeps in
@@ -35,6 +36,11 @@ class CudaAllocatorPrediction:
     allocated_bytes: int  # max allocated during the last step, in whole blocks, workspace included
     segments: int  # at the end
     events: int  # allocations and frees replayed
+
+    @property
+    def step_allocated_bytes(self) -> int:
+        """``cuda_step_allocated_bytes``'s twin: the last step's most allocated, less the workspace."""
+        return self.allocated_bytes - CUBLAS_WORKSPACE_BYTES
 
 
 def allocation_stream(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda") -> list[tuple[str, int, int]]:

@@ -73,3 +73,20 @@ def test_every_h200_rows_step_allocation_is_predicted_without_a_gpu() -> None:
     assert len(plain) == 56 and sum(abs(e) <= 0.01 for e in plain) >= 0.95 * len(plain)
     assert sum(e == 0 for e in errors["mlp"]) >= 39 and len(errors["resnet"]) == 12
     assert all(e < 0 for e in errors["resnet"])  # cuDNN's workspaces: always more on the device
+
+
+def test_estimate_gives_the_cuda_view_of_the_h200_row_without_a_gpu(capsys) -> None:
+    """``bpmem estimate --device-kind cuda`` on the H200's first gpu-steps row: its reserved
+    77,594,624 B and its step's 8,471,552 B, as that row measured them."""
+    import json
+
+    from bpmem.cli import main
+
+    flags = ["--depth", "4", "--optimizer", "adam", "--optimizer-impl", "foreach", "--weight-decay", "0.01",
+             "--batch-size", "64", "--device-kind", "cuda"]
+    assert main(["estimate", *flags, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["predicted_cuda_reserved_bytes"], out["predicted_cuda_allocated_bytes"]) == (77_594_624, 8_471_552)
+    assert out["cuda_view"].startswith(("predicted for CUDA without a GPU here", "predicted on this machine"))
+    assert main(["estimate", *flags, "--arithmetic"]) == 2
+    assert "argument --device-kind" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bpmem.cuda_allocator.config import MIN_BLOCK, SMALL_SIZE, AllocatorConfig, round_size
+from bpmem.cuda_allocator.config import MIN_BLOCK, SMALL_SIZE, AllocatorConfig, allocation_size, round_size
 from bpmem.cuda_allocator.model import Block, CachingAllocator, OutOfMemory
 
 ALLOC, FREE, SEGMENT_ALLOC, SEGMENT_FREE = "alloc", "free_completed", "segment_alloc", "segment_free"
@@ -121,7 +121,7 @@ class _Recorded(CachingAllocator):
         self._addresses = list(reversed(addresses))
 
     def _alloc_segment(self, pool: Any, size: int, stream: int) -> Block | None:
-        if self._addresses and not self.config.expandable_segments:
+        if self._addresses and not self.config.expandable_segments and self._fits(allocation_size(size)):
             saved, self._next_address = self._next_address, self._addresses.pop()
             block = super()._alloc_segment(pool, size, stream)
             self._next_address = saved

@@ -58,15 +58,18 @@ def _specs(argv: list[str]):  # noqa: ANN202 - (model spec, StepSpec) from a bpm
 
 def record(name: str, out: Path) -> None:
     """In this fresh process: record the cell's whole CUDA history, measure it, write the files."""
+    import pickle
+
     import torch
 
-    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", max_entries=MAX_ENTRIES)
     from bpmem.measurement.cell import measure
+    from bpmem.torch_private import cuda_history
 
     spec, step = _specs(CELLS[name])
-    measured = measure(spec, step, device="cuda:0")
-    torch.cuda.synchronize()
-    torch.cuda.memory._dump_snapshot(str(out / f"{name}.pickle"))
+    snapshot: dict = {}
+    with cuda_history("cuda:0", snapshot, max_entries=MAX_ENTRIES, frames=False):  # before any CUDA allocation
+        measured = measure(spec, step, device="cuda:0")
+    (out / f"{name}.pickle").write_bytes(pickle.dumps(snapshot))
     properties = torch.cuda.get_device_properties(0)
     meta = {"cell": name, "command": ["bpmem", "measure", *CELLS[name], "--device", "cuda"],
             "gpu": properties.name, "total_memory_bytes": properties.total_memory,

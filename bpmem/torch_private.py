@@ -348,14 +348,15 @@ def data_dependent_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextlib.contextmanager
-def cuda_history(device: Any, snapshot: dict[str, Any]) -> Iterator[None]:
-    """Record the CUDA caching allocator's history over the block; ``snapshot`` is filled
-    with ``torch.cuda.memory._snapshot()`` as it ends, and recording stops. The one place
-    that calls these private CUDA functions (``_record_memory_history`` is documented in
-    PyTorch's "Understanding CUDA Memory Usage"); ``bpmem.measurement.memory_trace`` writes the result."""
-
+def cuda_history(device: Any, snapshot: dict[str, Any], max_entries: int = 1_000_000,
+                 frames: bool = True) -> Iterator[None]:
+    """Record the CUDA caching allocator's history over the block (``frames=False``: no stack
+    frames); ``snapshot`` is filled with ``torch.cuda.memory._snapshot()`` as it ends, and
+    recording stops. The one place that calls these private CUDA functions (documented in
+    PyTorch's "Understanding CUDA Memory Usage"); ``bpmem.measurement.memory_trace`` writes it."""
     with torch.cuda.device(device):
-        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        torch.cuda.memory._record_memory_history(max_entries=max_entries,
+                                                 **({} if frames else {"context": None, "stacks": "python"}))
         try:
             yield
             torch.cuda.synchronize()

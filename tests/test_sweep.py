@@ -305,6 +305,34 @@ def assert_every_prediction_holds(frame: pd.DataFrame) -> None:
     assert off.values.tolist() == [], f"allocator_peak_bytes: {len(off)} row(s) off their prediction"
 
 
+def test_an_interrupt_inside_an_op_waits_for_plain_python_then_stops_the_sweep() -> None:
+    """A signal that lands in Python code C++ called mid-op (here torch's dispatch-rule lookup,
+    where the KeyboardInterrupt once aborted the process with exit -6) is deferred: the guard
+    tries again on SIGALRM, and raises once the main thread is back in plain Python."""
+    import types
+
+    from bpmem.sweep.run import _called_from_cpp, _Guard
+
+    def frame_in(filename: str, name: str = "find") -> types.SimpleNamespace:
+        return types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename=filename, co_name=name))
+
+    inside = frame_in("/venv/lib/python3.11/site-packages/torch/_library/simple_registry.py")
+    plain = frame_in("/work/bpmem/models/mlp.py", "regularizer")
+    assert _called_from_cpp(inside) and _called_from_cpp(frame_in("/x.py", "__torch_dispatch__"))
+    assert not _called_from_cpp(plain) and not _called_from_cpp(None)
+    guard = _Guard()
+    try:
+        guard._handler(signal.SIGINT, inside)  # deferred: no exception, a retry armed
+        assert guard.pending and signal.getitimer(signal.ITIMER_REAL)[0] > 0
+        with pytest.raises(KeyboardInterrupt):
+            guard._handler(signal.SIGALRM, plain)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    idle = _Guard()
+    idle._handler(signal.SIGALRM, plain)  # someone else's alarm: not an interrupt
+    assert not idle.pending
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_an_interrupt_swallowed_by_a_finalizer_still_stops_the_sweep(tmp_path: Path) -> None:
     """Python runs a signal handler wherever the main thread is; inside a weakref.finalize

@@ -63,9 +63,29 @@ def _series(cells: list[Cell]) -> list[list[Cell]]:
     return list(grouped.values())
 
 
+RETRY_S = 0.02  # how soon a deferred interrupt tries again
+# Python code that C++ calls in the middle of an op: the dispatcher's rule lookups, fake tensors,
+# dispatch modes, decompositions. A KeyboardInterrupt raised there is thrown through C++ frames
+# that may not let it pass (a sweep once aborted with "terminate called after throwing an
+# instance of 'pybind11::error_already_set'", exit -6, from torch/_library/simple_registry.py)
+CALLED_FROM_CPP = ("/torch/_library/", "/torch/_subclasses/", "/torch/_ops.py", "/torch/utils/_python_dispatch.py",
+                   "/torch/_decomp/", "/torch/_refs/", "/torch/_prims", "/torch/_meta_registrations.py",
+                   "/bpmem/probes/", "/bpmem/measurement/fake_kernels.py")
+
+
+def _called_from_cpp(frame: Any) -> bool:
+    """Whether the signal came while the innermost Python frame runs on behalf of a C++ op."""
+    code = getattr(frame, "f_code", None)
+    if code is None:
+        return False
+    return code.co_name.startswith("__torch_") or any(part in code.co_filename for part in CALLED_FROM_CPP)
+
+
 @dataclass
 class _Guard:
-    """Turns SIGINT/SIGTERM into KeyboardInterrupt, but never in the middle of writing a row.
+    """Turns SIGINT/SIGTERM into KeyboardInterrupt, but never in the middle of writing a row,
+    nor inside Python code that C++ called mid-op (``_called_from_cpp``): there it tries again
+    every ``RETRY_S`` (SIGALRM) until the main thread is back in plain Python.
 
     The handler raises at once, for a quick stop, and also remembers the signal: Python runs
     signal handlers wherever the main thread is, and the probes run many ``weakref.finalize``
@@ -78,9 +98,15 @@ class _Guard:
     previous: dict[int, Any] = field(default_factory=dict)
 
     def _handler(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGALRM and not self.pending:
+            return  # only a deferred interrupt's retry is ours
         self.pending = True
-        if not self.writing:
-            raise KeyboardInterrupt
+        if self.writing:
+            return
+        if _called_from_cpp(frame):  # an exception here would reach C++ as one it cannot throw: abort
+            signal.setitimer(signal.ITIMER_REAL, RETRY_S)  # raise at the next safe point instead
+            return
+        raise KeyboardInterrupt
 
     def check(self) -> None:
         """Raise KeyboardInterrupt if a signal came, even one whose exception was swallowed."""
@@ -89,11 +115,12 @@ class _Guard:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
             self.previous[signum] = signal.signal(signum, self._handler)
         try:
             yield
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # no retry outlives the sweep
             for signum, handler in self.previous.items():
                 signal.signal(signum, handler)
 

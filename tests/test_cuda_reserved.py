@@ -75,6 +75,7 @@ def test_every_h200_rows_step_allocation_is_predicted_without_a_gpu() -> None:
     assert all(e < 0 for e in errors["resnet"])  # cuDNN's workspaces: always more on the device
 
 
+@pytest.mark.slow  # a dry run through the allocator model, several seconds
 def test_estimate_gives_the_cuda_view_of_the_h200_row_without_a_gpu(capsys) -> None:
     """``bpmem estimate --device-kind cuda`` on the H200's first gpu-steps row: its reserved
     77,594,624 B and its step's 8,471,552 B, as that row measured them."""

@@ -88,7 +88,7 @@ class CachingAllocator(ExpandableSegments):
                 self._collect_garbage()
             block = (self._alloc_segment(pool, rounded, stream)
                      or (self._release_oversize(pool, rounded, stream) and self._alloc_segment(pool, rounded, stream))
-                     or (self.release_cached() or True) and self._alloc_segment(pool, rounded, stream))
+                     or (self.release_cached() and self._alloc_segment(pool, rounded, stream)))
         if block is None:
             raise OutOfMemory(rounded, self.stats.reserved, self.stats.allocated)
         return self._hand_out(block, pool, rounded, size)

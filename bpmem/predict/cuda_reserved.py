@@ -18,7 +18,6 @@ host memory unless the optimizer is fused, are left out of the stream.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,11 +118,9 @@ def predict_cuda_allocator(spec: MLPSpec | Any, step: StepSpec, device: str = "c
 
     allocator = CachingAllocator(AllocatorConfig.parse(alloc_conf))
     where: dict[int, int] = {}
-    last_step_peak, steps = 0, 0
     events = 0
     for action, key, nbytes in allocation_stream(spec, step, device):
         if action == "step":
-            steps += 1
             allocator.stats.max_allocated = allocator.stats.allocated  # peaks from here on are this step's
             continue
         events += 1
@@ -131,9 +128,5 @@ def predict_cuda_allocator(spec: MLPSpec | Any, step: StepSpec, device: str = "c
             where[key] = allocator.malloc(max(nbytes, 1))
         elif key in where:
             allocator.free(where.pop(key))
-    last_step_peak = allocator.stats.max_allocated
-    return CudaAllocatorPrediction(allocator.stats.max_reserved, last_step_peak, allocator.stats.segments, events)
-
-
-def predicted_cuda_reserved(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda") -> int:
-    return predict_cuda_allocator(spec, dataclasses.replace(step), device).reserved_bytes
+    stats = allocator.stats
+    return CudaAllocatorPrediction(stats.max_reserved, stats.max_allocated, stats.segments, events)

@@ -70,11 +70,12 @@ def base_row(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig,
     row.update({f"predicted_{name}": getattr(predicted, name) for name in PREDICTED_FIGURES},
                predicted_recompute_flops=predicted.recompute_flops)
     if cell.device.startswith("cuda") and not step.strategy.compiles:
-        row["predicted_cuda_allocated_bytes"] = predicted_cuda_allocated(spec, step, cell.device)
         if step.mode == "train" and step.world_size == 1:  # the caching allocator model over the dry run's allocations
             cuda = predict_cuda_allocator(spec, step, cell.device)
             row["predicted_cuda_reserved_bytes"] = cuda.reserved_bytes
             row["predicted_cuda_allocated_bytes"] = cuda.step_allocated_bytes
+        else:
+            row["predicted_cuda_allocated_bytes"] = predicted_cuda_allocated(spec, step, cell.device)
     if allocator_prediction_applies(spec, step, cell.device):
         try:  # the dry run plus each op's calibrated scratch (bpmem.predict.allocator)
             row["predicted_allocator_peak_bytes"] = predict_allocator_peak(spec, step).allocator_peak_bytes

@@ -101,10 +101,12 @@ def test_cuda_blocks_count_more_than_cpu_tensors(capsys) -> None:
     """On CUDA the caching allocator's reserved peak and the context allowance are held to the
     budget: its 64 MiB cuBLAS workspace, 512 B blocks and 2 MiB segments leave fewer rows than
     the CPU's tensors do, and the next batch's reserved peak would pass the budget."""
+    from bpmem.predict.fit import fit
+
     flags = ["--memory", "80MiB", "--depth", "2", "--hidden-dim", "100"]
-    cpu = _fit(flags, capsys)
+    [cpu] = fit(MLPSpec(depth=2, hidden_dim=100), make_step(), 80 * 2**20, [])  # the plain step's answer alone
     cuda = _fit([*flags, "--device-kind", "cuda", "--cuda-context", "4MiB"], capsys)
-    assert cuda["max_batch_size"] < cpu["max_batch_size"] and "cuDNN" in cuda["cannot_see"][0]
+    assert cuda["max_batch_size"] < cpu.max_batch_size and "cuDNN" in cuda["cannot_see"][0]
     budget, context = cuda["memory_bytes"], cuda["cuda_context_bytes"]
     assert context == 4 * 2**20 and cuda["figure"] == "cuda_reserved_bytes"
     assert cuda["cuda_reserved_bytes"] + context <= budget < cuda["next_cuda_reserved_bytes"] + context

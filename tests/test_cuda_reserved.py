@@ -62,6 +62,7 @@ def test_every_h200_rows_step_allocation_is_predicted_without_a_gpu() -> None:
     ResNet's rows are lower by up to 69%: cuDNN's workspaces are allocator blocks that no op
     returns, which no dry run sees (named in cannot_see)."""
     errors: dict[str, list[float]] = {"mlp": [], "gpt": [], "resnet": []}
+    misses: dict[tuple[str, str], int] = {}
     for folder, config in (("gpu-seed", "gpu_seed"), ("gpu-steps", "gpu_steps"), ("gpu-models", "models")):
         frame = pd.read_csv(ROOT / "reports" / "gpu-example" / folder / "results.csv")
         for _, row in frame[(frame["mode"] == "train") & frame.cuda_step_allocated_bytes.notna()].iterrows():
@@ -69,10 +70,22 @@ def test_every_h200_rows_step_allocation_is_predicted_without_a_gpu() -> None:
             predicted = predict_cuda_allocator(found.spec, found.step, "cuda").step_allocated_bytes
             kind = "resnet" if "resnet" in row.cell_id else "gpt" if "gpt" in row.cell_id else "mlp"
             errors[kind].append((predicted - row.cuda_step_allocated_bytes) / row.cuda_step_allocated_bytes)
+            misses[kind, row.cell_id] = predicted - int(row.cuda_step_allocated_bytes)
     plain = errors["mlp"] + errors["gpt"]
     assert len(plain) == 56 and sum(abs(e) <= 0.01 for e in plain) >= 0.95 * len(plain)
     assert sum(e == 0 for e in errors["mlp"]) >= 39 and len(errors["resnet"]) == 12
     assert all(e < 0 for e in errors["resnet"])  # cuDNN's workspaces: always more on the device
+    # the profile's named gaps, as bpmem.predict.cuda_profile states their sizes
+    gap = {key: miss for key, miss in misses.items() if miss}
+    assert all("amp=bfloat16" in cell for (kind, cell) in gap if kind == "mlp")  # autocast's cast policy
+    assert min(m for (kind, _), m in gap.items() if kind == "mlp") == -20_480
+    gpt = {cell: m for (kind, cell), m in gap.items() if kind == "gpt"}
+    microbatch = {cell.split("-adam-")[1].split("-")[0]: m for cell, m in gpt.items() if "microbatch" in cell}
+    assert microbatch == {"B4": -137_216, "B64": -387_584}  # the microbatch's kernels
+    recomputing = {cell: m for cell, m in gpt.items() if "microbatch" not in cell}
+    assert len(recomputing) == 4 and all("-B64-" in cell for cell in recomputing)  # SDPA's recompute at B=64
+    assert set(recomputing.values()) == {-264_704}
+    assert min(m for (kind, _), m in gap.items() if kind == "resnet") == -69_201_408
 
 
 @pytest.mark.slow  # a dry run through the allocator model, several seconds
@@ -88,6 +101,8 @@ def test_estimate_gives_the_cuda_view_of_the_h200_row_without_a_gpu(capsys) -> N
     assert main(["estimate", *flags, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["predicted_cuda_reserved_bytes"], out["predicted_cuda_allocated_bytes"]) == (77_594_624, 8_471_552)
-    assert out["cuda_view"].startswith(("predicted for CUDA without a GPU here", "predicted on this machine"))
+    assert out["cuda_view"].startswith(("predicted for CUDA without a GPU here (profile: torch 2.11, CUDA 13.0",
+                                        "predicted on this machine"))
+    assert any(line.startswith("cuDNN's convolution workspaces") for line in out["cuda_cannot_see"])
     assert main(["estimate", *flags, "--arithmetic"]) == 2
     assert "argument --device-kind" in capsys.readouterr().err

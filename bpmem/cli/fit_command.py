@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 from bpmem.cli.options import describe, echo_config, fail, field_message, print_json, specs_from_args
+from bpmem.predict.cuda_profile import cudnn_workspace_cap_bytes, current_profile, gaps, view_line
 from bpmem.spec import MLPSpec, StepSpec
 from bpmem.units import format_bytes, parse_bytes
 
 USER_MODEL_STRATEGIES = ("checkpoint-sqrt", "checkpoint-selective", "microbatch")
 CANNOT_SEE = {
     "cpu": ["memory from outside PyTorch's allocator (glibc's arenas, the Python heap)"],
-    "cuda": ["cuDNN's convolution workspaces and algorithm choice", "NCCL buffers",
-             "the CUDA context beyond the --cuda-context allowance"],
+    # and the profile's named gaps (bpmem.predict.cuda_profile), each with its measured size or bound
+    "cuda": ["the CUDA context beyond the --cuda-context allowance"],
 }
 
 
@@ -127,6 +129,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return fail(args.prog, _why_not(model, step, args.device_kind, first.error))
     cannot_see = CANNOT_SEE[args.device_kind] + ([SCRATCH] if first.figure == "peak_bytes" and
                                                   args.device_kind == "cpu" else [])
+    cuda_view: dict[str, Any] = {}
+    if args.device_kind == "cuda":
+        import torch
+
+        profile, _ = current_profile()
+        cannot_see += gaps(profile)
+        cuda_view = {"cuda_view": view_line(torch.cuda.is_available()), "cuda_profile": profile.line(),
+                     "cudnn_workspace_cap_bytes": cudnn_workspace_cap_bytes()}
     if args.json:
         print_json({"max_batch_size": first.max_batch_size, "peak_bytes": first.peak_bytes,
                     "next_peak_bytes": first.next_peak_bytes, "figure": first.figure,
@@ -136,7 +146,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     "not_calibrated": first.not_calibrated, "cuda_reserved_bytes": first.cuda_reserved_bytes,
                     "next_cuda_reserved_bytes": first.next_cuda_reserved_bytes,
                     "cuda_context_bytes": context if args.device_kind == "cuda" else None, "memory_bytes": memory,
-                    "device_kind": args.device_kind, "cannot_see": cannot_see,
+                    "device_kind": args.device_kind, "cannot_see": cannot_see, **cuda_view,
                     "strategies": [dataclasses.asdict(a) for a in answers],
                     "config": echo_config(model, step), "environment": environment("cpu")})
         return 0
@@ -158,8 +168,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.device_kind == "cuda":
         print(f"  peaks: the CUDA caching allocator's predicted reserved memory (a dry run's allocations through "
               f"bpmem/cuda_allocator), held to the budget with {format_bytes(context)} for the CUDA context "
-              "(--cuda-context); predicted for CUDA without a GPU here, with the CPU's kernels")
-    print(f"  not counted: {', '.join(cannot_see)}")
+              f"(--cuda-context); {cuda_view['cuda_view']}")
+    print(f"  not counted: {'; '.join(cannot_see)}")
     if any(a.figure == "allocator_peak_bytes" for a in answers):
         print("  the search ran on fake tensors (no memory); only the calibration's steps, at small batches, were real")
     elif not isinstance(model, MLPSpec) or args.device_kind == "cuda" or step.amp != "none":

@@ -88,18 +88,20 @@ def cuda_estimate(workload: Any, step: StepSpec) -> dict[str, Any]:
     """``estimate --device-kind cuda``'s keys: the step's CUDA blocks and the allocator's figures."""
     import torch
 
+    from bpmem.predict.cuda_profile import cudnn_workspace_cap_bytes, current_profile, gaps, view_line
     from bpmem.predict.cuda_reserved import CUBLAS_WORKSPACE_BYTES, predict_cuda_allocator
     from bpmem.predict.dry_run import predicted_cuda_allocated
 
     model = predict_cuda_allocator(workload, step, "cuda")
-    here = "on this machine's CUDA" if torch.cuda.is_available() else \
-        f"for CUDA without a GPU here (profile: torch {torch.__version__}'s CPU kernels, CUDA's allocator modelled)"
+    profile, _ = current_profile()
     allocated = model.step_allocated_bytes if step.mode == "train" and step.world_size == 1 else \
         predicted_cuda_allocated(workload, step, "cuda")
     return {"predicted_cuda_allocated_bytes": allocated,
             "predicted_cuda_reserved_bytes": model.reserved_bytes,
             "predicted_cuda_process_allocated_bytes": model.allocated_bytes,
-            "cuda_workspace_bytes_assumed": CUBLAS_WORKSPACE_BYTES, "cuda_view": f"predicted {here}"}
+            "cuda_workspace_bytes_assumed": CUBLAS_WORKSPACE_BYTES,
+            "cuda_view": view_line(torch.cuda.is_available()), "cuda_profile": profile.line(),
+            "cuda_cannot_see": gaps(profile), "cudnn_workspace_cap_bytes": cudnn_workspace_cap_bytes()}
 
 
 def print_cuda_estimate(cuda: dict[str, Any]) -> None:
@@ -110,6 +112,7 @@ def print_cuda_estimate(cuda: dict[str, Any]) -> None:
           f"reserved by the caching allocator, its {format_bytes(cuda['cuda_workspace_bytes_assumed'])} cuBLAS "
           "workspace included")
     print(f"  {cuda['cuda_view']}")
+    print(f"  not predicted on CUDA: {'; '.join(cuda['cuda_cannot_see'])}")
 
 
 def _split_step(args: argparse.Namespace, workload: Any, step: StepSpec, fake: bool) -> int:

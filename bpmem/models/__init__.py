@@ -11,7 +11,10 @@
   (tied token embedding, causal self-attention, MLP, LayerNorm); blocks at ``blocks``.
 - ``bpmem.models.resnet:make_resnet`` with ``bpmem.models.resnet:make_batch``: a small ResNet
   (Conv, BatchNorm, residual adds); an ``nn.Sequential``, so its children are its blocks.
+- ``bpmem.models.llama:make_llama`` with ``bpmem.models.llama:make_batch``: a Llama-style
+  decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU); blocks at ``layers``.
+  ``make_llama_1b`` is Llama 3.2 1B's shape.
 """
 
 # the zoo's modules: an exception raised in them is reported as a user model's would be
-ZOO_MODULES: tuple[str, ...] = ("gpt", "resnet")
+ZOO_MODULES: tuple[str, ...] = ("gpt", "llama", "resnet")

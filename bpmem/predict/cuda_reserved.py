@@ -1,8 +1,8 @@
 """``predicted_cuda_reserved_bytes``: what the CUDA caching allocator reserves for a cell, before it runs.
 
 The dry run (fake tensors, with the device's storage sizes) gives the cell's allocations in
-the order a fresh process makes them: the cuBLAS workspace (``CUBLAS_WORKSPACE_BYTES``, one
-block at the first matmul), the parameters and buffers as the model is built, the batch,
+the order a fresh process makes them: the cuBLAS workspace (``CUBLAS_WORKSPACE_BYTES``, the
+profile's: one block at the first matmul), the parameters and buffers as the model is built, the batch,
 then the warm-up step (gradients and optimizer state appear in it) and the steps after. Each
 allocation and free goes through the model of the caching allocator
 (``bpmem.cuda_allocator``); the figure is the most it reserved, which is what
@@ -12,8 +12,9 @@ during the last step, less the workspace: ``cuda_step_allocated_bytes``'s twin, 
 writes as ``predicted_cuda_allocated_bytes`` for its CUDA train rows.
 
 Where CUDA is not here, the dry run takes the CPU's kernels, as ``predicted_cuda_allocated``
-does, with one difference put right here: torch.optim's step counters, which CUDA keeps in
-host memory unless the optimizer is fused, are left out of the stream.
+does, with the differences ``bpmem.predict.cuda_profile`` says are modelled put right here:
+torch.optim's step counters, which CUDA keeps in host memory unless the optimizer is fused,
+are left out of the stream.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bpmem.predict.cuda_profile import TORCH_2_11_CUDA_13
 from bpmem.spec import MLPSpec, StepSpec
 
-CUBLAS_WORKSPACE_BYTES = 64 << 20  # measured on the H200 with CUDA 13: cuda_workspace_bytes 67,108,864
+CUBLAS_WORKSPACE_BYTES = TORCH_2_11_CUDA_13.cublas_workspace_bytes  # the one profile measured so far
 STEADY_STEPS = 1  # steps after the warm-up: the cache stops growing after the first of them
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bpmem.predict.cuda_profile import TORCH_2_11_CUDA_13
 from bpmem.spec import ONE_DEVICE, MLPSpec, StepSpec
 
 LARGEST_BATCH = 2**40  # the search stops here: a model whose peak never reaches the budget
@@ -54,10 +55,9 @@ class Fit:
     next_cuda_reserved_bytes: int | None = None  # ... at the next batch (neither includes the context allowance)
 
 
-# non-PyTorch memory of a CUDA process (the context, the libraries' handles), read off an H200's
-# out-of-memory message (torch 2.11, CUDA 13): "this process has 138.85 GiB memory in use" less
-# 137.12 GiB allocated and 1.00 GiB reserved but unallocated; each figure rounded to 0.01 GiB
-CUDA_CONTEXT_BYTES = 748 << 20
+# non-PyTorch memory of a CUDA process (the context, the libraries' handles), as measured for the
+# profile (bpmem.predict.cuda_profile: an H200's out-of-memory message)
+CUDA_CONTEXT_BYTES = TORCH_2_11_CUDA_13.context_bytes
 
 
 def largest_batch(peak_of: Callable[[int], int], memory: int) -> tuple[int | None, int | None, int]:

@@ -15,9 +15,9 @@ hidden (``CUDA_VISIBLE_DEVICES=""``), it makes the same cells' predictions on th
 CUDA it writes the predictions alone.
 
 The cells are small (seconds each): the seed MLP in float32, in bfloat16 autocast with the
-fused and the foreach AdamW, the GPT and the ResNet examples, each plain and checkpointed,
-at two batch sizes. Not yet in it: a Llama-style model and Hugging Face models (their support
-is another issue's).
+fused and the foreach AdamW, the GPT, ResNet and Llama-style examples (``bpmem/models``),
+each plain and checkpointed, at two batch sizes. Not yet in it: Hugging Face models, which
+bpmem takes only through a wrapper until ``--hf`` lands.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 MAX_ENTRIES = 200_000
 GPT = ["--model", "bpmem.models.gpt:make_gpt", "--data", "bpmem.models.gpt:make_batch", "--blocks", "blocks"]
 RESNET = ["--model", "bpmem.models.resnet:make_resnet", "--data", "bpmem.models.resnet:make_batch"]
+LLAMA = ["--model", "bpmem.models.llama:make_llama", "--data", "bpmem.models.llama:make_batch", "--blocks", "layers"]
 ADAMW = ["--optimizer", "adamw", "--weight-decay", "0.01"]
 CELLS: dict[str, list[str]] = {}
 for batch in (64, 1024):
@@ -47,6 +48,9 @@ for batch in (4, 32):
     CELLS[f"resnet-B{batch}"] = [*RESNET, "--batch-size", str(batch), "--optimizer", "adam"]
     CELLS[f"resnet-sqrt-B{batch}"] = [*RESNET, "--batch-size", str(batch), "--optimizer", "adam",
                                       "--strategy", "checkpoint-sqrt"]
+    CELLS[f"llama-bf16-B{batch}"] = [*LLAMA, "--batch-size", str(batch), "--amp", "bfloat16", *ADAMW]
+    CELLS[f"llama-bf16-layer-B{batch}"] = [*LLAMA, "--batch-size", str(batch), "--amp", "bfloat16", *ADAMW,
+                                           "--strategy", "checkpoint-layer"]
 
 
 def _specs(argv: list[str]):  # noqa: ANN202 - (model spec, StepSpec) from a bpmem command line

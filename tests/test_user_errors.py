@@ -68,6 +68,15 @@ SOURCE = textwrap.dedent('''\
             return self.linear(x), x
 
 
+    class ReturnsHidden(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"hidden": self.linear(x), "logits": None}
+
+
     def key_error():
         return RaisesKeyError()
 
@@ -82,6 +91,10 @@ SOURCE = textwrap.dedent('''\
 
     def returns_tuple():
         return ReturnsTuple()
+
+
+    def returns_hidden():
+        return ReturnsHidden()
 
 
     def batch_norm():
@@ -208,9 +221,21 @@ def test_a_target_the_loss_cannot_take(user_module: Path, capsys) -> None:
               "target of shape (64, 2)", "allowed:")
 
 
-def test_a_forward_that_returns_a_tuple(user_module: Path, capsys) -> None:
-    code, err = _run(capsys, ["estimate", *_flags("returns_tuple")])
-    _one_line(code, err, "argument --model", "returned tuple", "allowed: a tensor")
+def test_a_forward_that_returns_a_tuple_is_read_by_its_first_element(user_module: Path, capsys) -> None:
+    import json
+
+    figures = []
+    for command in ("estimate", "measure"):
+        capsys.readouterr()
+        assert main([command, *_flags("returns_tuple"), "--json"]) == 0
+        figures.append(json.loads(capsys.readouterr().out))
+    assert figures[0]["peak_bytes"] == figures[1]["peak_bytes"] > 0
+
+
+def test_a_forward_whose_output_has_no_logits(user_module: Path, capsys) -> None:
+    code, err = _run(capsys, ["estimate", *_flags("returns_hidden")])
+    _one_line(code, err, "argument --model", "returned dict without 'logits' (it has hidden)",
+              "allowed: a tensor, a tuple whose first element is one, or a mapping with 'logits'")
 
 
 def test_bpmem_debug_shows_the_users_traceback(user_module: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,9 +312,9 @@ def _sweep(tmp_path: Path, factory: str, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_a_sweep_row_of_a_model_that_raises_a_value_error(user_module: Path, tmp_path: Path, capsys) -> None:
-    rows = _sweep(tmp_path, "returns_tuple", capsys)
+    rows = _sweep(tmp_path, "returns_hidden", capsys)
     assert [row["status"] for row in rows] == ["error"]
-    assert "returned tuple" in rows[0]["error"]
+    assert "returned dict without 'logits'" in rows[0]["error"]
 
 
 def test_a_sweep_row_of_a_model_that_raises_a_key_error(user_module: Path, tmp_path: Path, capsys) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpmem.models.batch import batch_tensors, input_tensors
 from bpmem.probes import AllocatorTraceProbe
 from bpmem.probes.allocator import allocator_profile
 from bpmem.probes.allocator_view import CPU_BLOCK_BYTES, AllocatorView, AllocatorViewProbe, blocks
@@ -98,14 +99,14 @@ def step_view(spec: Any, step: Any, device: str = "cpu", fake: bool = False, see
             else contextlib.nullcontext():
         model = workload.build(device, seed=seed)
         x, y = workload.make_batch(step.batch_size, device, seed=seed)
-        batch = [t for item in (x, y) for t in (item if isinstance(item, tuple) else (item,)) if t is not None]
+        batch = batch_tensors(x, y)
         if step.mode == "inference":
             precision = precision_for(step.amp, device)
 
             def run(phase: Any) -> Any:
                 return inference_step(model, x, phase or _unlabelled, workload, precision)
             optimizer = None
-            inputs = [t for t in (x if isinstance(x, tuple) else (x,))]
+            inputs = input_tensors(x)
         else:
             optimizer = make_optimizer(step, model)
             strategy = step.strategy.runtime(spec, step)

@@ -29,6 +29,7 @@ from bpmem.measurement.precision import Precision, precision_for, settle
 from bpmem.measurement.step import hvp_step, inference_step, make_optimizer, train_step
 from bpmem.measurement.timing import plain_columns, time_samples
 from bpmem.measurement.timing_pairs import MAX_TIMED_SECONDS, Paired, paired_columns, time_pairs
+from bpmem.models.batch import input_tensors
 from bpmem.models.mlp import as_workload, meta_batch
 from bpmem.models.workload import Workload
 from bpmem.probes import (
@@ -81,8 +82,8 @@ def measure_inference_peak(model: nn.Module, x: torch.Tensor, workload: Workload
 
 
 def _tensors(*batch: Any) -> list[torch.Tensor]:
-    """The tensors of a batch: inputs may be a tuple, the target may be None."""
-    return [t for item in batch for t in (item if isinstance(item, tuple) else (item,)) if t is not None]
+    """The tensors of a batch: inputs may be a tuple or a dict, the target may be None."""
+    return [t for item in batch for t in input_tensors(item)]
 
 
 def measure_training_peak(spec: MLPSpec, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from bpmem.measurement.precision import Precision, precision_for, precision_of
+from bpmem.models.batch import batch_tensors, first_device, refill
 from bpmem.models.mlp import add_regularizer, as_workload
 from bpmem.models.workload import Workload
 from bpmem.spec import MLPSpec, StepSpec, StrategyRuntime
@@ -99,30 +100,48 @@ def train_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def _device_of(x: Any) -> torch.device:
-    """The device of a batch's inputs (a tuple of several: the first's)."""
-    return (x[0] if isinstance(x, tuple) else x).device
+    """The device of a batch's inputs (several: the first's)."""
+    return first_device(x)
 
 
 def _value(objective: torch.Tensor) -> float:
     return float("nan") if is_fake(objective) else objective.item()
 
 
+def micro_batches(x: Any, y: Any, microbatches: int) -> list[tuple[Any, Any, float]]:
+    """(inputs, target, share of the rows) of each micro-batch: every tensor of the batch cut
+    along dimension 0 (``torch.chunk``: views), the structure kept (a tuple, a dict). A tensor
+    whose dimension 0 is not the batch's (a flat index tensor, a shared table) cannot be cut
+    so: a one-line refusal says which."""
+    tensors = batch_tensors(x, y)
+    rows = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
+    odd = next((t for t in tensors if t.dim() == 0 or t.shape[0] != rows), None)
+    if odd is not None or rows == 0:
+        shape = tuple(odd.shape) if odd is not None else ()
+        raise ValueError(f"strategy: microbatch cuts every input and the target along dimension 0, and one of shape "
+                         f"{shape} does not hold the batch's {rows} rows there; allowed: inputs whose dimension 0 "
+                         "is the batch, or another strategy")
+    parts = [t.chunk(microbatches) for t in tensors]
+    out = []
+    for index in range(len(parts[0])):
+        pieces = iter([part[index] for part in parts])
+        out.append((refill(x, pieces), refill(y, pieces), parts[0][index].shape[0] / rows))
+    return out
+
+
 def _accumulating_step(spec: ModelSpec, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                        y: torch.Tensor, microbatches: int, phase: Labeller, scope: Labeller,
                        observe: Callable[[torch.Tensor], None] | None) -> float:
     workload = as_workload(spec)
-    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
-        raise ValueError("strategy: microbatch cuts one input tensor and one target into micro-batches; allowed: "
-                         "a model of one input with a target, or another strategy")
     precision = precision_of(optimizer)
     with phase("zero_grad"):
         optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for index, (x_part, y_part) in enumerate(zip(x.chunk(microbatches), y.chunk(microbatches), strict=True)):
-        with phase("forward"), precision.region(x.device):
+    for index, (x_part, y_part, share) in enumerate(micro_batches(x, y, microbatches)):
+        with phase("forward"), precision.region(first_device(x)):
             output = workload.forward(model, x_part)
             with scope("loss"):
-                objective = workload.data_loss(output, y_part) * (x_part.shape[0] / x.shape[0])
+                objective = workload.data_loss(output, y_part) * share
             del output
             if index == 0:
                 with scope("regularizer"):

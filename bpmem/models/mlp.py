@@ -4,10 +4,12 @@ the seed's network as a ``bpmem.models.workload.Workload``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from bpmem.models.batch import batch_tensors, refill
 from bpmem.models.workload import Workload
 from bpmem.spec import MLPSpec
 
@@ -136,8 +138,15 @@ def add_regularizer(loss: torch.Tensor, reg: torch.Tensor | None) -> torch.Tenso
     return loss if reg is None else loss + reg
 
 
-def meta_batch(workload: Workload, batch_size: int, device: str = "meta") -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of ``batch_size`` rows without data: the shapes and dtypes of one real row
-    (``make_batch(1)``) on the *meta* device (or ``device`` under fake tensors)."""
-    return tuple(torch.empty((batch_size, *t.shape[1:]), dtype=t.dtype, device=device)  # type: ignore[return-value]
-                 for t in workload.make_batch(1, "cpu"))
+def meta_batch(workload: Workload, batch_size: int, device: str = "meta") -> tuple[Any, Any]:
+    """A batch of ``batch_size`` rows without data, on the *meta* device (or ``device`` under
+    fake tensors), in the structure ``make_batch`` gives (a tensor, a tuple, a dict). Which
+    dimensions hold the batch is found by comparing a real batch of one row with one of two:
+    each dimension grows by its difference per row, so a flat index tensor of k entries per
+    row (an ``EmbeddingBag``'s) or a batch in dimension 1 is sized right too."""
+    one, two = workload.make_batch(1, "cpu"), workload.make_batch(2, "cpu")
+    grown = iter([torch.empty(tuple(a + (batch_size - 1) * (b - a) for a, b in zip(s.shape, t.shape, strict=True)),
+                              dtype=s.dtype, device=device)
+                  for s, t in zip(batch_tensors(*one), batch_tensors(*two), strict=True)])
+    inputs = refill(one[0], grown)
+    return inputs, refill(one[1], grown)

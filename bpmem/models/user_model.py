@@ -14,6 +14,7 @@ Every failure to load is a ``UserModelError`` naming the flag: one line, exit 2.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -23,6 +24,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from bpmem.models.batch import call_model, output_tensor
+from bpmem.models.block_finder import FoundBlocks, find_blocks
 from bpmem.models.user_code import (  # noqa: F401 - re-exported: callers ask user_model
     raised_by_bpmem,
     user_code_error,
@@ -94,14 +97,18 @@ class TensorShape:
     dtype: str
     dims: tuple[int | str, ...]
     high: int | None = None
+    name: str = ""  # the keyword the model takes it by (input_ids=...); "" passes it positionally
 
     @classmethod
     def parse(cls, text: str, flag: str) -> TensorShape:
+        named = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=(.*)", text)
+        if named:
+            return dataclasses.replace(cls.parse(named.group(2), flag), name=named.group(1))
         match = re.fullmatch(r"\s*(\w+)\[([^\]]*)\]\s*(?:<\s*([0-9]+)\s*)?", text)
         if not match or match.group(1) not in _DTYPES:
-            raise UserModelError(flag, f"{text!r} is not a tensor shape; allowed: DTYPE[DIMS] with DTYPE one of "
-                                       f"{', '.join(_DTYPES)} and B for the batch, e.g. 'float32[B,3,32,32]' or "
-                                       "'int64[B]<10'")
+            raise UserModelError(flag, f"{text!r} is not a tensor shape; allowed: [NAME=]DTYPE[DIMS] with DTYPE one "
+                                       f"of {', '.join(_DTYPES)} and B for the batch, e.g. 'float32[B,3,32,32]', "
+                                       "'int64[B]<10' or input_ids='int64[B,128]<32000'")
         dims: list[int | str] = []
         for dim in (d.strip() for d in match.group(2).split(",") if d.strip()):
             if dim == "B" or (dim.isdigit() and int(dim) >= 1):
@@ -129,7 +136,8 @@ class TensorShape:
     def __str__(self) -> str:
         """The shorthand ``parse`` reads back: ``float32[B,20]``, ``int64[B]<10``."""
         dims = ",".join(str(d) for d in self.dims)
-        return f"{self.dtype}[{dims}]" + (f"<{self.high}" if self.high is not None else "")
+        return (f"{self.name}=" if self.name else "") + f"{self.dtype}[{dims}]" + \
+            (f"<{self.high}" if self.high is not None else "")
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,9 @@ class UserModel:
         if self.data is None and (self.target is None) != (self.loss == "none"):
             raise UserModelError("--target", "with --input, give --target SHAPE unless --loss none; allowed: "
                                              "e.g. --target 'int64[B]<10'")
+        if len({bool(shape.name) for shape in self.inputs}) > 1:
+            raise UserModelError("--input", "some inputs are named and some are not; allowed: all positional, or "
+                                            "all by keyword (NAME=SHAPE)")
         load_callable(self.factory, "--model")
         if self.data is not None:
             load_callable(self.data, "--data")
@@ -224,7 +235,9 @@ class UserModel:
         if self.data is None:
             generator = torch.Generator().manual_seed(seed)
             made = tuple(shape.make(batch_size, device, generator) for shape in self.inputs)
-            inputs = made[0] if len(made) == 1 else made
+            named = self.inputs[0].name != ""
+            inputs = {s.name: t for s, t in zip(self.inputs, made, strict=True)} if named else \
+                made[0] if len(made) == 1 else made
             target = self.target.make(batch_size, device, generator) if self.target is not None else None
             return inputs, target
         torch.manual_seed(seed)
@@ -239,11 +252,15 @@ class UserModel:
     def _checked_batch(self, batch: Any) -> tuple[Any, Any]:
         import torch
 
-        allowed = "allowed: (inputs, target), inputs a tensor or a tuple of tensors, target a tensor or None"
+        allowed = ("allowed: (inputs, target), inputs a tensor, a tuple of tensors or a dict of them by keyword, "
+                   "target a tensor or None")
         if not isinstance(batch, tuple) or len(batch) != 2:
             raise UserModelError("--data", f"{self.data} returned {type(batch).__name__}; {allowed}")
         inputs, target = batch
-        tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+        tensors = tuple(inputs.values()) if isinstance(inputs, dict) else inputs if isinstance(inputs, tuple) \
+            else (inputs,)
+        if isinstance(inputs, dict) and not all(isinstance(k, str) for k in inputs):
+            raise UserModelError("--data", f"{self.data} returned a dict whose keys are not all strings; {allowed}")
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise UserModelError("--data", f"{self.data} returned inputs that are not tensors; {allowed}")
         if target is None and self.loss != "none":
@@ -255,15 +272,18 @@ class UserModel:
         return inputs, target
 
     def forward(self, model: Any, inputs: Any) -> Any:
-        return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        return call_model(model, inputs)
 
     def data_loss(self, output: Any, target: Any) -> Any:
-        import torch
         from torch import nn
 
-        if not isinstance(output, torch.Tensor):  # e.g. a transformers ModelOutput, or a tuple
-            raise UserModelError("--model", f"{self.factory}'s forward returned {type(output).__name__}; allowed: "
-                                            "a tensor (the logits, or with --loss none the scalar loss)")
+        want = "loss" if self.loss == "none" else "logits"
+        output, found = output_tensor(output, want)
+        if output is None:
+            raise UserModelError("--model", f"{self.factory}'s forward returned {found}; allowed: a tensor, a tuple "
+                                            f"whose first element is one, or a mapping with {want!r} (a "
+                                            "transformers ModelOutput: its loss with --loss none, its logits with "
+                                            "cross_entropy or mse)")
         if self.loss == "none":
             if output.dim() != 0:
                 raise UserModelError("--loss", f"none needs the model to return a scalar loss; it returned shape "
@@ -288,9 +308,21 @@ class UserModel:
             return [[child] for child in container.children()]
         if isinstance(model, nn.Sequential):
             return [[child] for child in model.children()]
-        raise UserModelError("--blocks", f"{type(model).__name__} is not an nn.Sequential, so bpmem cannot run its "
-                                         "blocks as a chain; allowed: an nn.Sequential model, or a strategy that "
-                                         "needs no chain (checkpoint-selective, microbatch)")
+        found = find_blocks(model)
+        if found is None:
+            raise UserModelError("--blocks", f"{type(model).__name__} is not an nn.Sequential and has no ModuleList of "
+                                             "two or more blocks of one class, so bpmem cannot find its chain; "
+                                             "allowed: --blocks PATH naming the ModuleList of its ordered blocks, or "
+                                             "a strategy that needs no chain (checkpoint-selective, microbatch)")
+        return [[child] for child in model.get_submodule(found.path).children()]
+
+    def found_blocks(self, model: Any) -> FoundBlocks | None:
+        """The chain bpmem found itself (no ``--blocks``, not an ``nn.Sequential``), or None."""
+        from torch import nn
+
+        if self.blocks_path is not None or isinstance(model, nn.Sequential):
+            return None
+        return find_blocks(model)
 
     @property
     def analytic(self) -> None:

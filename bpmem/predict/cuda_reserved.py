@@ -50,6 +50,7 @@ def allocation_stream(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda")
     from bpmem.measurement.fake_kernels import DeviceStorageSizes
     from bpmem.measurement.precision import precision_for
     from bpmem.measurement.step import inference_step, make_optimizer, train_step
+    from bpmem.models.batch import batch_tensors
     from bpmem.models.mlp import as_workload
     from bpmem.predict.dry_run import dry_run_device
     from bpmem.probes import LiveTensorProbe
@@ -61,7 +62,7 @@ def allocation_stream(spec: MLPSpec | Any, step: StepSpec, device: str = "cuda")
     with fake_tensor_mode(), DeviceStorageSizes():
         model = workload.build(where, seed=0)
         x, y = workload.make_batch(step.batch_size, where, seed=0)
-        batch = [t for item in (x, y) for t in (item if isinstance(item, tuple) else (item,)) if t is not None]
+        batch = batch_tensors(x, y)
         optimizer = make_optimizer(step, model) if step.mode != "inference" else None
         strategy = step.strategy.runtime(spec, step) if step.mode != "inference" else None
         precision = precision_for(step.amp, where)

@@ -25,7 +25,28 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from bpmem.analytic.planner import Segment, describe
+from bpmem.models.batch import call_model
 from bpmem.models.mlp import units
+
+
+def _hidden(output: Any) -> Any:
+    """What the next block takes from a block's output: the output, or a tuple's first element
+    (Hugging Face layers may return ``(hidden_states, ...)``)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same arguments: the very same tensors (by identity), equal other values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    try:
+        return bool(a is b or a == b)
+    except Exception:  # noqa: BLE001 - a value without a plain truth (a cache object): by identity only
+        return a is b
 
 
 def _run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +67,18 @@ class SegmentStrategy:
     model_forward: Callable[[nn.Module, Any], torch.Tensor] | None = None
     # a planner that needs each block's measured costs (``checkpoint-budget``), used instead of ``planner``
     cost_planner: Callable[[Any], list[Segment]] | None = None
+    # where the workload found the chain itself (no --blocks): model -> its FoundBlocks, or None
+    found_blocks: Callable[[nn.Module], Any] | None = None
 
     def forward(self, model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if _checkpoints_itself(model):
+            raise ValueError(f"strategy: {self.name} on a model that checkpoints its layers already (its factory "
+                             "called gradient_checkpointing_enable()); allowed: --strategy none, which measures it "
+                             "as it is")
         chain = self.blocks(model)
+        found = self.found_blocks(model) if self.found_blocks is not None else None
+        if found is not None and "found" not in self.__dict__:
+            object.__setattr__(self, "found", found)
         if self.plan is None and self.cost_planner is not None:
             from bpmem.strategies.block_costs import measure_chain
 
@@ -56,7 +86,7 @@ class SegmentStrategy:
             object.__setattr__(self, "plan", tuple(self.cost_planner(measured)))
         if self.plan is None:
             object.__setattr__(self, "plan", tuple(self.planner(len(chain))))  # type: ignore[misc]
-        if self.model_forward is not None:
+        if self.model_forward is not None and not _chain_is_the_model(model, chain):
             with _segments_in_place(chain, self.plan):
                 return self.model_forward(model, x)
         for segment in self.plan:
@@ -70,7 +100,22 @@ class SegmentStrategy:
 
     def params(self) -> dict[str, Any]:
         plan = list(self.plan or ())
-        return {"segments": len(plan), "checkpointed": sum(s.checkpointed for s in plan), "plan": describe(plan)}
+        found = self.__dict__.get("found")
+        return {"segments": len(plan), "checkpointed": sum(s.checkpointed for s in plan), "plan": describe(plan),
+                **({"blocks": found.path} if found is not None else {})}
+
+
+def _checkpoints_itself(model: nn.Module) -> bool:
+    """A Hugging Face model whose gradient checkpointing is on (``gradient_checkpointing_enable``)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the newer name first
+        if name in type(model).__dict__ or any(name in vars(k) for k in type(model).__mro__):
+            return bool(getattr(model, name))
+    return False
+
+
+def _chain_is_the_model(model: nn.Module, chain: list[list[nn.Module]]) -> bool:
+    """An ``nn.Sequential`` whose children are the chain: run segment by segment, not by its forward."""
+    return isinstance(model, nn.Sequential) and [m for unit in chain for m in unit] == list(model.children())
 
 
 class NotAChain(ValueError):
@@ -90,10 +135,13 @@ def _segments_in_place(chain: list[list[nn.Module]], plan: tuple[Segment, ...]) 
     when backward recomputes it), so every block keeps its own ``__call__`` and hooks."""
     patched: list[nn.Module] = []
 
-    def run_segment(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    def run_segment(modules: list[nn.Module], x: torch.Tensor, more: tuple[Any, ...], named: dict[str, Any]) -> Any:
         saved = {id(m): m.__dict__.pop("forward") for m in modules if "forward" in m.__dict__}
         try:
-            return _run(modules, x)
+            out: Any = x
+            for module in modules:  # each block on the last one's hidden state, with the first's other arguments
+                out = module(_hidden(out), *more, **named)
+            return out
         finally:
             for m in modules:
                 if id(m) in saved:
@@ -103,20 +151,26 @@ def _segments_in_place(chain: list[list[nn.Module]], plan: tuple[Segment, ...]) 
         if not segment.checkpointed or segment.end - segment.start < 1:
             continue
         modules = [m for unit in chain[segment.start:segment.end] for m in unit]
-        handed: list[torch.Tensor] = []
+        handed: list[Any] = []  # the segment's output, and the other arguments its first block took
 
-        def first(x: torch.Tensor, *more: Any, _modules: list[nn.Module] = modules,
-                  _handed: list[torch.Tensor] = handed, **named: Any) -> torch.Tensor:
-            if more or named:
-                raise NotAChain("a block takes more than the previous block's output")
-            _handed[:] = [checkpoint(functools.partial(run_segment, _modules), x, use_reentrant=False,
-                                     preserve_rng_state=False)]
-            return _handed[0]
+        def first(*args: Any, _modules: list[nn.Module] = modules, _handed: list[Any] = handed,
+                  **named: Any) -> Any:
+            if not args:
+                raise NotAChain("the model passes a block its input by keyword alone")
+            x, more = args[0], args[1:]
+            out = checkpoint(functools.partial(run_segment, _modules), x, more, named, use_reentrant=False,
+                             preserve_rng_state=False)
+            _handed[:] = [out, more, named]
+            return out
 
-        def passed_on(x: torch.Tensor, *more: Any, _handed: list[torch.Tensor] = handed, **named: Any) -> torch.Tensor:
-            if more or named or not _handed or x is not _handed[0]:
+        def passed_on(*args: Any, _handed: list[Any] = handed, **named: Any) -> Any:
+            if not _handed or not args or args[0] is not _hidden(_handed[0]):
                 raise NotAChain("the forward does not call the blocks in order on each other's output")
-            return x
+            if not (_same(args[1:], _handed[1]) and _same(named, _handed[2])):
+                raise NotAChain("a block takes other arguments than the first block of its segment (a position "
+                                "bias the first one makes, say), so a segment of several blocks cannot run as one "
+                                "checkpoint; checkpoint-layer cuts every block on its own")
+            return _handed[0]
 
         for index, module in enumerate(modules):
             module.forward = first if index == 0 else passed_on
@@ -167,8 +221,8 @@ class SelectiveStrategy:
 
     def forward(self, model: nn.Sequential, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
         context = functools.partial(create_selective_checkpoint_contexts, self._choose)
-        inputs = x if isinstance(x, tuple) else (x,)  # a model of several inputs takes them positionally
-        return checkpoint(model, *inputs, use_reentrant=False, preserve_rng_state=False, context_fn=context)
+        # the inputs as the model takes them: a tuple positionally, a dict by keyword
+        return checkpoint(call_model, model, x, use_reentrant=False, preserve_rng_state=False, context_fn=context)
 
     def params(self) -> dict[str, Any]:
         return {"policy": self.policy}

@@ -70,8 +70,9 @@ class DDP(DataParallelConfig):
     def setup_rank(self, spec: MLPSpec | Workload, step: StepSpec, rank: int, device: Any) -> Any:
         from torch.nn.parallel import DistributedDataParallel
 
+        from bpmem.models.batch import batch_tensors
         from bpmem.models.mlp import as_workload
-        from bpmem.strategies.rank_runtime import RankSetup, batch_tensors, local_rows, objective_step
+        from bpmem.strategies.rank_runtime import RankSetup, local_rows, objective_step
         from bpmem.torch_private import ddp_bucket_sizes
 
         workload = as_workload(spec)

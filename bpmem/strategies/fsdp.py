@@ -81,8 +81,9 @@ class FSDP(DataParallelConfig):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
 
+        from bpmem.models.batch import batch_tensors
         from bpmem.models.mlp import as_workload
-        from bpmem.strategies.rank_runtime import RankSetup, batch_tensors, local_rows, mesh, objective_step
+        from bpmem.strategies.rank_runtime import RankSetup, local_rows, mesh, objective_step
         from bpmem.strategies.user_split import fsdp_units
 
         workload = as_workload(spec)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bpmem.models.batch import map_tensors
 from bpmem.models.mlp import add_regularizer, as_workload
 from bpmem.models.workload import Workload
 from bpmem.spec import MLPSpec, StepSpec
@@ -71,17 +72,10 @@ def local_rows(x: Any, y: Any, rank: int, world_size: int) -> tuple[Any, Any]:
     global batch)."""
 
     def mine(tensor: Any) -> Any:
-        if tensor is None or isinstance(tensor, tuple):
-            return tensor if tensor is None else tuple(mine(t) for t in tensor)
         rows = tensor.shape[0] // world_size
         return tensor[rank * rows:(rank + 1) * rows].clone()
 
-    return mine(x), mine(y)
-
-
-def batch_tensors(x: Any, y: Any) -> list[torch.Tensor]:
-    """The batch's tensors, for the live probe's "inputs": every input and the target, if any."""
-    return [t for t in (*(x if isinstance(x, tuple) else (x,)), y) if t is not None]
+    return map_tensors(x, mine), map_tensors(y, mine)
 
 
 def objective_step(spec: MLPSpec | Workload, forward: nn.Module, weights: nn.Module, x: Any, y: Any) -> Any:

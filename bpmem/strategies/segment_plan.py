@@ -72,12 +72,15 @@ class SegmentPlanConfig(StrategyConfig):
         workload = as_workload(spec)
         if workload.analytic is not None:
             return SegmentStrategy(self.name, tuple(self.plan(workload.analytic, step.batch_size)), workload.blocks)
-        # blocks named by --blocks sit inside the model's own forward, which then runs as written
-        inside = workload.forward if getattr(workload, "blocks_path", None) is not None else None
+        # a user's blocks sit inside the model's own forward, which then runs as written (unless the
+        # model is the nn.Sequential of its blocks: then the chain runs segment by segment)
+        inside = workload.forward if hasattr(workload, "blocks_path") else None
+        found = getattr(workload, "found_blocks", None)
         if self.plans_from_costs:
             return SegmentStrategy(self.name, None, workload.blocks, model_forward=inside,
-                                   cost_planner=self.plan_measured)
-        return SegmentStrategy(self.name, None, workload.blocks, planner=self.plan_units, model_forward=inside)
+                                   cost_planner=self.plan_measured, found_blocks=found)
+        return SegmentStrategy(self.name, None, workload.blocks, planner=self.plan_units, model_forward=inside,
+                               found_blocks=found)
 
     plans_from_costs: ClassVar[bool] = False  # True: ``plan_measured`` plans a user's chain from its costs
 

@@ -124,13 +124,25 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "the seed's network, shaped by the flags above)")
     g.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments for FACTORY")
     g.add_argument("--data", metavar="MODULE:FUNC",
-                   help="FUNC(batch_size, device) returns (inputs, target); inputs a tensor or a tuple")
+                   help="FUNC(batch_size, device) returns (inputs, target); inputs a tensor, a tuple "
+                        "(positional) or a dict (keyword arguments)")
     g.add_argument("--input", action="append", metavar="SHAPE",
-                   help="instead of --data: an input by shape, B the batch, e.g. 'float32[B,3,32,32]' "
-                        "(repeat for several inputs)")
+                   help="instead of --data: an input by shape, B the batch, e.g. 'float32[B,3,32,32]', or by "
+                        "keyword: input_ids='int64[B,128]<32000' (repeat for several inputs)")
     g.add_argument("--target", metavar="SHAPE", help="the target by shape, e.g. 'int64[B]<10' (values 0..9)")
     g.add_argument("--blocks", metavar="PATH", help="the ModuleList of the model's ordered blocks, e.g. blocks "
-                                                    "(default: the children of an nn.Sequential)")
+                                                    "(default: the children of an nn.Sequential, else the "
+                                                    "longest ModuleList of one class)")
+    g = parser.add_argument_group("a Hugging Face model from its config (pip install 'bpmem[hf]'; "
+                                  "docs/hugging-face.md)")
+    g.add_argument("--hf", metavar="MODEL_TYPE", help="a transformers model type, built from its config with no "
+                                                      "download or weights, e.g. llama, gpt2, bert, t5, vit")
+    g.add_argument("--hf-config", metavar="JSON|PATH", help="config overrides as JSON, e.g. "
+                                                            "'{\"num_hidden_layers\": 4}', or a local config.json")
+    g.add_argument("--hf-head", metavar="HEAD", help="causal-lm, seq2seq-lm, masked-lm, sequence-classification or "
+                                                     "image-classification (default: the model type's usual one)")
+    g.add_argument("--seq-len", type=positive_int, metavar="N",
+                   help="tokens per row of the synthetic batch (default: 128, or the config's maximum if less)")
     g = parser.add_argument_group("step")
     g.add_argument("--batch-size", type=positive_int, default=t.batch_size, metavar="B", help="rows per batch")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer, help="torch.optim choice")
@@ -183,24 +195,44 @@ def user_model_from_args(args: argparse.Namespace) -> Any:
     from bpmem.models.user_model import TensorShape, UserModel, UserModelError
 
     values = vars(args)
-    if values.get("model", "mlp") == "mlp":
+    for flag in ("hf_config", "hf_head", "seq_len"):
+        if values.get(flag) and not values.get("hf"):
+            raise SpecError(flag, values[flag], "only with --hf MODEL_TYPE")
+    if values.get("model", "mlp") == "mlp" and not values.get("hf"):
         for flag in ("data", "input", "target", "blocks"):
             if values.get(flag):
                 raise SpecError(flag, values[flag], "only with --model MODULE:FACTORY")
         return None
     mlp = MLPSpec()
+    builder = f"--hf {values['hf']}" if values.get("hf") else values["model"]
     for name in MLP_ONLY:  # the MLP's flags mean nothing to the user's factory: never ignore them silently
         if values.get(name, getattr(mlp, name)) != getattr(mlp, name):
             flag = ("--bias" if values[name] else "--no-bias") if name == "bias" else f"--{name.replace('_', '-')}"
             what, allowed = (("adds the MLP's regulariser only", "--weight-decay, or the term in your model's own "
                               "loss (--loss none)") if name == "l2" else
                              ("shapes the MLP only", "the factory's keyword arguments, in --model-kwargs"))
-            raise UserModelError(flag, f"{what}, and {values['model']} builds its own model; allowed with --model: "
+            raise UserModelError(flag, f"{what}, and {builder} builds its own model; allowed with --model: "
                                        f"{allowed}")
+    if values.get("hf"):
+        return _hf_model(values)
     return UserModel(values["model"], values["model_kwargs"], values.get("data"),
                      tuple(TensorShape.parse(text, "--input") for text in values.get("input") or ()),
                      TensorShape.parse(values["target"], "--target") if values.get("target") else None,
                      values["loss"], values.get("blocks"))
+
+
+def _hf_model(values: dict[str, Any]) -> Any:
+    """``--hf``: none of the other model flags, which it sets itself."""
+    from bpmem.models.hf import hf_model
+    from bpmem.models.user_model import UserModelError
+
+    clash = next((flag for flag in ("data", "input", "target") if values.get(flag)), None)
+    if values.get("model", "mlp") != "mlp" or clash:
+        flag = f"--{clash}" if clash else "--model"
+        raise UserModelError(flag, "--hf builds the model and its batch from the config; allowed: --hf with "
+                                   "--hf-config, --hf-head, --seq-len and --blocks, or --model without --hf")
+    return hf_model(values["hf"], values.get("hf_config"), values.get("hf_head"), values.get("seq_len"),
+                    values.get("blocks"))
 
 
 # the MLP's shape flags (not --loss, which a user model has too): refused with --model
@@ -226,7 +258,7 @@ def print_table(title: str, rows: list[tuple[str, int, str]]) -> None:
 
 def describe(spec: Any, step: StepSpec) -> str:
     if not isinstance(spec, MLPSpec):
-        return f"{spec.factory}, {spec.loss} loss, B={step.batch_size}, {step.optimizer}, {step.mode}"
+        return f"{spec.name}, {spec.loss} loss, B={step.batch_size}, {step.optimizer}, {step.mode}"
     dims = "-".join(str(n) for n in [spec.input_dim] + [spec.hidden_dim] * spec.depth + [spec.output_dim])
     return (f"{dims}, {'bias' if spec.bias else 'no bias'}, {spec.activation}, {spec.loss}, {spec.dtype}, "
             f"B={step.batch_size}, {step.optimizer}, {step.mode}")

@@ -38,13 +38,16 @@ from bpmem.strategies.base import ONE_DEVICE
 from bpmem.strategies.checkpoint_selective import POLICIES
 from bpmem.strategies.placement import Machine, devices_here, expand_devices
 from bpmem.strategies.registry import STRATEGIES, make_step
+from bpmem.sweep.model_table import user_model, user_model_value
 
 Grid = tuple[tuple[str, tuple[Any, ...]], ...]  # a [model] table: (key, values) pairs, a grid
 MLP_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MLPSpec))
 # your own model instead of the MLP: [model] factory = "pkg.mod:make", data = "pkg.mod:batch", kwargs = {...}
 USER_MODEL_KEYS: tuple[str, ...] = ("factory", "data", "kwargs", "input", "target", "blocks")
+# a Hugging Face model from its config: [model] hf = "llama", hf_config = {...}, seq_len = [512, 2048]
+HF_KEYS: tuple[str, ...] = ("hf", "hf_config", "hf_head", "seq_len")
 STEP_KEYS: tuple[str, ...] = ("optimizer", "weight_decay", "optimizer_impl", "amp")  # how the step is run
-MODEL_KEYS: tuple[str, ...] = MLP_KEYS + STEP_KEYS + USER_MODEL_KEYS
+MODEL_KEYS: tuple[str, ...] = MLP_KEYS + STEP_KEYS + USER_MODEL_KEYS + HF_KEYS
 TOP_KEYS: tuple[str, ...] = ("name", "description", "batch_sizes", "devices", "modes", "strategies", "repeats",
                              "warmup", "timing_cap_s", "continue_after_oom", "timeout_s", "threads", "model")
 
@@ -82,7 +85,13 @@ class Cell:
                      + (f"-amp={t.amp}" if t.amp != "none" else ""))
         if not isinstance(s, MLPSpec):  # your own model: its factory and arguments name it
             kwargs = "".join(f"-{k}={v}" for k, v in sorted(json.loads(s.kwargs_json).items()))
-            return (f"{s.factory}{kwargs}-{s.loss}-{optimizer}-B{t.batch_size}-{t.mode}-{t.strategy.name}"
+            named = s.factory
+            if s.name.startswith("hf:"):  # hf:llama-its overrides-its head; the sequence length is in the batch
+                built = json.loads(s.kwargs_json)
+                kwargs = "".join(f"-{k}={v}" for k, v in sorted(built["config"].items())) + f"-{built['head']}"
+                kwargs += f"-seq_len={s.inputs[0].dims[1]}" if len(s.inputs[0].dims) == 2 else ""
+                named = s.name
+            return (f"{named}{kwargs}-{s.loss}-{optimizer}-B{t.batch_size}-{t.mode}-{t.strategy.name}"
                     f"{''.join(f'-{k}={v}' for k, v in sorted(t.strategy_params().items()))}-{self.device}")
         return (f"d{s.input_dim}-h{s.hidden_dim}-q{s.output_dim}-L{s.depth}-{'bias' if s.bias else 'nobias'}-"
                 f"{s.activation}-{s.loss}-{s.dtype}-l2={s.l2:g}-{optimizer}-B{t.batch_size}-{t.mode}-"
@@ -118,7 +127,7 @@ class SweepConfig:
                   for grid in self.model for combo in itertools.product(*(values for _, values in grid))]
         for fields in combos:
             stepping = {key: fields.pop(key) for key in STEP_KEYS if key in fields}
-            spec = _user_model(fields) if "factory" in fields else MLPSpec(**fields)
+            spec = user_model(fields) if "factory" in fields or "hf" in fields else MLPSpec(**fields)
             for device, (strategy, params), mode in itertools.product(devices or self.devices, self.strategies,
                                                                       self.modes):
                 if mode != "train" and strategy != registry.PLAIN:
@@ -241,19 +250,24 @@ def _model(table: Any) -> Grid:
         values = _as_list(key, value)
         if not values:
             raise ConfigError(f"model.{key}", "is empty")
-        user = "factory" in table
+        user = "factory" in table or "hf" in table
         if user and key in MLP_KEYS and key != "loss":
             raise ConfigError(f"model.{key}", "shapes the MLP only; allowed with factory: "
                                               f"{', '.join(('optimizer', 'loss', *USER_MODEL_KEYS))}")
         if not user and key in USER_MODEL_KEYS:
             raise ConfigError(f"model.{key}", "goes with factory = \"MODULE:FACTORY\" (your own model)")
+        if key in HF_KEYS[1:] and "hf" not in table:
+            raise ConfigError(f"model.{key}", "goes with hf = \"MODEL_TYPE\" (a Hugging Face model)")
+        if "hf" in table and key in ("factory", "data", "input", "target", "kwargs", "loss"):
+            raise ConfigError(f"model.{key}", "hf builds the model and its batch from the config; allowed with hf: "
+                                              f"{', '.join((*STEP_KEYS, *HF_KEYS, 'blocks'))}")
         checked = []
         for item in values:  # check each value on its own, so the message names it
             try:
                 if key in STEP_KEYS:
                     StepSpec(**{key: item})
-                elif user and key in (*USER_MODEL_KEYS, "loss"):
-                    item = _user_model_value(key, item)
+                elif user and key in (*USER_MODEL_KEYS, *HF_KEYS, "loss"):
+                    item = user_model_value(key, item)
                 else:
                     MLPSpec(**{key: item})
             except SpecError as error:
@@ -261,39 +275,6 @@ def _model(table: Any) -> Grid:
             checked.append(item)
         pairs.append((key, tuple(dict.fromkeys(checked))))  # depth = [1, 1] is one model, not two
     return tuple(pairs)
-
-
-def _user_model(fields: dict[str, Any]) -> Any:
-    """A ``UserModel`` from a [model] table's values (``kwargs`` held as JSON text)."""
-    from bpmem.models.user_model import TensorShape, UserModel
-
-    inputs = () if fields.get("input") is None else (TensorShape.parse(fields["input"], "model.input"),)
-    target = TensorShape.parse(fields["target"], "model.target") if fields.get("target") else None
-    return UserModel(fields["factory"], fields.get("kwargs", "{}"), fields.get("data"), inputs, target,
-                     fields.get("loss", "cross_entropy"), fields.get("blocks"))
-
-
-def _user_model_value(key: str, item: Any) -> Any:
-    """Check one value of a user-model key, naming it; ``kwargs`` comes back as JSON text."""
-    from bpmem.models.user_model import LOSSES, TensorShape, UserModelError, load_callable
-
-    try:
-        if key in ("factory", "data"):
-            load_callable(item, f"model.{key}")
-        elif key in ("input", "target"):
-            TensorShape.parse(item, f"model.{key}")
-        elif key == "loss" and item not in LOSSES:
-            raise UserModelError("model.loss", f"{item!r} is not allowed; allowed: {', '.join(LOSSES)}")
-        elif key == "kwargs":
-            if not isinstance(item, dict):
-                raise UserModelError("model.kwargs", f"{item!r} is not allowed; allowed: a table, e.g. "
-                                                     "kwargs = { layers = 4 }, or a list of tables (an axis)")
-            return json.dumps(item, sort_keys=True)
-        elif key == "blocks" and not isinstance(item, str):
-            raise UserModelError("model.blocks", f"{item!r} is not allowed; allowed: a dotted module path")
-    except UserModelError as error:
-        raise ConfigError(error.flag, str(error).split(": ", 1)[1]) from None
-    return item
 
 
 def _count(key: str, value: Any, minimum: int) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bpmem.cli import main
 from bpmem.measurement.cell import measure
@@ -106,7 +108,7 @@ def test_cuda_blocks_count_more_than_cpu_tensors(capsys) -> None:
     flags = ["--memory", "80MiB", "--depth", "2", "--hidden-dim", "100"]
     [cpu] = fit(MLPSpec(depth=2, hidden_dim=100), make_step(), 80 * 2**20, [])  # the plain step's answer alone
     cuda = _fit([*flags, "--device-kind", "cuda", "--cuda-context", "4MiB"], capsys)
-    assert cuda["max_batch_size"] < cpu.max_batch_size and "cuDNN" in cuda["cannot_see"][0]
+    assert cuda["max_batch_size"] < cpu.max_batch_size and any("cuDNN" in line for line in cuda["cannot_see"])
     budget, context = cuda["memory_bytes"], cuda["cuda_context_bytes"]
     assert context == 4 * 2**20 and cuda["figure"] == "cuda_reserved_bytes"
     assert cuda["cuda_reserved_bytes"] + context <= budget < cuda["next_cuda_reserved_bytes"] + context
@@ -120,9 +122,56 @@ def test_the_search_finds_the_boundary_of_any_monotone_peak() -> None:
     assert largest_batch(lambda b: 100, 99) == (None, None, 100)
 
 
+@given(base=st.integers(0, 10**9), per_row=st.integers(1, 10**7), block=st.sampled_from([1, 512, 2 << 20, 20 << 20]),
+       bumps=st.lists(st.tuples(st.integers(1, 5000), st.integers(0, 10**8)), max_size=4),
+       memory=st.integers(0, 10**11))
+@settings(max_examples=300, deadline=None)
+def test_the_secant_search_agrees_with_a_scan(base: int, per_row: int, block: int, bumps: list[tuple[int, int]],
+                                              memory: int) -> None:
+    """Any non-decreasing peak (affine, rounded up to blocks, with steps where a kernel or a
+    segment size changes): the answer is the largest batch that fits, as a scan finds it."""
+    def peak(b: int) -> int:
+        raw = base + per_row * b + sum(jump for at, jump in bumps if b >= at)
+        return -(-raw // block) * block
+
+    found, there, after = largest_batch(peak, memory)
+    if peak(1) > memory:
+        assert (found, there, after) == (None, None, peak(1))
+        return
+    assert there == peak(found) <= memory < peak(found + 1) == after
+
+
+def test_an_affine_peak_costs_four_probes() -> None:
+    """1 and 2 give the line; the batch where it meets the budget and the one after verify it."""
+    probed: list[int] = []
+
+    def peak(b: int) -> int:
+        probed.append(b)
+        return 1_000_000 + 4096 * b
+
+    assert largest_batch(peak, 80 * 2**30)[0] == (80 * 2**30 - 1_000_000) // 4096
+    assert len(probed) == 4
+
+
 @pytest.mark.parametrize("argv,flag", [(["--memory", "lots"], "--memory"), (["--memory", "1GiB", "--mode", "inference"],
                                                                             "--mode")])
 def test_bad_input_is_one_line(argv: list[str], flag: str, capsys) -> None:
     assert main(["fit", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err
+
+
+@pytest.mark.slow  # a dozen fake steps
+@pytest.mark.parametrize("strategy", ["none", "checkpoint-sqrt", "checkpoint-selective", "microbatch"])
+def test_one_warm_fake_model_per_strategy_gives_each_batchs_estimate(strategy: str) -> None:
+    """The search shares one warmed-up fake model per strategy across batches, in whatever
+    order it probes them; each peak is still what ``estimate`` (a fresh dry run at that
+    batch) gives."""
+    from bpmem.predict.fit import TensorPeaks
+
+    llama = UserModel("bpmem.models.llama:make_llama", kwargs_json='{"layers": 2}',
+                      data="bpmem.models.llama:make_batch", blocks_path="layers")
+    peaks = TensorPeaks(llama, make_step(strategy, batch_size=1, optimizer="adamw"), "cpu")
+    for batch in (6, 2):  # the second after a larger one
+        fresh = measure(llama, make_step(strategy, batch_size=batch, optimizer="adamw"), fake=True)
+        assert peaks(batch) == fresh.peak_bytes

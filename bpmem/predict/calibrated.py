@@ -9,6 +9,7 @@ machine has, so it runs only where the dry run's peak at its largest batch takes
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from bpmem.predict.allocator import CHECK_BATCH, Calibration, applies, calibration_for, predict_allocator_peak
@@ -17,8 +18,11 @@ from bpmem.spec import StepSpec
 CALIBRATION_SHARE = 0.5  # calibrate only where the check step's peak takes at most this of free memory
 
 
-def guarded_calibration(spec: Any, step: StepSpec) -> tuple[Calibration | None, str]:
-    """(the checked calibration, "") for ``step`` on the CPU, or (None, why there is none)."""
+def guarded_calibration(spec: Any, step: StepSpec,
+                        tensor_peak: Callable[[int], int] | None = None) -> tuple[Calibration | None, str]:
+    """(the checked calibration, "") for ``step`` on the CPU, or (None, why there is none).
+    ``tensor_peak`` (batch -> the dry run's tensor peak, as ``fit`` has it) sizes the check
+    step without a dry run of its own."""
     import psutil
 
     from bpmem.measurement.allocator_step import step_view
@@ -28,7 +32,8 @@ def guarded_calibration(spec: Any, step: StepSpec) -> tuple[Calibration | None, 
                       "train and inference steps on one device, not compiled)")
     scale = max(1, int(getattr(step.strategy, "microbatches", 0) or 0))
     at_check = dataclasses.replace(step, batch_size=CHECK_BATCH * scale)
-    needed = step_view(spec, at_check, fake=True).tensor_peak_blocks
+    needed = tensor_peak(at_check.batch_size) if tensor_peak is not None else \
+        step_view(spec, at_check, fake=True).tensor_peak_blocks
     available = psutil.virtual_memory().available
     if needed > CALIBRATION_SHARE * available:
         return None, (f"calibrating needs a real step of {needed:,} B at B={at_check.batch_size}, more than "

@@ -74,7 +74,8 @@ def test_the_shipped_config_sweeps_seq_len_as_an_axis() -> None:
     assert "input_ids=int64[B,64]<2000" in shapes and "labels=int64[B,256]<2000" in shapes
 
 
-@pytest.mark.parametrize("table,key", [("hf = 3", "model.hf"), ('hf = "llama"\nseq_len = 0', "model.seq_len"),
+@pytest.mark.parametrize("table,key", [("hf = 3", "model.hf"), ('hf = "no-such-type"', "model.hf"),
+                                       ('hf = "llama"\nseq_len = 0', "model.seq_len"),
                                        ('seq_len = 64', "model.seq_len"),
                                        ('hf = "llama"\nhf_head = "speech"', "model.hf_head"),
                                        ('hf = "llama"\ndata = "x:y"', "model.data")])

@@ -4,11 +4,12 @@ draws the report), ``bpmem report`` and ``bpmem check --predicted``, each with e
 quick.toml once measured 126 rows and then stopped with exit 3, because its compile-budget
 cell at B=1 wrote a negative prediction that results.csv's reader refused: no test ran the
 configs as they ship. Here each runs with its batch sizes shrunk, one timed repeat (no more
-pairs) and depths capped at the smallest, so that the slow tier can afford all of them. Every
-strategy, mode, model and training-step axis stays as shipped."""
+pairs), and depths and sequence lengths capped at the smallest, so that the slow tier can
+afford all of them. Every strategy, mode, model and training-step axis stays as shipped."""
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,17 @@ def shrunk(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _capped(grid: dict[str, Any]) -> dict[str, Any]:
-    depth = grid.get("depth")
-    return dict(grid, depth=sorted(depth)[:1]) if isinstance(depth, list) else grid
+    """The smallest depth (the MLP) and sequence length (a Hugging Face model) of an axis."""
+    for key in ("depth", "seq_len"):
+        if isinstance(grid.get(key), list):
+            grid = dict(grid, **{key: sorted(grid[key])[:1]})
+    return grid
 
 
 def test_the_cpu_configs_are_the_ones_this_test_names() -> None:
     """A config added later is run below without anyone listing it; this says which run now."""
-    assert [path.stem for path in _cpu_configs()] == ["checkpoint", "ci", "gpu_dry_run", "models", "quick", "split",
-                                                     "steps"]
+    assert [path.stem for path in _cpu_configs()] == ["checkpoint", "ci", "gpu_dry_run", "hf", "models", "quick",
+                                                     "split", "steps"]
 
 
 def test_shrinking_keeps_every_strategy_mode_and_model() -> None:
@@ -62,7 +66,14 @@ def test_shrinking_keeps_every_strategy_mode_and_model() -> None:
             len(models) if isinstance(models, list) else 1)
 
 
-@pytest.mark.parametrize("path", _cpu_configs(), ids=lambda path: path.stem)
+def _runnable(path: Path) -> Any:
+    """hf.toml needs transformers (the hf extra, in dev): skipped, and said so, without it."""
+    needs_hf = "hf" in str(tomllib.loads(path.read_text()).get("model", {}))
+    missing = needs_hf and importlib.util.find_spec("transformers") is None
+    return pytest.param(path, id=path.stem, marks=pytest.mark.skipif(missing, reason="needs transformers"))
+
+
+@pytest.mark.parametrize("path", [_runnable(path) for path in _cpu_configs()])
 def test_a_shipped_config_runs_reports_and_matches_its_predictions(path: Path, tmp_path: Path) -> None:
     config = tmp_path / path.name
     config.write_text(toml_text.dumps(shrunk(tomllib.loads(path.read_text()))))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bpmem.measurement.timing_pairs import MAX_TIMED_SECONDS
+from bpmem.models.user_model import UserModelError
 from bpmem.spec import MODES, MLPSpec, SpecError, StepSpec
 from bpmem.strategies import registry
 from bpmem.strategies.base import ONE_DEVICE
@@ -272,6 +273,8 @@ def _model(table: Any) -> Grid:
                     MLPSpec(**{key: item})
             except SpecError as error:
                 raise ConfigError(f"model.{key}", f"{item!r} is not allowed; allowed: {error.allowed}") from None
+            except UserModelError as error:  # a user-model key's value (sweep/model_table.py), named by its key
+                raise ConfigError(error.flag, str(error).split(": ", 1)[1]) from None
             checked.append(item)
         pairs.append((key, tuple(dict.fromkeys(checked))))  # depth = [1, 1] is one model, not two
     return tuple(pairs)

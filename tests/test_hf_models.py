@@ -66,3 +66,12 @@ def test_a_model_that_checkpoints_itself_is_measured_as_it_is_and_a_chain_strate
     own = measure(workload, make_step(batch_size=2, optimizer="adamw"), fake=True)
     plain = measure(MODELS["llama"], make_step(batch_size=2, optimizer="adamw"), fake=True)
     assert own.saved_activation_bytes < plain.saved_activation_bytes  # HF's checkpointing, as it runs
+
+
+@pytest.mark.slow
+def test_a_segment_whose_later_blocks_take_other_arguments_is_refused_in_one_line() -> None:
+    t5 = UserModel(f"{HF}:t5_four_layers", data=f"{HF}:seq2seq_batch", loss="none")
+    with pytest.raises(ValueError, match=r"^blocks: a later block of a segment takes other arguments than its first "
+                                         r".*allowed: checkpoint-layer \(one block per segment\), or "
+                                         r"checkpoint-selective$"):
+        measure(t5, make_step("checkpoint-sqrt", batch_size=2, optimizer="adamw"), fake=True)

@@ -121,10 +121,10 @@ def _chain_is_the_model(model: nn.Module, chain: list[list[nn.Module]]) -> bool:
 class NotAChain(ValueError):
     """The model does not call its blocks one after another, each on the last one's output."""
 
-    def __init__(self, why: str) -> None:
-        super().__init__(f"blocks: {why}, so bpmem cannot checkpoint them as a chain; allowed: --blocks naming a "
-                         "ModuleList whose blocks the forward calls in order, each on the previous one's output "
-                         "alone, or checkpoint-selective")
+    def __init__(self, why: str, allowed: str = "--blocks naming a ModuleList whose blocks the forward calls in "
+                                                 "order, each on the previous one's output, or checkpoint-selective"
+                 ) -> None:
+        super().__init__(f"blocks: {why}, so bpmem cannot checkpoint them as a chain; allowed: {allowed}")
 
 
 @contextlib.contextmanager
@@ -167,9 +167,9 @@ def _segments_in_place(chain: list[list[nn.Module]], plan: tuple[Segment, ...]) 
             if not _handed or not args or args[0] is not _hidden(_handed[0]):
                 raise NotAChain("the forward does not call the blocks in order on each other's output")
             if not (_same(args[1:], _handed[1]) and _same(named, _handed[2])):
-                raise NotAChain("a block takes other arguments than the first block of its segment (a position "
-                                "bias the first one makes, say), so a segment of several blocks cannot run as one "
-                                "checkpoint; checkpoint-layer cuts every block on its own")
+                raise NotAChain("a later block of a segment takes other arguments than its first (a position bias "
+                                "that the first block makes, say), so the segment cannot run as one checkpoint",
+                                "checkpoint-layer (one block per segment), or checkpoint-selective")
             return _handed[0]
 
         for index, module in enumerate(modules):

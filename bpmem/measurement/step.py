@@ -114,7 +114,8 @@ def micro_batches(x: Any, y: Any, microbatches: int) -> list[tuple[Any, Any, flo
     whose dimension 0 is not the batch's (a flat index tensor, a shared table) cannot be cut
     so: a one-line refusal says which."""
     tensors = batch_tensors(x, y)
-    rows = tensors[0].shape[0] if tensors and tensors[0].dim() else 0
+    leading = [t.shape[0] for t in tensors if t.dim()]
+    rows = max(sorted(set(leading)), key=leading.count) if leading else 0  # most tensors hold the batch in dimension 0
     odd = next((t for t in tensors if t.dim() == 0 or t.shape[0] != rows), None)
     if odd is not None or rows == 0:
         shape = tuple(odd.shape) if odd is not None else ()

@@ -58,6 +58,7 @@ def test_strategies_on_keyword_inputs_with_a_padding_mask(strategy: str) -> None
     assert real.saved_activation_bytes < plain.saved_activation_bytes
 
 
+@pytest.mark.slow
 def test_a_model_that_checkpoints_itself_is_measured_as_it_is_and_a_chain_strategy_says_so() -> None:
     workload = UserModel(f"{HF}:llama_checkpointed", data=f"{HF}:causal_batch", loss="none")
     with pytest.raises(ValueError, match=r"^strategy: checkpoint-layer on a model that checkpoints its layers "
@@ -75,3 +76,12 @@ def test_a_segment_whose_later_blocks_take_other_arguments_is_refused_in_one_lin
                                          r".*allowed: checkpoint-layer \(one block per segment\), or "
                                          r"checkpoint-selective$"):
         measure(t5, make_step("checkpoint-sqrt", batch_size=2, optimizer="adamw"), fake=True)
+
+
+@pytest.mark.slow
+def test_a_keyword_flag_beside_the_tensors_is_passed_as_it_is() -> None:
+    flagged = UserModel(f"{HF}:gpt2", data=f"{HF}:causal_batch_without_cache", loss="none")
+    inputs, target = flagged.make_batch(2)
+    assert inputs["use_cache"] is False and target is None
+    step = make_step(batch_size=2, optimizer="adamw")
+    assert measure(flagged, step, fake=True).peak_bytes == measure(MODELS["gpt2"], step, fake=True).peak_bytes

@@ -252,15 +252,20 @@ class UserModel:
     def _checked_batch(self, batch: Any) -> tuple[Any, Any]:
         import torch
 
-        allowed = ("allowed: (inputs, target), inputs a tensor, a tuple of tensors or a dict of them by keyword, "
-                   "target a tensor or None")
+        allowed = ("allowed: (inputs, target), inputs a tensor, a tuple of tensors or a dict of them by keyword "
+                   "(with plain flags beside them), target a tensor or None")
         if not isinstance(batch, tuple) or len(batch) != 2:
             raise UserModelError("--data", f"{self.data} returned {type(batch).__name__}; {allowed}")
         inputs, target = batch
-        tensors = tuple(inputs.values()) if isinstance(inputs, dict) else inputs if isinstance(inputs, tuple) \
-            else (inputs,)
+        # a dict's other values are keyword flags (return_loss=True, use_cache=False): passed as they are
+        tensors = tuple(v for v in inputs.values() if isinstance(v, torch.Tensor)) if isinstance(inputs, dict) \
+            else inputs if isinstance(inputs, tuple) else (inputs,)
         if isinstance(inputs, dict) and not all(isinstance(k, str) for k in inputs):
             raise UserModelError("--data", f"{self.data} returned a dict whose keys are not all strings; {allowed}")
+        if isinstance(inputs, dict) and not all(isinstance(v, (torch.Tensor, bool, int, float, str, type(None)))
+                                                for v in inputs.values()):
+            raise UserModelError("--data", f"{self.data} returned a dict with a value that is neither a tensor nor a "
+                                           f"plain flag; {allowed}")
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise UserModelError("--data", f"{self.data} returned inputs that are not tensors; {allowed}")
         if target is None and self.loss != "none":

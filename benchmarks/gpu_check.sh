@@ -147,10 +147,10 @@ for i in range(torch.cuda.device_count()):
     # 0. the corpus first: one process per cell, each recording the caching allocator's whole
     # history (benchmarks/record_corpus.py), and the same cells predicted with CUDA hidden; the
     # snapshots are CPU CI's ground truth for the allocator model and the CUDA dry run. At most
-    # 200 s; the steps after it take what is left, each under its own cap.
+    # 240 s; the steps after it take what is left, each under its own cap.
     local corpus=()
     [[ "$quick" == "1" ]] && corpus=(--only mlp-f32-B64)
-    run_step "record corpus" 200 250 "$py" benchmarks/record_corpus.py "$out_dir/corpus" "${corpus[@]}" \
+    run_step "record corpus" 240 250 "$py" benchmarks/record_corpus.py "$out_dir/corpus" "${corpus[@]}" \
         || failures=$((failures + 1))
 
     local names=()

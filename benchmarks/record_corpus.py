@@ -15,9 +15,11 @@ hidden (``CUDA_VISIBLE_DEVICES=""``), it makes the same cells' predictions on th
 CUDA it writes the predictions alone.
 
 The cells are small (seconds each): the seed MLP in float32, in bfloat16 autocast with the
-fused and the foreach AdamW, the GPT, ResNet and Llama-style examples (``bpmem/models``),
-each plain and checkpointed, at two batch sizes. Not yet in it: Hugging Face models, which
-bpmem takes only through a wrapper until ``--hf`` lands.
+fused and the foreach AdamW, the GPT, ResNet and Llama-style examples (``bpmem/models``), and
+two Hugging Face models built from configs with no weights (``--hf gpt2``, ``--hf llama``;
+transformers must be installed), each plain and checkpointed, at two batch sizes. The CPU
+path's predictions run in a process of their own beside the recording, so that a time limit
+that stops the recording early still leaves every prediction.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ GPT = ["--model", "bpmem.models.gpt:make_gpt", "--data", "bpmem.models.gpt:make_
 RESNET = ["--model", "bpmem.models.resnet:make_resnet", "--data", "bpmem.models.resnet:make_batch"]
 LLAMA = ["--model", "bpmem.models.llama:make_llama", "--data", "bpmem.models.llama:make_batch", "--blocks", "layers"]
 ADAMW = ["--optimizer", "adamw", "--weight-decay", "0.01"]
+HF_GPT2 = ["--hf", "gpt2", "--hf-config", json.dumps({"n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 8000,
+                                                      "n_positions": 256}), "--seq-len", "128"]
+HF_LLAMA = ["--hf", "llama", "--hf-config", json.dumps({"num_hidden_layers": 4, "hidden_size": 256,
+                                                        "intermediate_size": 688, "num_attention_heads": 8,
+                                                        "num_key_value_heads": 4, "vocab_size": 8000}),
+            "--seq-len", "128"]
 CELLS: dict[str, list[str]] = {}
 for batch in (64, 1024):
     CELLS[f"mlp-f32-B{batch}"] = ["--depth", "4", "--batch-size", str(batch), "--optimizer", "adam"]
@@ -51,6 +59,10 @@ for batch in (4, 32):
     CELLS[f"llama-bf16-B{batch}"] = [*LLAMA, "--batch-size", str(batch), "--amp", "bfloat16", *ADAMW]
     CELLS[f"llama-bf16-layer-B{batch}"] = [*LLAMA, "--batch-size", str(batch), "--amp", "bfloat16", *ADAMW,
                                            "--strategy", "checkpoint-layer"]
+for batch in (4, 16):  # the Hugging Face models last: their cells import transformers too
+    for name, flags in (("hf-gpt2", HF_GPT2), ("hf-llama", HF_LLAMA)):
+        CELLS[f"{name}-B{batch}"] = [*flags, "--batch-size", str(batch), *ADAMW]
+        CELLS[f"{name}-layer-B{batch}"] = [*flags, "--batch-size", str(batch), *ADAMW, "--strategy", "checkpoint-layer"]
 
 
 def _specs(argv: list[str]):  # noqa: ANN202 - (model spec, StepSpec) from a bpmem command line
@@ -127,16 +139,17 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
+    hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    code = ("import sys; sys.argv = sys.argv[:1]; from pathlib import Path; import runpy; "
+            f"m = runpy.run_path({__file__!r}); m['predict']({names!r}, Path({str(out)!r}))")
+    predicting = subprocess.Popen([sys.executable, "-c", code], env=hidden)  # on the CPU, beside the GPU's cells
     failed = 0
     if torch.cuda.is_available():
         for name in names:
             done = subprocess.run([sys.executable, __file__, "child", name, str(out)], timeout=120)
             failed += done.returncode != 0
             print(f"corpus {name}: exit {done.returncode}", flush=True)
-    hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    code = ("import sys; sys.argv = sys.argv[:1]; from pathlib import Path; import runpy; "
-            f"m = runpy.run_path({__file__!r}); m['predict']({names!r}, Path({str(out)!r}))")
-    failed += subprocess.run([sys.executable, "-c", code], env=hidden, timeout=600).returncode != 0
+    failed += predicting.wait(timeout=600) != 0
     return 1 if failed else 0
 
 

@@ -1,10 +1,11 @@
 """``bpmem fit``: the largest batch size whose predicted training peak fits a memory budget.
 
-The search asks the estimate, never the allocator: it doubles the batch until the peak no
-longer fits, then halves the gap, so a budget of 80 GiB costs a few dozen estimates and no
-memory. For the MLP the estimate is the analytic replay; for a ``--model`` it is the step run
-on fake tensors. The peak is assumed to grow with the batch, which holds for every model
-whose activations do.
+The search asks the estimate, never the allocator: it draws the line through the peaks at
+B = 1 and 2, probes where that line crosses the budget and one batch on (``largest_batch``),
+so a budget of 80 GiB costs a handful of estimates and no memory. Each strategy's model is
+warmed up on fake tensors once and probed at every batch (``WarmFakeStep``). For the MLP the
+estimate is the analytic replay; for a ``--model`` it is the step run on fake tensors. The
+peak is assumed to grow with the batch, which holds for every model whose activations do.
 
 On the CPU, where ``bpmem.predict.allocator`` applies (one device's train step, not compiled),
 the search holds the **allocator's** predicted peak to the budget: the dry run's tensors as

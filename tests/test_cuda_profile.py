@@ -47,7 +47,7 @@ def test_the_cuda_view_names_its_profile() -> None:
 
 def test_every_gap_is_named_with_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
     named = gaps(TORCH_2_11_CUDA_13)
-    assert [line.split(" (")[0] for line in named] == ["autocast's cast policy", "hvp's double backward",
+    assert [line.split(": ")[0] for line in named] == ["autocast's cast policy", "hvp's double backward",
                                                       "the GPT's microbatch kernels",
                                                       "cuDNN's convolution workspaces", "NCCL"]
     monkeypatch.delenv("CUDNN_CONV_WSCAP_DBG", raising=False)

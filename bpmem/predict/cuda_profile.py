@@ -121,7 +121,7 @@ def cudnn_workspace_cap_bytes() -> int | None:
 
 def gaps(profile: CudaProfile) -> list[str]:
     """The named gaps, one line each, for ``cannot_see``."""
-    return [f"{d.name} ({d.measured})" for d in profile.differences if d.handling == "a named gap"]
+    return [f"{d.name}: {d.measured}" for d in profile.differences if d.handling == "a named gap"]
 
 
 def view_line(on_cuda: bool) -> str:

@@ -184,6 +184,41 @@ def test_a_cuda_oom_releases_memory_and_skips_the_larger_batches(monkeypatch: py
         assert row["predicted_cuda_allocated_bytes"] >= row["predicted_peak_bytes"] > 0
 
 
+def test_each_cuda_cell_starts_from_an_emptied_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CUDA cells that both succeed: the caching allocator is emptied before each one is
+    measured, so a row's max_memory_reserved is its own cell's, not the sum of the cache the
+    cells before it left (which is how the committed H200 sweeps read it: 79.7 MB, then
+    180 MB, ..., 335 MB down one run). Before the fix the cache was emptied only after a failure."""
+    import torch
+
+    import bpmem.measurement.cell
+    from bpmem.spec import MLPSpec
+    from bpmem.strategies.registry import make_step
+    from bpmem.sweep.config import Cell
+    from bpmem.sweep.run import run_series
+
+    emptied: list[bool] = []
+    emptied_at_measure: list[int] = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    real = bpmem.measurement.cell.measure
+
+    def measured_on_the_cpu(spec, step, device="cpu", **kwargs):
+        if kwargs.get("fake"):  # the CUDA prediction's dry run, on fake tensors
+            return real(spec, step, device=device, **kwargs)
+        emptied_at_measure.append(len(emptied))
+        return real(spec, step, device="cpu")
+
+    monkeypatch.setattr(bpmem.measurement.cell, "measure", measured_on_the_cpu)
+    monkeypatch.setattr(bpmem.measurement.cell, "time_steps", lambda *args, **kwargs: {})
+    cells = [Cell(MLPSpec(depth=1), make_step(batch_size=batch), "cuda:0") for batch in (64, 128)]
+    rows = [row for rows in run_series(cells, "t", environment("cuda:0"), SweepConfig(), machine=ONE_GPU)
+            for row in rows]
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    # one emptying before the first cell, and a new one before the second
+    assert len(emptied_at_measure) == 2 and 1 <= emptied_at_measure[0] < emptied_at_measure[1]
+
+
 def test_the_cuda_probe_resets_then_reads_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """CudaProbe on cuda:1: synchronise, reset the peak, read the baseline on entry;
     synchronise, then read the peaks on exit; every call on the probe's own device."""

@@ -125,6 +125,12 @@ def run_cell(cell: Cell, run_id: str, env: dict[str, Any], config: SweepConfig, 
     row = base_row(cell, run_id, env, config)
     if row.get("status") in ("error", "skipped"):
         return row
+    if cell.device.startswith("cuda"):
+        # Reserved memory only grows while nothing empties the cache, so without this a CUDA
+        # row's max_memory_reserved would hold every earlier cell's segments. Emptied here,
+        # the allocator holds only what stays alive (the cuBLAS workspace) as the cell starts:
+        # the process predicted_cuda_reserved_bytes describes.
+        release_memory(cell.device)
     try:
         measured = measure(cell.spec, cell.step, device=cell.device, trace=trace and cell.step.mode == "train")
         # the plain step alone; a strategy's in pairs with the plain step (bpmem.measurement.timing_pairs)

@@ -244,6 +244,11 @@ def test_interrupt_then_resume_gives_exactly_the_full_sweep(tmp_path: Path, sign
 
 @pytest.mark.slow
 def test_jobs_two_on_cpu_gives_the_same_cells(tmp_path: Path, capsys) -> None:
+    """The same cells and bytes, and the two workers share torch's threads: each once spun
+    the whole pool on the same cores, and the default sweep ran 2.3x slower than one job."""
+    import torch
+
+    threads_before = torch.get_num_threads()
     out = tmp_path / "run"
     config = _write(tmp_path, TINY)
     code, err = _run(["run", "--config", str(config), "--out", str(out), "--quiet", "--jobs", "2"], capsys)
@@ -251,6 +256,19 @@ def test_jobs_two_on_cpu_gives_the_same_cells(tmp_path: Path, capsys) -> None:
     frame = pd.read_csv(out / "results.csv")
     assert set(frame.cell_id) == {cell.cell_id for cell in load_config(config).cells()}
     assert (frame.saved_activation_bytes == frame.predicted_saved_activation_bytes).all()
+    assert set(frame.threads) == {max(1, threads_before // 2)}
+    assert torch.get_num_threads() == threads_before  # the caller's count, given back
+
+
+def test_cpu_jobs_divide_torchs_threads_unless_the_config_sets_them() -> None:
+    import torch
+
+    from bpmem.measurement.timing import threads_per_job
+
+    assert threads_per_job(None, 1) is None  # one job: torch's own default, untouched
+    assert threads_per_job(3, 2) == 3  # the config's count is kept as it asks
+    assert threads_per_job(None, 2) == max(1, torch.get_num_threads() // 2)
+    assert threads_per_job(None, 10 * torch.get_num_threads()) == 1
 
 
 @pytest.mark.slow  # over a second on 2 cores: the full suite runs it
@@ -268,13 +286,13 @@ def test_the_default_sweep_as_shipped(tmp_path: Path, capsys) -> None:
     integer, and every row's every predicted figure equal to the measured one, to the byte:
     the peaks of the checkpointed and hvp rows too (a dry run's; the arithmetic's upper
     estimate is off by -16% to +56% on 64 of the 140 rows), and the recomputed FLOPs of every
-    train row. Timed once per cell: the bytes do not depend on the timing, which
-    test_timing.py holds (``bpmem run`` with no config, timing and all, is the README's
-    first command and the committed reports/example)."""
+    train row. Timed once per cell, in two jobs: the bytes do not depend on the timing or the
+    threads, which test_timing.py and the jobs test hold (``bpmem run`` with no config,
+    timing and all, is the README's first command and the committed reports/example)."""
     bytes_only = DEFAULT_CONFIG_TOML.replace("repeats = 2\nwarmup = 1\n", "repeats = 1\nwarmup = 0\ntiming_cap_s = 0\n")
     assert bytes_only != DEFAULT_CONFIG_TOML
     code, err = _run(["run", "--config", str(_write(tmp_path, bytes_only)), "--out", str(tmp_path / "default"),
-                      "--quiet"], capsys)
+                      "--quiet", "--jobs", "2"], capsys)
     assert code == 0, err
     frame = pd.read_csv(tmp_path / "default" / "results.csv")
     assert len(frame) == len(load_config(None).cells()) == 140

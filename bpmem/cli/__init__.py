@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue a stopped run: only cells without a row run (default folder: the latest)")
     run.add_argument("--overwrite", action="store_true", help="replace OUT/results.csv if it exists")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
-                     help="worker processes; with N GPUs, one process per GPU (default: 1, in-process)")
+                     help="worker processes; with N GPUs, one process per GPU; CPU jobs share torch's threads "
+                          "(default: 1, in-process)")
     run.add_argument("--shard", type=shard_type, metavar="K/N",
                      help="run only the K-th of N deterministic slices of the grid (whole series each), e.g. "
                           "one per Slurm array task; merge them with `bpmem report DIR... --out MERGED`")

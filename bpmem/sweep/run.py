@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bpmem.measurement.memory_trace import write_snapshot
-from bpmem.measurement.timing import pin_threads
+from bpmem.measurement.timing import pin_threads, pinned_threads, threads_per_job
 from bpmem.results.table import ResultsWriter, TimelineWriter, columns, done_cells
 from bpmem.strategies.base import DEVICES, RANKS
 from bpmem.strategies.placement import Machine, job_plan, place
@@ -138,10 +138,10 @@ class _Guard:
 
 
 def _worker(tasks: Any, results: Any, run_id: str, env_by_device: dict[str, Any], config: SweepConfig,
-            log_dir: Path, machine: Machine, trace: bool) -> None:
+            log_dir: Path, machine: Machine, trace: bool, threads: int) -> None:
     """A worker process: runs whole series, sends each row back as soon as it is made."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    pin_threads(config.threads)
+    pin_threads(threads)  # the parent's count, so every row says the threads it stepped with
     while True:
         task = tasks.get()
         if task is None:
@@ -183,13 +183,15 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
         if todo:
             after_oom = any(done.get(cell.cell_id) == "oom" for cell in series)
             tasks.append((todo, after_oom))
-    threads = pin_threads(config.threads)  # every cell of this sweep steps with the same thread count
-    env_by_device = {device: {**environment(device), "threads": threads} for device in devices}
     header = columns(with_cuda=any(d.startswith("cuda") for d in devices))
     progress = Progress(sum(len(todo) for todo, _ in tasks), quiet)
     guard = _Guard()
     timelines = TimelineWriter(out_dir / "timelines.csv", set(done))
-    with ResultsWriter(csv_path, header) as writer, guard.installed():
+    # every cell of this sweep steps with the same thread count; N CPU jobs share the cores
+    with pinned_threads(threads_per_job(config.threads, jobs)) as threads, ResultsWriter(csv_path, header) as writer, \
+            guard.installed():
+        env_by_device = {device: {**environment(device), "threads": threads} for device in devices}
+
         def record(row: dict[str, Any]) -> None:
             events, snapshot = row.pop("_timeline", None), row.pop("_trace", None)
 
@@ -223,7 +225,7 @@ def run_sweep(config: SweepConfig, devices: tuple[str, ...], out_dir: Path, run_
                 plan = job_plan([series_devices(todo, machine) for todo, _ in tasks], jobs)
                 shared = [(task, job) for task, job in zip(tasks, plan, strict=True) if job is not None]
                 _run_parallel(shared, jobs, run_id, env_by_device, config, record, progress, out_dir / "logs",
-                              machine, trace)
+                              machine, trace, threads)
                 serially([task for task, job in zip(tasks, plan, strict=True) if job is None])
         except KeyboardInterrupt:
             outcome.interrupted = True
@@ -243,7 +245,7 @@ def series_devices(cells: list[Cell], machine: Machine) -> tuple[str, ...]:
 
 def _run_parallel(tasks: list[tuple[tuple[list[Cell], bool], int]], jobs: int, run_id: str,
                   env_by_device: dict[str, Any], config: SweepConfig, record: Callable[[dict[str, Any]], None],
-                  progress: Progress, log_dir: Path, machine: Machine, trace: bool) -> None:
+                  progress: Progress, log_dir: Path, machine: Machine, trace: bool, threads: int) -> None:
     """One process per job, each task given to the job ``job_plan`` chose for it."""
     context = multiprocessing.get_context("spawn")
     task_queues = [context.Queue() for _ in range(jobs)]
@@ -251,7 +253,7 @@ def _run_parallel(tasks: list[tuple[tuple[list[Cell], bool], int]], jobs: int, r
     for task, job in tasks:
         task_queues[job].put(task)
     workers = [context.Process(target=_worker, daemon=True,
-                               args=(queue_k, results, run_id, env_by_device, config, log_dir, machine, trace))
+                               args=(queue_k, results, run_id, env_by_device, config, log_dir, machine, trace, threads))
                for queue_k in task_queues]
     for task_queue in task_queues:
         task_queue.put(None)
